@@ -1,0 +1,14 @@
+/* Umbrella header: the whole public API of the Hilal library. */
+#ifndef HILAL_HILAL_H
+#define HILAL_HILAL_H
+
+#include "hilal/config.h"
+#include "hilal/frame.h"
+#include "hilal/image.h"
+#include "hilal/log.h"
+#include "hilal/stage.h"
+#include "hilal/status.h"
+#include "hilal/version.h"
+#include "hilal/wcs.h"
+
+#endif

@@ -1,0 +1,51 @@
+/* World coordinate systems: the only place wcslib is called.
+ *
+ * A hilal WCS is a wcslib struct wcsprm allocated by these functions; free it
+ * with hilal_wcs_free(). Pixel coordinates here are FITS 1-based (the centre
+ * of the first pixel is (1, 1)); sky coordinates are degrees (RA, Dec).
+ */
+#ifndef HILAL_WCS_H
+#define HILAL_WCS_H
+
+#include "hilal/status.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+struct wcsprm;
+
+/* Parses the first celestial WCS in a header given as nkeys 80-char cards.
+ * On success *out is a ready (wcsset) WCS, or NULL when the header holds no
+ * celestial WCS (a header without WCS keywords would make wcslib return an
+ * identity transform: that case is detected and reported as "none").
+ * Returns HILAL_ERR_WCS when WCS keywords are present but unusable. */
+hilal_status hilal_wcs_from_header(const char *header, int nkeys, struct wcsprm **out,
+                                   hilal_error *err);
+
+/* Deep copy; *out is NULL when src is NULL. */
+hilal_status hilal_wcs_copy(const struct wcsprm *src, struct wcsprm **out, hilal_error *err);
+
+/* Frees a WCS made by these functions. Accepts NULL. */
+void hilal_wcs_free(struct wcsprm *wcs);
+
+/* Converts n pixel positions (FITS 1-based) to RA/Dec in degrees. Positions
+ * that cannot be converted get NaN. */
+hilal_status hilal_wcs_pix2sky(struct wcsprm *wcs, int n, const double *x, const double *y,
+                               double *ra_deg, double *dec_deg, hilal_error *err);
+
+/* Converts n sky positions (degrees) to FITS 1-based pixel positions; NaN
+ * where the conversion fails. */
+hilal_status hilal_wcs_sky2pix(struct wcsprm *wcs, int n, const double *ra_deg,
+                               const double *dec_deg, double *x, double *y, hilal_error *err);
+
+/* A one-line description: projection, reference point, pixel scale. */
+void hilal_wcs_describe(const struct wcsprm *wcs, char *buf, int len);
+
+/* Projection code of the celestial axes ("TAN", "TPV", "SIN", ...). */
+const char *hilal_wcs_projection(const struct wcsprm *wcs);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
