@@ -35,9 +35,17 @@ void hilal_error_context(hilal_error *err, const char *fmt, ...)
     va_end(ap);
     if (n <= 0)
         return;
-    char joined[HILAL_ERROR_MSG_MAX];
-    snprintf(joined, sizeof joined, "%s: %s", prefix, err->msg);
-    memcpy(err->msg, joined, sizeof err->msg);
+    /* Shift the message right and put the prefix and ": " in front. */
+    size_t plen = strlen(prefix), mlen = strlen(err->msg);
+    if (plen + 2 >= sizeof err->msg)
+        return;
+    if (plen + 2 + mlen >= sizeof err->msg)
+        mlen = sizeof err->msg - plen - 3;
+    memmove(err->msg + plen + 2, err->msg, mlen);
+    err->msg[plen + 2 + mlen] = '\0';
+    memcpy(err->msg, prefix, plen);
+    err->msg[plen] = ':';
+    err->msg[plen + 1] = ' ';
 }
 
 const char *hilal_status_name(hilal_status code)

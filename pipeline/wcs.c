@@ -188,7 +188,7 @@ void hilal_wcs_describe(const struct wcsprm *wcs, char *buf, int len)
         return;
     }
     /* Pixel scale from the determinant of the CD (or PC x CDELT) matrix. */
-    const double *m = wcs->piximg ? wcs->piximg : NULL;
+    const double *m = wcs->lin.piximg;
     double scale = NAN;
     if (m != NULL && wcs->naxis >= 2)
         scale = sqrt(fabs(m[0] * m[wcs->naxis + 1] - m[1] * m[wcs->naxis])) * 3600.0;

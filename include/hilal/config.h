@@ -80,6 +80,9 @@ long hilal_config_get_int(const hilal_config *cfg, const char *key);
 double hilal_config_get_double(const hilal_config *cfg, const char *key);
 const char *hilal_config_get_string(const hilal_config *cfg, const char *key);
 
+/* The current value of key as text, whatever its type; NULL if unknown. */
+const char *hilal_config_value(const hilal_config *cfg, const char *key);
+
 /* The origin of the current value of key ("default", "FILE:LINE", "--set"). */
 const char *hilal_config_origin(const hilal_config *cfg, const char *key);
 
