@@ -15,6 +15,8 @@ static void help(void)
            "valid configuration file.\n"
            "\n"
            "  --plain          values only, no comments\n"
+           "  --no-origin      comments but not where values came from (this is how\n"
+           "                   configs/hilal.conf, the commented defaults, is made)\n"
            "  --key K          print only the value of one key\n"
            "  --config FILE, --set K=V  as the global options\n");
 }
@@ -34,6 +36,8 @@ int hilal_cli_config(int argc, char **argv, hilal_cli *cli)
             return HILAL_EXIT_OK;
         } else if (!strcmp(argv[i], "--plain")) {
             plain = 1;
+        } else if (!strcmp(argv[i], "--no-origin")) {
+            plain = 2;
         } else if (!strcmp(argv[i], "--key") && i + 1 < argc) {
             key = argv[++i];
         } else {
@@ -54,7 +58,7 @@ int hilal_cli_config(int argc, char **argv, hilal_cli *cli)
                hilal_config_origin(cli->cfg, key));
         return HILAL_EXIT_OK;
     }
-    char *text = hilal_config_text(cli->cfg, plain ? -1 : 1);
+    char *text = hilal_config_text(cli->cfg, plain == 1 ? -1 : plain == 2 ? 0 : 1);
     if (text == NULL) {
         fprintf(stderr, "hilal: out of memory\n");
         return HILAL_EXIT_CANNOT_RUN;

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Installs what is missing, builds Hilal twice (optimised, and with
+# AddressSanitizer + UndefinedBehaviorSanitizer) and runs every test in both.
+set -euo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+jobs=$(nproc)
+
+bash "$here/scripts/bootstrap.sh" "$here/build"
+echo "== tests (optimised build)"
+ctest --test-dir "$here/build" --output-on-failure -j"$jobs"
+
+bash "$here/scripts/bootstrap.sh" "$here/build-asan" -DHILAL_SANITIZE=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo -DHILAL_BUILD_BENCH=OFF
+echo "== tests (AddressSanitizer + UndefinedBehaviorSanitizer build)"
+ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+  ctest --test-dir "$here/build-asan" --output-on-failure -j"$jobs"
