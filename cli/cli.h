@@ -55,5 +55,8 @@ int hilal_cli_simulate(int argc, char **argv, hilal_cli *cli);
 int hilal_cli_config(int argc, char **argv, hilal_cli *cli);
 int hilal_cli_subtract(int argc, char **argv, hilal_cli *cli);
 int hilal_cli_run(int argc, char **argv, hilal_cli *cli);
+int hilal_cli_query(int argc, char **argv, hilal_cli *cli);
+int hilal_cli_cutout(int argc, char **argv, hilal_cli *cli);
+int hilal_cli_info(int argc, char **argv, hilal_cli *cli);
 
 #endif

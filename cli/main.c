@@ -15,7 +15,13 @@ typedef struct command {
 } command;
 
 static const command commands[] = {
+    {"run", hilal_cli_run, "one science frame against its reference, through every stage"},
+    {"inspect", hilal_cli_inspect, "show what ingest reads from FITS files"},
+    {"simulate", hilal_cli_simulate, "write a simulated reference/science pair with a truth table"},
     {"config", hilal_cli_config, "print the effective configuration and where each value came from"},
+    {"query", hilal_cli_query, "list an archive's candidates, filtered, as a table, CSV, JSON or FITS"},
+    {"cutout", hilal_cli_cutout, "write a candidate's stamps as FITS and a PNG triplet"},
+    {"info", hilal_cli_info, "show an archive's schema, runs, frames and candidate counts"},
 };
 #define NCOMMANDS (sizeof commands / sizeof commands[0])
 

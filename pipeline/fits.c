@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -153,6 +154,95 @@ static const char *hdu_unusable(fitsfile *f, int hdunum, char *why, size_t len, 
     return NULL;
 }
 
+/* Keywords of a tile-compressed image's table header that describe the
+ * table or the compression, not the image. */
+static int is_compression_key(const char *name)
+{
+    static const char *const exact[] = {"XTENSION", "BITPIX", "NAXIS", "PCOUNT", "GCOUNT",
+                                        "TFIELDS", "THEAP", "CHECKSUM", "DATASUM", "END"};
+    for (size_t i = 0; i < sizeof exact / sizeof exact[0]; i++)
+        if (strcmp(name, exact[i]) == 0)
+            return 1;
+    if (strncmp(name, "NAXIS", 5) == 0 && isdigit((unsigned char)name[5]))
+        return 1;
+    static const char *const prefix[] = {"TTYPE", "TFORM", "TUNIT", "TNULL", "TSCAL", "TZERO",
+                                         "TDISP", "TDIM", "TBCOL"};
+    for (size_t i = 0; i < sizeof prefix / sizeof prefix[0]; i++) {
+        size_t n = strlen(prefix[i]);
+        if (strncmp(name, prefix[i], n) == 0 && isdigit((unsigned char)name[n]))
+            return 1;
+    }
+    /* ZIMAGE, ZBITPIX, ZNAXISn, ZTILEn, ZCMPTYPE, ZNAMEn, ZVALn, ZQUANTIZ,
+     * ZDITHER0, ZSIMPLE, ZTENSION, ZEXTEND, ZBLANK, ZSCALE, ZZERO, ZHECKSUM,
+     * ZDATASUM, ZPCOUNT, ZGCOUNT (the tile-compression convention). */
+    static const char *const zkeys[] = {"ZIMAGE", "ZBITPIX", "ZNAXIS", "ZTILE", "ZCMPTYPE",
+                                        "ZNAME", "ZVAL", "ZQUANTIZ", "ZDITHER", "ZSIMPLE",
+                                        "ZTENSION", "ZEXTEND", "ZBLANK", "ZSCALE", "ZZERO",
+                                        "ZHECKSUM", "ZDATASUM", "ZPCOUNT", "ZGCOUNT"};
+    for (size_t i = 0; i < sizeof zkeys / sizeof zkeys[0]; i++)
+        if (strncmp(name, zkeys[i], strlen(zkeys[i])) == 0)
+            return 1;
+    return 0;
+}
+
+static void card_name(char *card, char *name);
+
+/* The two COMMENT cards CFITSIO writes into every primary header it makes;
+ * copying them onto a new HDU would repeat them. */
+static int is_standard_comment(const char *card)
+{
+    static const char *const std[] = {
+        "COMMENT   FITS (Flexible Image Transport System) format is defined in 'Astronomy",
+        "COMMENT   and Astrophysics', volume 376, page 359; bibcode: 2001A&A...376..359H"};
+    for (size_t i = 0; i < 2; i++)
+        if (strncmp(card, std[i], strlen(std[i])) == 0)
+            return 1;
+    return 0;
+}
+
+/* The image header of a tile-compressed HDU, rebuilt when CFITSIO's own
+ * conversion (fits_convert_hdr2str) fails, which happens when the Z...
+ * keywords are in an unusual order: an IMAGE extension with the image's
+ * BITPIX and axes is made in memory by CFITSIO, and every card of the table
+ * header that is not about the table or the compression is copied to it. */
+static int rebuild_compressed_header(fitsfile *f, char **out, int *ncards, int *status)
+{
+    fitsfile *m = NULL;
+    char *table = NULL;
+    int ntable = 0, bitpix = 0, naxis = 0;
+    long naxes[9] = {0};
+    char card[FLEN_CARD], name[FLEN_KEYWORD];
+    fits_get_img_type(f, &bitpix, status);
+    fits_get_img_dim(f, &naxis, status);
+    if (*status == 0 && (naxis < 0 || naxis > 9))
+        *status = BAD_NAXIS;
+    fits_get_img_size(f, naxis, naxes, status);
+    fits_hdr2str(f, 0, NULL, 0, &table, &ntable, status);
+    fits_create_file(&m, "mem://", status);
+    fits_create_img(m, BYTE_IMG, 0, NULL, status);
+    fits_create_img(m, bitpix, naxis, naxes, status);
+    for (int i = 0; *status == 0 && i < ntable; i++) {
+        memcpy(card, table + (size_t)i * 80, 80);
+        card[80] = '\0';
+        card_name(card, name);
+        if (is_compression_key(name))
+            continue;
+        if (is_standard_comment(card))
+            continue;
+        fits_write_record(m, card, status);
+    }
+    fits_hdr2str(m, 0, NULL, 0, out, ncards, status);
+    if (table != NULL) {
+        int ignored = 0;
+        fits_free_memory(table, &ignored);
+    }
+    if (m != NULL) {
+        int ignored = 0;
+        fits_close_file(m, &ignored);
+    }
+    return *status;
+}
+
 /* Reads the header of the current HDU (for a tile-compressed image: the
  * header of the uncompressed image) into a malloc'd string. */
 static hilal_status read_header(fitsfile *f, const char *where, char **out, int *ncards,
@@ -163,6 +253,16 @@ static hilal_status read_header(fitsfile *f, const char *where, char **out, int 
     *out = NULL;
     *ncards = 0;
     fits_convert_hdr2str(f, 0, NULL, 0, &h, &n, &status);
+    if (status != 0 && fits_is_compressed_image(f, &(int){0})) {
+        if (h != NULL) {
+            int ignored = 0;
+            fits_free_memory(h, &ignored);
+            h = NULL;
+        }
+        fits_clear_errmsg();
+        status = 0;
+        rebuild_compressed_header(f, &h, &n, &status);
+    }
     if (status != 0) {
         if (h != NULL)
             fits_free_memory(h, &status);
@@ -233,17 +333,54 @@ static hilal_status open_input(const char *path, fitsfile **f, char *root, size_
     if (status == 0)
         return HILAL_OK;
     *f = NULL;
+    errno = 0;
     if (status == FILE_NOT_OPENED && (stat(root, &sb) != 0 || access(root, R_OK) != 0)) {
         int why = errno != 0 ? errno : ENOENT;
         fits_clear_errmsg();
         return hilal_error_set(err, HILAL_ERR_IO, "%s: cannot open: %s; check the path", path,
                                strerror(why));
     }
-    if (status == NO_SIMPLE || status == BAD_SIMPLE || status == UNKNOWN_REC ||
-        status == FILE_NOT_OPENED)
+    if (*ext_given) {
+        /* Does the file itself open? Then the [...] part names no HDU. */
+        fitsfile *plain = NULL;
+        int pstatus = 0, nhdu = 0;
+        fits_open_file(&plain, root, READONLY, &pstatus);
+        fits_get_num_hdus(plain, &nhdu, &pstatus);
+        if (plain != NULL) {
+            int ignored = 0;
+            fits_close_file(plain, &ignored);
+        }
+        if (pstatus == 0)
+            return fits_fail(err, HILAL_ERR_NOTFOUND, status,
+                             "%s: no HDU matches the [...] part (%s has %d HDU%s; in [...] "
+                             "CFITSIO counts from 0 = primary, or give the EXTNAME)",
+                             path, root, nhdu, nhdu == 1 ? "" : "s");
+        fits_clear_errmsg();
+    }
+    /* Tell a damaged FITS file from something that is not FITS at all by
+     * its first bytes: a FITS file starts with "SIMPLE  =", compressed ones
+     * with the gzip (1f 8b), compress (1f 9d) or bzip2 ("BZh") signature. */
+    unsigned char head[10] = {0};
+    size_t nhead = 0;
+    FILE *raw = fopen(root, "rb");
+    if (raw != NULL) {
+        nhead = fread(head, 1, sizeof head, raw);
+        fclose(raw);
+    }
+    int looks_fits = nhead >= 9 && memcmp(head, "SIMPLE  =", 9) == 0;
+    int compressed = nhead >= 3 && ((head[0] == 0x1f && (head[1] == 0x8b || head[1] == 0x9d)) ||
+                                    memcmp(head, "BZh", 3) == 0);
+    if (raw != NULL && nhead == 0) {
+        fits_clear_errmsg();
+        return hilal_error_set(err, HILAL_ERR_FORMAT,
+                               "%s is empty (0 bytes), not a FITS file; copy or download it "
+                               "again",
+                               path);
+    }
+    if (raw != NULL && !looks_fits && !compressed)
         return fits_fail(err, HILAL_ERR_FORMAT, status,
-                         "%s is not a FITS file (it does not start with a valid FITS header); "
-                         "check that the name points at the image",
+                         "%s is not a FITS file (it does not start with SIMPLE  =); check that "
+                         "the name points at the image",
                          path);
     if (status == END_OF_FILE || status == READ_ERROR || status == NO_END)
         return fits_fail(err, HILAL_ERR_FITS, status,
@@ -252,10 +389,13 @@ static hilal_status open_input(const char *path, fitsfile **f, char *root, size_
                          path);
     if (status == BAD_HDU_NUM || status == URL_PARSE_ERROR)
         return fits_fail(err, HILAL_ERR_NOTFOUND, status,
-                         "%s: the HDU named in [...] does not exist; list the HDUs with "
-                         "'hilal inspect' or fix the extension name",
+                         "%s: the HDU named in [...] does not exist; check the extension name "
+                         "or number (CFITSIO counts from 0 = primary)",
                          path);
-    return fits_fail(err, HILAL_OK, status, "%s: cannot open as FITS", path);
+    return fits_fail(err, HILAL_ERR_FORMAT, status,
+                     "%s: CFITSIO cannot read the headers (the file breaks the FITS rules); "
+                     "run fitsverify on it to see what is wrong, then repair or re-create it",
+                     path);
 }
 
 /* Chooses the HDU: explicit number, the one selected by [ext] syntax, or
@@ -409,7 +549,12 @@ hilal_status hilal_fits_read_image_primary(const char *path, int hdu, hilal_imag
         goto cleanup;
     }
     hilal_meta *meta = &img->meta;
-    snprintf(meta->path, sizeof meta->path, "%s", root);
+    if (strlen(root) >= sizeof meta->path) {
+        st = hilal_error_set(err, HILAL_ERR_IO, "%s: file name longer than %zu characters",
+                             root, sizeof meta->path - 1);
+        goto cleanup;
+    }
+    memcpy(meta->path, root, strlen(root) + 1);
     meta->hdu = chosen;
 
     /* Type and scaling as stored (ZBITPIX for tile-compressed images). */
@@ -457,9 +602,12 @@ hilal_status hilal_fits_read_image_primary(const char *path, int hdu, hilal_imag
                        where);
         goto cleanup;
     }
-    /* No data: NaN from the file or from BLANK, and +-Inf. */
+    /* No data: NaN from the file or from BLANK, +-Inf, and +-FLT_MAX, the
+     * largest float32 magnitude, which no detector produces and which some
+     * pipelines write as a fill value (ZTF reference images use -FLT_MAX).
+     * CFITSIO clips values only on overflow, which was rejected above. */
     for (size_t i = 0; i < n; i++) {
-        if (!isfinite(img->pix[i])) {
+        if (!isfinite(img->pix[i]) || fabsf(img->pix[i]) == FLT_MAX) {
             img->pix[i] = NAN;
             img->mask[i] |= HILAL_MASK_NODATA;
         }
@@ -477,10 +625,20 @@ hilal_status hilal_fits_read_image_primary(const char *path, int hdu, hilal_imag
         meta->wcs = NULL;
     }
 
-    if (is_regular_file(root)) {
-        st = hilal_sha256_file(root, meta->sha256, err);
-        if (st != HILAL_OK)
-            goto cleanup;
+    /* The checksum is of the file's bytes as stored. CFITSIO opens
+     * name.gz (or .Z, .z, .bz2) when name itself does not exist: hash that. */
+    static const char *const suffix[] = {"", ".gz", ".Z", ".z", ".bz2"};
+    for (size_t k = 0; k < sizeof suffix / sizeof suffix[0]; k++) {
+        char actual[FLEN_FILENAME + 8];
+        snprintf(actual, sizeof actual, "%s%s", root, suffix[k]);
+        if (is_regular_file(actual)) {
+            st = hilal_sha256_file(actual, meta->sha256, err);
+            if (st != HILAL_OK) {
+                hilal_error_context(err, "%s", where);
+                goto cleanup;
+            }
+            break;
+        }
     }
 
     if (primary_header != NULL && chosen > 1) {
@@ -571,9 +729,8 @@ hilal_fits_key_state hilal_fits_header_get(const char *header, int ncards, const
     normalise_key(key, want, sizeof want);
     if (want[0] == '\0')
         return HILAL_FITS_KEY_MISSING;
-    for (int i = 0; i < ncards; i++) {
-        if (strlen(header) < (size_t)(i + 1) * 80)
-            break;
+    size_t hlen = strlen(header);
+    for (int i = 0; i < ncards && (size_t)(i + 1) * 80 <= hlen; i++) {
         get_card(header, i, card);
         card_name(card, name);
         if (strcmp(name, want) != 0)
@@ -688,18 +845,20 @@ struct hilal_fits_writer {
     char tmp[FLEN_FILENAME];    /* file being written */
 };
 
-hilal_fits_writer *hilal_fits_writer_open(const char *path, hilal_error *err)
+static hilal_status writer_open(const char *path, hilal_fits_writer **out, hilal_error *err)
 {
     hilal_fits_writer *w = NULL;
     char dir[FLEN_FILENAME], base[FLEN_FILENAME];
     int status = 0;
+    hilal_status st = HILAL_OK;
+    *out = NULL;
     if (strlen(path) + 16 >= FLEN_FILENAME) {
-        hilal_error_set(err, HILAL_ERR_IO, "%s: file name too long", path);
+        st = hilal_error_set(err, HILAL_ERR_IO, "%s: file name too long", path);
         goto fail;
     }
     w = calloc(1, sizeof *w);
     if (w == NULL) {
-        hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory opening %s", path);
+        st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory opening %s", path);
         goto fail;
     }
     snprintf(w->path, sizeof w->path, "%s", path);
@@ -710,9 +869,10 @@ hilal_fits_writer *hilal_fits_writer_open(const char *path, hilal_error *err)
     snprintf(w->tmp, sizeof w->tmp, "%s/.%s.tmp-XXXXXX", dirname(dir), basename(base));
     int fd = mkstemp(w->tmp);
     if (fd < 0) {
-        hilal_error_set(err, HILAL_ERR_IO, "cannot write %s: %s; check that the directory "
-                        "exists and is writable", path, strerror(errno));
-        w->tmp[0] = '\0';
+        st = hilal_error_set(err, HILAL_ERR_IO,
+                             "cannot write %s: %s; check that the directory exists and is "
+                             "writable",
+                             path, strerror(errno));
         goto fail;
     }
     close(fd);
@@ -720,13 +880,21 @@ hilal_fits_writer *hilal_fits_writer_open(const char *path, hilal_error *err)
     fits_create_diskfile(&w->f, w->tmp, &status);
     if (status != 0) {
         w->f = NULL;
-        fits_fail(err, HILAL_ERR_IO, status, "cannot create %s", w->tmp);
+        st = fits_fail(err, HILAL_ERR_IO, status, "cannot create %s", w->tmp);
         goto fail;
     }
-    return w;
+    *out = w;
+    return HILAL_OK;
 fail:
     hilal_fits_writer_free(w);
-    return NULL;
+    return st;
+}
+
+hilal_fits_writer *hilal_fits_writer_open(const char *path, hilal_error *err)
+{
+    hilal_fits_writer *w = NULL;
+    writer_open(path, &w, err);
+    return w;
 }
 
 void hilal_fits_writer_free(hilal_fits_writer *w)
@@ -734,9 +902,12 @@ void hilal_fits_writer_free(hilal_fits_writer *w)
     if (w == NULL)
         return;
     if (w->f != NULL) {
+        /* Close, then remove by name ourselves: fits_delete_file() would
+         * parse [...] in the name as extended syntax. */
         int status = 0;
-        fits_delete_file(w->f, &status); /* closes and removes the temporary file */
+        fits_close_file(w->f, &status);
         fits_clear_errmsg();
+        unlink(w->tmp);
     }
     free(w);
 }
@@ -852,10 +1023,16 @@ hilal_status hilal_fits_writer_key_double(hilal_fits_writer *w, const char *key,
     if (st != HILAL_OK)
         return st;
     int status = 0;
-    if (isfinite(value))
+    if (isfinite(value)) {
         fits_update_key_dbl(w->f, key, value, -15, comment, &status);
-    else /* FITS has no NaN: an undefined value says "unknown" */
-        fits_update_key_null(w->f, key, comment, &status);
+    } else {
+        /* FITS has no NaN: an unknown value is no keyword at all (an
+         * undefined value would draw a fitsverify warning). */
+        if (fits_delete_key(w->f, key, &status) == KEY_NO_EXIST) {
+            status = 0;
+            fits_clear_errmsg();
+        }
+    }
     return key_done(w, key, status, err);
 }
 
@@ -988,9 +1165,7 @@ hilal_status hilal_fits_writer_copy_cards(hilal_fits_writer *w, const char *head
             break;
         if (what == HILAL_FITS_COPY_WCS ? !is_wcs_key(name) : is_structural(name))
             continue;
-        /* The two COMMENT cards CFITSIO puts into every primary header. */
-        if (strncmp(card, "COMMENT   FITS (Flexible Image Transport System) format", 55) == 0 ||
-            strncmp(card, "COMMENT   and Astrophysics', volume 376, page 359", 50) == 0)
+        if (is_standard_comment(card))
             continue;
         int status = 0;
         int commentary = name[0] == '\0' || strcmp(name, "COMMENT") == 0 ||
@@ -1018,8 +1193,12 @@ hilal_status hilal_fits_writer_close(hilal_fits_writer *w, hilal_error *err)
         return st;
     }
     int status = 0;
-    if (w->nhdu == 0)
-        writer_new_hdu(w, BYTE_IMG, 0, 0, 0, NULL, err); /* a valid, empty file */
+    if (w->nhdu == 0) /* a valid, empty file */
+        st = writer_new_hdu(w, BYTE_IMG, 0, 0, 0, NULL, err);
+    if (st != HILAL_OK) {
+        hilal_fits_writer_free(w);
+        return st;
+    }
     /* CHECKSUM/DATASUM last, once every HDU is complete. */
     for (int i = 1; i <= w->nhdu && status == 0; i++) {
         fits_movabs_hdu(w->f, i, NULL, &status);
@@ -1048,10 +1227,11 @@ hilal_status hilal_fits_writer_close(hilal_fits_writer *w, hilal_error *err)
 
 hilal_status hilal_fits_write_image(const char *path, const hilal_image *img, hilal_error *err)
 {
-    hilal_fits_writer *w = hilal_fits_writer_open(path, err);
-    if (w == NULL)
-        return err != NULL ? err->code : HILAL_ERR_IO;
-    hilal_status st = hilal_fits_writer_add_float(w, NULL, img->nx, img->ny, img->pix, err);
+    hilal_fits_writer *w = NULL;
+    hilal_status st = writer_open(path, &w, err);
+    if (st != HILAL_OK)
+        return st;
+    st = hilal_fits_writer_add_float(w, NULL, img->nx, img->ny, img->pix, err);
     if (st == HILAL_OK && img->meta.header != NULL)
         st = hilal_fits_writer_copy_cards(w, img->meta.header, img->meta.nheader_cards,
                                           HILAL_FITS_COPY_ALL, err);

@@ -6,9 +6,29 @@
 
 /* Stage descriptors, each defined in stages/<name>.c. */
 extern const hilal_stage hilal_stage_ingest;
+extern const hilal_stage hilal_stage_background;
+extern const hilal_stage hilal_stage_stars;
+extern const hilal_stage hilal_stage_align;
+extern const hilal_stage hilal_stage_psf;
+extern const hilal_stage hilal_stage_fluxscale;
+extern const hilal_stage hilal_stage_subtract;
+extern const hilal_stage hilal_stage_detect;
+extern const hilal_stage hilal_stage_measure;
+extern const hilal_stage hilal_stage_vet;
+extern const hilal_stage hilal_stage_archive;
 
 static const hilal_stage *const registry[] = {
     &hilal_stage_ingest,
+    &hilal_stage_background,
+    &hilal_stage_stars,
+    &hilal_stage_align,
+    &hilal_stage_psf,
+    &hilal_stage_fluxscale,
+    &hilal_stage_subtract,
+    &hilal_stage_detect,
+    &hilal_stage_measure,
+    &hilal_stage_vet,
+    &hilal_stage_archive,
 };
 #define NSTAGES (sizeof registry / sizeof registry[0])
 

@@ -188,11 +188,75 @@ void hilal_wcs_describe(const struct wcsprm *wcs, char *buf, int len)
         return;
     }
     /* Pixel scale from the determinant of the CD (or PC x CDELT) matrix. */
+    /* lin.piximg is the CD matrix (PC x CDELT) after wcsset, however the
+     * header gave it. */
     const double *m = wcs->lin.piximg;
     double scale = NAN;
     if (m != NULL && wcs->naxis >= 2)
         scale = sqrt(fabs(m[0] * m[wcs->naxis + 1] - m[1] * m[wcs->naxis])) * 3600.0;
+    if (!(scale > 0) && wcs->naxis >= 2 && wcs->cdelt != NULL)
+        scale = sqrt(fabs(wcs->cdelt[0] * wcs->cdelt[1])) * 3600.0;
     snprintf(buf, (size_t)len, "%s, CRVAL = (%.6f, %.6f) deg, CRPIX = (%.2f, %.2f), scale %.4f arcsec/px",
              wcs->ctype[wcs->lng], wcs->crval[wcs->lng], wcs->crval[wcs->lat], wcs->crpix[0],
              wcs->crpix[1], scale);
+}
+
+double hilal_wcs_pixscale_arcsec(struct wcsprm *wcs, double x, double y)
+{
+    /* Sky positions of (x, y), (x + 1, y), (x, y + 1) as unit vectors; the
+     * pixel's solid angle is |(p1 - p0) x (p2 - p0)| (valid at the poles,
+     * where RA differences are meaningless). */
+    double px[3] = {x, x + 1.0, x}, py[3] = {y, y, y + 1.0}, ra[3], dec[3];
+    if (hilal_wcs_pix2sky(wcs, 3, px, py, ra, dec, NULL) != HILAL_OK)
+        return NAN;
+    const double deg = 3.14159265358979323846 / 180.0;
+    double p[3][3];
+    for (int k = 0; k < 3; k++) {
+        p[k][0] = cos(dec[k] * deg) * cos(ra[k] * deg);
+        p[k][1] = cos(dec[k] * deg) * sin(ra[k] * deg);
+        p[k][2] = sin(dec[k] * deg);
+    }
+    double a[3], b[3];
+    for (int i = 0; i < 3; i++) {
+        a[i] = p[1][i] - p[0][i];
+        b[i] = p[2][i] - p[0][i];
+    }
+    double cx = a[1] * b[2] - a[2] * b[1], cy = a[2] * b[0] - a[0] * b[2];
+    double cz = a[0] * b[1] - a[1] * b[0];
+    double area = sqrt(cx * cx + cy * cy + cz * cz); /* steradians */
+    return isfinite(area) ? sqrt(area) / deg * 3600.0 : NAN;
+}
+
+hilal_status hilal_wcs_check(struct wcsprm *wcs, long nx, long ny, hilal_error *err)
+{
+    if (wcs == NULL)
+        return hilal_error_set(err, HILAL_ERR_WCS, "no WCS");
+    if (wcs->lng < 0 || wcs->lat < 0)
+        return hilal_error_set(err, HILAL_ERR_WCS, "the WCS has no celestial axes (CTYPE '%s', '%s')",
+                               wcs->naxis > 0 ? wcs->ctype[0] : "", wcs->naxis > 1 ? wcs->ctype[1] : "");
+    /* Centre and corners (FITS 1-based). */
+    double x[5] = {0.5 * (double)(nx + 1), 1.0, (double)nx, 1.0, (double)nx};
+    double y[5] = {0.5 * (double)(ny + 1), 1.0, 1.0, (double)ny, (double)ny};
+    double ra[5], dec[5], bx[5], by[5];
+    hilal_error local;
+    hilal_error_clear(&local);
+    if (hilal_wcs_pix2sky(wcs, 5, x, y, ra, dec, &local) != HILAL_OK ||
+        hilal_wcs_sky2pix(wcs, 5, ra, dec, bx, by, &local) != HILAL_OK)
+        return hilal_error_set(err, HILAL_ERR_WCS, "%s", local.msg);
+    for (int k = 0; k < 5; k++) {
+        if (!isfinite(ra[k]) || !isfinite(dec[k]))
+            return hilal_error_set(err, HILAL_ERR_WCS,
+                                   "pixel (%.1f, %.1f) has no sky position under the WCS", x[k], y[k]);
+        double e = hypot(bx[k] - x[k], by[k] - y[k]);
+        if (!(e <= 1e-3))
+            return hilal_error_set(err, HILAL_ERR_WCS,
+                                   "the WCS does not invert: pixel (%.1f, %.1f) -> sky -> pixel "
+                                   "misses by %.3g px",
+                                   x[k], y[k], e);
+    }
+    double scale = hilal_wcs_pixscale_arcsec(wcs, x[0], y[0]);
+    if (!(scale > 0) || !isfinite(scale))
+        return hilal_error_set(err, HILAL_ERR_WCS, "the WCS pixel scale at the centre is %g arcsec/px",
+                               scale);
+    return HILAL_OK;
 }

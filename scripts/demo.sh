@@ -16,4 +16,4 @@ echo "== running the pipeline"
 echo "== the ten most significant candidates"
 "$hilal" query "$out/demo.h5" --format table | head -n 12
 echo "== recovered injected events (truth: $out/sim/truth.csv)"
-python3 "$here/scripts/score_truth.py" "$out/demo.h5" "$out/sim/truth.csv"
+/usr/bin/python3 "$here/scripts/score_truth.py" "$out/demo.h5" "$out/sim/truth.csv"

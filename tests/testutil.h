@@ -18,8 +18,12 @@ void hilal_test_check(int ok, const char *file, int line, const char *expr, cons
 #define CHECK(cond, ...) hilal_test_check((cond) ? 1 : 0, __FILE__, __LINE__, #cond, __VA_ARGS__)
 
 /* CHECK that a status is HILAL_OK, printing the error message if not. */
-#define CHECK_OK(st, err) \
-    hilal_test_check((st) == HILAL_OK, __FILE__, __LINE__, #st, "status %d: %s", (int)(st), (err)->msg)
+#define CHECK_OK(st, err)                                                                    \
+    do {                                                                                     \
+        hilal_status check_ok_st_ = (st);                                                    \
+        hilal_test_check(check_ok_st_ == HILAL_OK, __FILE__, __LINE__, #st, "status %d: %s", \
+                         (int)check_ok_st_, (err)->msg);                                     \
+    } while (0)
 
 /* Prints the summary line and returns 0 if nothing failed, 1 otherwise. */
 int hilal_test_finish(void);

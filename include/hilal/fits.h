@@ -53,8 +53,10 @@ extern "C" {
  *        that point at different HDUs is an error.
  *
  * Pixels: any BITPIX (8, 16, 32, 64, -32, -64) is converted to float32 with
- * BSCALE/BZERO applied. Integer pixels equal to BLANK and floating-point
- * NaN or +-Inf get HILAL_MASK_NODATA and the value NaN. 1-D images become
+ * BSCALE/BZERO applied. Integer pixels equal to BLANK, floating-point
+ * NaN or +-Inf, and values of exactly +-FLT_MAX (3.4028235e38, a fill value
+ * some pipelines write, e.g. ZTF reference images) get HILAL_MASK_NODATA
+ * and the value NaN. 1-D images become
  * nx x 1 images; extra axes of length 1 are accepted.
  *
  * Rejected with a message naming the file, the HDU and what to do: files
@@ -153,6 +155,11 @@ hilal_status hilal_fits_writer_add_float(hilal_fits_writer *w, const char *extna
 hilal_status hilal_fits_writer_add_mask(hilal_fits_writer *w, const char *extname, long nx,
                                         long ny, const hilal_mask_t *mask, hilal_error *err);
 
+/* The name of a single mask bit as written in MASKBnn cards ("BAD", "SAT",
+ * "NODATA", "EDGE", "INTERP", "CR", "REFDEFECT", "NEGVAR"); NULL when bit is
+ * not exactly one defined hilal_mask_bit. */
+const char *hilal_fits_mask_name(unsigned bit);
+
 /* Appends an HDU without data (NAXIS = 0): as the first HDU, an empty
  * primary HDU holding only keywords (the usual start of a multi-extension
  * file). extname may be NULL. */
@@ -161,7 +168,9 @@ hilal_status hilal_fits_writer_add_empty(hilal_fits_writer *w, const char *extna
 
 /* Keywords on the current (last added) HDU. An existing card with the same
  * keyword is updated. Keywords longer than 8 characters or with characters
- * outside [A-Z0-9_-] are written as HIERARCH cards. comment may be NULL. */
+ * outside [A-Z0-9_-] are written as HIERARCH cards. comment may be NULL.
+ * A non-finite double is not written (FITS has no NaN; a missing keyword
+ * is how FITS says "unknown") and removes an existing card of that name. */
 hilal_status hilal_fits_writer_key_double(hilal_fits_writer *w, const char *key, double value,
                                           const char *comment, hilal_error *err);
 hilal_status hilal_fits_writer_key_int(hilal_fits_writer *w, const char *key, long long value,

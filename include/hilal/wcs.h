@@ -45,6 +45,17 @@ void hilal_wcs_describe(const struct wcsprm *wcs, char *buf, int len);
 /* Projection code of the celestial axes ("TAN", "TPV", "SIN", ...). */
 const char *hilal_wcs_projection(const struct wcsprm *wcs);
 
+/* Checks that a WCS is a usable celestial transform for an nx x ny image:
+ * two celestial axes, pixel -> sky defined at the centre and the four
+ * corners, sky -> pixel returning those pixels within 1e-3 px, and a finite,
+ * non-zero pixel scale at the centre. HILAL_ERR_WCS with the reason
+ * otherwise (wcs == NULL: "no WCS"). */
+hilal_status hilal_wcs_check(struct wcsprm *wcs, long nx, long ny, hilal_error *err);
+
+/* Pixel scale at FITS pixel (x, y): the square root of the pixel area on the
+ * sky, arcsec/px (from the local Jacobian of pixel -> sky). NaN on failure. */
+double hilal_wcs_pixscale_arcsec(struct wcsprm *wcs, double x, double y);
+
 #ifdef __cplusplus
 }
 #endif

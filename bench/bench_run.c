@@ -1,0 +1,176 @@
+/* Benchmark of a whole `hilal run`: per-stage wall time and peak memory for
+ * simulated pairs of several sizes, and the time of one single-precision
+ * FFTW real-to-complex transform of a 4096 x 4096 array on the same machine.
+ *
+ * Usage: bench_run [--sizes 1024,2048,4096] [--threads N] [--dir DIR] [--repeats R]
+ *
+ * Each size runs in its own child process so that its peak resident memory
+ * (getrusage ru_maxrss) is the pipeline's alone: one child simulates the pair
+ * to disk, a second one runs every stage (FITS ingest to HDF5 archive) on it
+ * R times. The first run includes FFTW planning; the figure reported as
+ * "warm" is the fastest later run, which is what every frame after the first
+ * of a night costs. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "hilal/fft.h"
+#include "hilal/hilal.h"
+#include "hilal/simulate.h"
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static int simulate(long n, const char *dir)
+{
+    hilal_sim_options o = hilal_sim_options_default();
+    o.nx = o.ny = n;
+    o.seed = 42;
+    hilal_error err = {0};
+    if (hilal_sim_write(&o, dir, &err) != HILAL_OK) {
+        fprintf(stderr, "bench_run: simulate %ld: %s\n", n, err.msg);
+        return 1;
+    }
+    return 0;
+}
+
+static int run_pipeline(long n, const char *dir, int threads, int repeats)
+{
+    hilal_error err = {0};
+    hilal_config *cfg = hilal_registry_config_new(&err);
+    char archive[1200], threads_text[32];
+    snprintf(archive, sizeof archive, "%s/bench.h5", dir);
+    snprintf(threads_text, sizeof threads_text, "%d", threads);
+    remove(archive);
+    hilal_runner *runner = NULL;
+    if (cfg == NULL || hilal_config_set(cfg, "archive.path", archive, "bench", &err) != HILAL_OK ||
+        hilal_config_set(cfg, "pipeline.threads", threads_text, "bench", &err) != HILAL_OK ||
+        hilal_runner_new(cfg, NULL, 0, &runner, &err) != HILAL_OK) {
+        fprintf(stderr, "bench_run: %s\n", err.msg);
+        hilal_config_free(cfg);
+        return 1;
+    }
+    size_t nst;
+    const hilal_stage *const *stages = hilal_runner_stages(runner, &nst);
+    double best[32], best_total = 1e30, first_total = 0;
+    size_t ncands = 0;
+    for (int r = 0; r < repeats; r++) {
+        hilal_frame f;
+        hilal_frame_init(&f);
+        snprintf(f.frame_id, sizeof f.frame_id, "bench%ld", n);
+        snprintf(f.sci_path, sizeof f.sci_path, "%s/sci.fits", dir);
+        snprintf(f.ref_path, sizeof f.ref_path, "%s/ref.fits", dir);
+        double t0 = now_s();
+        if (hilal_runner_run(runner, &f, &err) != HILAL_OK) {
+            fprintf(stderr, "bench_run: %s\n", err.msg);
+            hilal_frame_clear(&f);
+            hilal_runner_free(runner);
+            hilal_config_free(cfg);
+            return 1;
+        }
+        double total = now_s() - t0;
+        if (r == 0)
+            first_total = total;
+        if (r == 0 || total < best_total) {
+            best_total = total;
+            memcpy(best, f.stage_seconds, sizeof best);
+        }
+        ncands = f.ncands;
+        hilal_frame_clear(&f);
+    }
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    printf("size %ld x %ld: %zu candidates; first run %.3f s (includes FFTW planning), warm %.3f s, "
+           "peak RSS %.0f MB\n", n, n, ncands, first_total, best_total, ru.ru_maxrss / 1024.0);
+    printf("  per stage (warm):");
+    for (size_t i = 0; i < nst; i++)
+        printf(" %s %.3f", stages[i]->name, best[i]);
+    printf("\n");
+    printf("RESULT size=%ld warm_s=%.4f first_s=%.4f peak_mb=%.1f\n", n, best_total, first_total,
+           ru.ru_maxrss / 1024.0);
+    fflush(stdout);
+    hilal_runner_free(runner);
+    hilal_config_free(cfg);
+    return 0;
+}
+
+static int in_child(int (*fn)(long, const char *, int, int), long n, const char *dir, int threads,
+                    int repeats)
+{
+    fflush(stdout);
+    pid_t pid = fork();
+    if (pid < 0)
+        return 1;
+    if (pid == 0)
+        _exit(fn(n, dir, threads, repeats));
+    int status = 0;
+    waitpid(pid, &status, 0);
+    return WIFEXITED(status) ? WEXITSTATUS(status) : 1;
+}
+
+static int simulate_child(long n, const char *dir, int threads, int repeats)
+{
+    (void)threads;
+    (void)repeats;
+    return simulate(n, dir);
+}
+
+int main(int argc, char **argv)
+{
+    char sizes[256] = "1024,2048,4096";
+    const char *root = "/tmp/hilal-bench";
+    int threads = 0, repeats = 3;
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--sizes") && i + 1 < argc)
+            snprintf(sizes, sizeof sizes, "%s", argv[++i]);
+        else if (!strcmp(argv[i], "--threads") && i + 1 < argc)
+            threads = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--dir") && i + 1 < argc)
+            root = argv[++i];
+        else if (!strcmp(argv[i], "--repeats") && i + 1 < argc)
+            repeats = atoi(argv[++i]);
+        else {
+            fprintf(stderr, "usage: bench_run [--sizes 1024,2048,4096] [--threads N] [--dir DIR] [--repeats R]\n");
+            return 2;
+        }
+    }
+    if (repeats < 1)
+        repeats = 1;
+    mkdir(root, 0755);
+    int nthreads = hilal_fft_threads(threads);
+    printf("bench_run: %d threads, %d runs per size, %s\n", nthreads, repeats, hilal_library_versions());
+    double last_warm = 0;
+    long last_n = 0;
+    for (char *tok = strtok(sizes, ","); tok != NULL; tok = strtok(NULL, ",")) {
+        long n = atol(tok);
+        char dir[1024];
+        snprintf(dir, sizeof dir, "%s/%ld", root, n);
+        mkdir(dir, 0755);
+        if (in_child(simulate_child, n, dir, threads, repeats) != 0 ||
+            in_child(run_pipeline, n, dir, nthreads, repeats) != 0)
+            return 1;
+        last_n = n;
+        (void)last_warm;
+    }
+    /* The yardstick: one 4096^2 r2c FFT on this machine with the same threads. */
+    hilal_error err = {0};
+    double fft_s = 0;
+    if (hilal_fft_time_r2c(4096, nthreads, HILAL_FFT_MEASURE, 5, &fft_s, &err) != HILAL_OK) {
+        fprintf(stderr, "bench_run: %s\n", err.msg);
+        return 1;
+    }
+    printf("one 4096 x 4096 float r2c FFT (FFTW_MEASURE, %d threads): %.4f s\n", nthreads, fft_s);
+    printf("RESULT fft4096_s=%.4f\n", fft_s);
+    printf("(divide a size's warm time by the FFT time for the ratio; largest size here: %ld)\n", last_n);
+    hilal_fft_cleanup();
+    return 0;
+}

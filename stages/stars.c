@@ -1,0 +1,448 @@
+/* The stars stage: source extraction on the sky-subtracted science and
+ * reference images, photometry, shape, and the `usable` flag that selects
+ * stars fit for the PSF, alignment and flux scaling.
+ *
+ * For each image:
+ *  1. libsep extraction (SExtractor's algorithm, Bertin & Arnouts 1996) on
+ *     pix - sky, thresholded at thresh_sigma x sqrt(var) per pixel after
+ *     smoothing with the 3x3 pyramid kernel, with minarea, multi-threshold
+ *     deblending and cleaning. Masked pixels are set to 0 and masked,
+ *     except saturated ones, which keep their value (see below).
+ *  2. For every detection: the half-light radius r50 (sep_flux_radius),
+ *     the windowed centroid (SExtractor's XWIN, Gaussian weight of
+ *     sigma = 2 r50 / 2.3548), the FWHM from the half-maximum area
+ *     (hilal_psf_measure_fwhm).
+ *  3. The median FWHM of clean, bright detections sets the photometric
+ *     aperture (radius aper_fwhm x FWHM): flux_adu and flux_err_adu are the
+ *     exact circular-aperture sum and its error from the variance plane.
+ *  4. usable = all of
+ *       - not truncated by the image border, no masked pixel in the aperture;
+ *       - farther than pipeline.edge_margin + aperture radius from the border;
+ *       - unsaturated: peak + sky < sat_frac x saturation level (when known);
+ *       - isolated: no other detection with flux >= iso_flux_frac x its flux
+ *         within iso_fwhm x FWHM;
+ *       - round: b/a >= min_axis_ratio;
+ *       - point-like: FWHM within [min_fwhm_frac, max_fwhm_frac] x median
+ *         (rejects cosmic rays and hot pixels, and galaxies);
+ *       - positive flux.
+ *  5. The max_stars detections of highest S/N are kept, sorted by flux.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "hilal/config.h"
+#include "hilal/log.h"
+#include "hilal/psf.h"
+#include "hilal/stage.h"
+#include "sepw.h"
+
+static const hilal_param stars_params[] = {
+    {"thresh_sigma", HILAL_PARAM_DOUBLE, "5", 0.5, 1e4, "sigma",
+     "detection threshold per pixel (image smoothed with a 3x3 kernel)"},
+    {"minarea", HILAL_PARAM_INT, "5", 1, 100000, "px", "minimum number of pixels above threshold"},
+    {"filter", HILAL_PARAM_BOOL, "true", 0, 0, "",
+     "smooth with SExtractor's 3x3 pyramid kernel before thresholding"},
+    {"deblend_nthresh", HILAL_PARAM_INT, "32", 1, 1024, "", "deblending sub-thresholds"},
+    {"deblend_cont", HILAL_PARAM_DOUBLE, "0.005", 0, 1, "",
+     "minimum flux fraction of a deblended branch (1 = no deblending)"},
+    {"clean", HILAL_PARAM_BOOL, "true", 0, 0, "",
+     "remove spurious detections in the wings of bright objects"},
+    {"clean_param", HILAL_PARAM_DOUBLE, "1", 0.1, 10, "", "cleaning efficiency"},
+    {"pixstack", HILAL_PARAM_INT, "1000000", 10000, 1000000000, "px",
+     "pixels above threshold held at once by the extractor (raise for crowded frames)"},
+    {"max_stars", HILAL_PARAM_INT, "1000", 10, 1000000, "",
+     "detections kept per image, highest S/N first"},
+    {"aper_fwhm", HILAL_PARAM_DOUBLE, "1.5", 0.5, 10, "FWHM",
+     "radius of the photometric aperture in units of the median FWHM"},
+    {"iso_fwhm", HILAL_PARAM_DOUBLE, "3", 0, 50, "FWHM",
+     "isolation radius for usable stars, in units of the median FWHM"},
+    {"iso_flux_frac", HILAL_PARAM_DOUBLE, "0.1", 0, 100, "",
+     "a neighbour within the isolation radius with this fraction of the flux or more spoils a star"},
+    {"sat_frac", HILAL_PARAM_DOUBLE, "0.8", 0.01, 1, "",
+     "usable stars peak below this fraction of the saturation level"},
+    {"min_axis_ratio", HILAL_PARAM_DOUBLE, "0.6", 0, 1, "", "minimum b/a of usable stars"},
+    {"min_fwhm_frac", HILAL_PARAM_DOUBLE, "0.5", 0, 1, "",
+     "usable stars have FWHM >= this x median (smaller: cosmic ray, hot pixel)"},
+    {"max_fwhm_frac", HILAL_PARAM_DOUBLE, "2", 1, 100, "",
+     "usable stars have FWHM <= this x median (larger: galaxy, blend)"},
+};
+
+typedef struct stars_state {
+    hilal_sepw_extract_params xp;
+    long max_stars;
+    double aper_fwhm, iso_fwhm, iso_flux_frac, sat_frac, min_axis_ratio;
+    double min_fwhm_frac, max_fwhm_frac;
+    long edge_margin;
+} stars_state;
+
+static hilal_status stars_init(const hilal_config *cfg, void **state, hilal_error *err)
+{
+    stars_state *s = calloc(1, sizeof *s);
+    if (s == NULL)
+        return hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory");
+    s->xp.thresh_sigma = hilal_config_get_double(cfg, "stars.thresh_sigma");
+    s->xp.minarea = (int)hilal_config_get_int(cfg, "stars.minarea");
+    s->xp.filter = hilal_config_get_bool(cfg, "stars.filter");
+    s->xp.deblend_nthresh = (int)hilal_config_get_int(cfg, "stars.deblend_nthresh");
+    s->xp.deblend_cont = hilal_config_get_double(cfg, "stars.deblend_cont");
+    s->xp.clean = hilal_config_get_bool(cfg, "stars.clean");
+    s->xp.clean_param = hilal_config_get_double(cfg, "stars.clean_param");
+    s->xp.pixstack = (size_t)hilal_config_get_int(cfg, "stars.pixstack");
+    s->max_stars = hilal_config_get_int(cfg, "stars.max_stars");
+    s->aper_fwhm = hilal_config_get_double(cfg, "stars.aper_fwhm");
+    s->iso_fwhm = hilal_config_get_double(cfg, "stars.iso_fwhm");
+    s->iso_flux_frac = hilal_config_get_double(cfg, "stars.iso_flux_frac");
+    s->sat_frac = hilal_config_get_double(cfg, "stars.sat_frac");
+    s->min_axis_ratio = hilal_config_get_double(cfg, "stars.min_axis_ratio");
+    s->min_fwhm_frac = hilal_config_get_double(cfg, "stars.min_fwhm_frac");
+    s->max_fwhm_frac = hilal_config_get_double(cfg, "stars.max_fwhm_frac");
+    s->edge_margin = hilal_config_get_int(cfg, "pipeline.edge_margin");
+    *state = s;
+    return HILAL_OK;
+}
+
+/* Working record of one detection. */
+typedef struct det {
+    double x, y;        /* windowed centroid, 0-based */
+    double r50;         /* half-light radius, px */
+    double fwhm;        /* px, NaN if not measured */
+    double flux, flux_err;
+    double snr;
+    unsigned flags;     /* SEP object | aperture flags */
+    const hilal_sepw_object *o;
+} det;
+
+static int cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+/* Sort helpers through a file-scope pointer are not thread-safe; sort
+ * index records that carry their keys instead. */
+typedef struct keyed {
+    double key;
+    size_t idx;
+} keyed;
+
+static int cmp_keyed_desc(const void *a, const void *b)
+{
+    double x = ((const keyed *)a)->key, y = ((const keyed *)b)->key;
+    return (x < y) - (x > y);
+}
+
+static int cmp_keyed_asc(const void *a, const void *b)
+{
+    double x = ((const keyed *)a)->key, y = ((const keyed *)b)->key;
+    return (x > y) - (x < y);
+}
+
+/* Whether any unusable pixel lies within radius r of (x, y), 0-based. */
+static int masked_within(const hilal_image *img, double x, double y, double r)
+{
+    long x0 = (long)floor(x - r), x1 = (long)ceil(x + r);
+    long y0 = (long)floor(y - r), y1 = (long)ceil(y + r);
+    for (long j = y0; j <= y1; j++)
+        for (long i = x0; i <= x1; i++) {
+            if ((i - x) * (i - x) + (j - y) * (j - y) > r * r)
+                continue;
+            if (i < 0 || j < 0 || i >= img->nx || j >= img->ny)
+                return 1;
+            long q = j * img->nx + i;
+            if ((img->mask[q] & HILAL_MASK_UNUSABLE) || !isfinite(img->pix[q]))
+                return 1;
+        }
+    return 0;
+}
+
+static hilal_status stars_image(const stars_state *s, const hilal_image *img,
+                                hilal_starlist *out, const char *which, hilal_error *err)
+{
+    hilal_status st = HILAL_OK;
+    size_t n = (size_t)img->nx * (size_t)img->ny;
+    float *sub = NULL, *dvar = NULL;
+    uint8_t *mask = NULL;
+    hilal_sepw_object *objs = NULL;
+    size_t nobj = 0;
+    det *d = NULL;
+    keyed *order = NULL;
+    double *tmp = NULL;
+    hilal_star *list = NULL;
+    const char *path = img->meta.path[0] != '\0' ? img->meta.path : "(unnamed)";
+
+    hilal_starlist_clear(out);
+    if (img->sky == NULL || img->var == NULL) {
+        st = hilal_error_set(err, HILAL_ERR_INTERNAL,
+                             "%s image %s has no sky or variance plane (run background first)",
+                             which, path);
+        goto cleanup;
+    }
+    sub = malloc(n * sizeof *sub);
+    dvar = malloc(n * sizeof *dvar);
+    mask = malloc(n);
+    if (sub == NULL || dvar == NULL || mask == NULL) {
+        st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for star extraction");
+        goto cleanup;
+    }
+    /* Detection planes. Saturated pixels keep their (clipped) value and get
+     * the background variance, so a saturated star is detected whole (for
+     * alignment) rather than as a ring of fragments around a hole; it is
+     * not usable (saturation test below). Other unusable pixels are 0 and
+     * masked. */
+    float rms2 = (float)(img->sky_rms_adu * img->sky_rms_adu);
+    for (size_t i = 0; i < n; i++) {
+        hilal_mask_t bits = img->mask[i] & HILAL_MASK_UNUSABLE;
+        int fin = isfinite(img->pix[i]);
+        if (bits == HILAL_MASK_SAT && fin && rms2 > 0.0f) {
+            mask[i] = 0;
+            sub[i] = img->pix[i] - img->sky[i];
+            dvar[i] = rms2;
+            continue;
+        }
+        int bad = bits != 0 || !fin || !(img->var[i] < 1e29f);
+        mask[i] = (uint8_t)bad;
+        sub[i] = bad ? 0.0f : img->pix[i] - img->sky[i];
+        dvar[i] = bad ? 1e30f : img->var[i];
+    }
+
+    /* 1. Extraction. */
+    hilal_sepw_image im = {sub, dvar, mask, img->nx, img->ny};
+    st = hilal_sepw_extract(&im, &s->xp, &objs, &nobj, err);
+    if (st != HILAL_OK) {
+        hilal_error_context(err, "%s image %s", which, path);
+        goto cleanup;
+    }
+    if (nobj == 0) {
+        hilal_log(HILAL_LOG_WARN, "%s image %s: no sources above %.1f sigma", which, path,
+                  s->xp.thresh_sigma);
+        goto cleanup;
+    }
+
+    d = calloc(nobj, sizeof *d);
+    order = calloc(nobj, sizeof *order);
+    tmp = calloc(nobj, sizeof *tmp);
+    if (d == NULL || order == NULL || tmp == NULL) {
+        st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for %zu detections", nobj);
+        goto cleanup;
+    }
+
+    /* 2. Radius, windowed centroid and FWHM of every detection. */
+    for (size_t k = 0; k < nobj; k++) {
+        const hilal_sepw_object *o = &objs[k];
+        det *e = &d[k];
+        unsigned fl = 0;
+        e->o = o;
+        e->x = o->x;
+        e->y = o->y;
+        e->flags = o->flags;
+        double rmax = fmax(4.0, 5.0 * o->a);
+        double r50 = NAN;
+        st = hilal_sepw_flux_radius(&im, o->x, o->y, rmax, 0.5, &r50, &fl, err);
+        if (st != HILAL_OK)
+            goto cleanup;
+        e->r50 = r50 > 0.0 && isfinite(r50) ? r50 : fmax(o->a, 0.5);
+        double xw, yw;
+        st = hilal_sepw_windowed(&im, o->x, o->y, 2.0 * e->r50 / 2.3548, &xw, &yw, &fl, err);
+        if (st != HILAL_OK)
+            goto cleanup;
+        /* Keep the barycentre when the windowed centroid wandered off. */
+        if (isfinite(xw) && isfinite(yw) && hypot(xw - o->x, yw - o->y) < 1.0) {
+            e->x = xw;
+            e->y = yw;
+        }
+        e->fwhm = hilal_psf_measure_fwhm(sub, NULL, img->nx, img->ny, e->x, e->y,
+                                         fmax(3.0, 3.0 * e->r50));
+    }
+
+    /* 3. Median FWHM of clean detections with a peak of at least 10 sigma
+     *    (all measured ones when fewer than 3 qualify), then the aperture. */
+    size_t nm = 0;
+    for (size_t k = 0; k < nobj; k++) {
+        const hilal_sepw_object *o = d[k].o;
+        long q = (long)o->ypeak * img->nx + o->xpeak;
+        double sig = sqrt(dvar[q]);
+        if (isfinite(d[k].fwhm) && d[k].fwhm > 0.0 && o->flags == 0 && o->peak >= 10.0 * sig)
+            tmp[nm++] = d[k].fwhm;
+    }
+    if (nm < 3) {
+        nm = 0;
+        for (size_t k = 0; k < nobj; k++)
+            if (isfinite(d[k].fwhm) && d[k].fwhm > 0.0)
+                tmp[nm++] = d[k].fwhm;
+    }
+    double med_fwhm = NAN;
+    if (nm > 0) {
+        qsort(tmp, nm, sizeof *tmp, cmp_double);
+        med_fwhm = nm % 2 ? tmp[nm / 2] : 0.5 * (tmp[nm / 2 - 1] + tmp[nm / 2]);
+    }
+    double r_ap = isfinite(med_fwhm) ? fmax(2.0, s->aper_fwhm * med_fwhm) : 3.0;
+
+    for (size_t k = 0; k < nobj; k++) {
+        det *e = &d[k];
+        double sum = NAN, sumerr = NAN;
+        unsigned fl = 0;
+        st = hilal_sepw_sum_circle(&im, e->x, e->y, r_ap, &sum, &sumerr, &fl, err);
+        if (st != HILAL_OK)
+            goto cleanup;
+        e->flux = sum;
+        e->flux_err = sumerr;
+        e->flags |= fl;
+        e->snr = sumerr > 0.0 ? sum / sumerr : 0.0;
+    }
+
+    /* 5 (first half). Keep the max_stars detections of highest S/N. */
+    for (size_t k = 0; k < nobj; k++) {
+        order[k].key = isfinite(d[k].snr) ? d[k].snr : -1e300;
+        order[k].idx = k;
+    }
+    qsort(order, nobj, sizeof *order, cmp_keyed_desc);
+    size_t nkeep = nobj < (size_t)s->max_stars ? nobj : (size_t)s->max_stars;
+    list = calloc(nkeep > 0 ? nkeep : 1, sizeof *list);
+    if (list == NULL) {
+        st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for %zu stars", nkeep);
+        goto cleanup;
+    }
+
+    /* 4. usable. Isolation is tested against every detection (kept or not),
+     *    through detections sorted by x. */
+    keyed *byx = malloc(nobj * sizeof *byx);
+    if (byx == NULL) {
+        st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for %zu detections", nobj);
+        goto cleanup;
+    }
+    for (size_t k = 0; k < nobj; k++) {
+        byx[k].key = d[k].x;
+        byx[k].idx = k;
+    }
+    qsort(byx, nobj, sizeof *byx, cmp_keyed_asc);
+    double r_iso = isfinite(med_fwhm) ? s->iso_fwhm * med_fwhm : s->iso_fwhm * 3.0;
+    double sat = img->meta.saturate_adu;
+    size_t nusable = 0;
+    for (size_t m = 0; m < nkeep; m++) {
+        const det *e = &d[order[m].idx];
+        const hilal_sepw_object *o = e->o;
+        hilal_star *t = &list[m];
+        t->x = e->x + 1.0;
+        t->y = e->y + 1.0;
+        t->flux_adu = e->flux;
+        t->flux_err_adu = e->flux_err;
+        t->peak_adu = o->peak;
+        t->a_px = o->a;
+        t->b_px = o->b;
+        t->theta_rad = o->theta;
+        t->fwhm_px = e->fwhm;
+        t->flags = e->flags;
+
+        int ok = e->flux > 0.0 && e->flux_err > 0.0 && isfinite(e->fwhm);
+        /* Border and masks. */
+        ok = ok && !(e->flags & (HILAL_SEPW_OBJ_TRUNC | HILAL_SEPW_APER_TRUNC | HILAL_SEPW_APER_HASMASKED));
+        double edge = (double)s->edge_margin + r_ap;
+        ok = ok && e->x >= edge && e->y >= edge && e->x <= img->nx - 1 - edge &&
+             e->y <= img->ny - 1 - edge;
+        ok = ok && !masked_within(img, e->x, e->y, r_ap);
+        /* Saturation: the brightest pixel including the sky. */
+        if (ok && isfinite(sat)) {
+            long q = (long)o->ypeak * img->nx + o->xpeak;
+            ok = o->peak + img->sky[q] < s->sat_frac * sat;
+        }
+        /* Shape. */
+        ok = ok && o->a > 0.0 && o->b / o->a >= s->min_axis_ratio;
+        if (ok && isfinite(med_fwhm))
+            ok = e->fwhm >= s->min_fwhm_frac * med_fwhm && e->fwhm <= s->max_fwhm_frac * med_fwhm;
+        /* Isolation: binary search for x - r_iso, scan to x + r_iso. */
+        if (ok && r_iso > 0.0) {
+            size_t lo = 0, hi = nobj;
+            while (lo < hi) {
+                size_t mid = (lo + hi) / 2;
+                if (byx[mid].key < e->x - r_iso)
+                    lo = mid + 1;
+                else
+                    hi = mid;
+            }
+            for (size_t k = lo; k < nobj && byx[k].key <= e->x + r_iso; k++) {
+                const det *nb = &d[byx[k].idx];
+                if (nb == e)
+                    continue;
+                if (hypot(nb->x - e->x, nb->y - e->y) <= r_iso &&
+                    nb->flux >= s->iso_flux_frac * e->flux) {
+                    ok = 0;
+                    break;
+                }
+            }
+        }
+        t->usable = ok;
+        nusable += (size_t)ok;
+    }
+    free(byx);
+
+    /* 5 (second half). Sort the kept stars by decreasing flux. */
+    for (size_t m = 0; m < nkeep; m++) {
+        order[m].key = isfinite(list[m].flux_adu) ? list[m].flux_adu : -1e300;
+        order[m].idx = m;
+    }
+    qsort(order, nkeep, sizeof *order, cmp_keyed_desc);
+    out->stars = malloc((nkeep > 0 ? nkeep : 1) * sizeof *out->stars);
+    if (out->stars == NULL) {
+        st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for %zu stars", nkeep);
+        goto cleanup;
+    }
+    for (size_t m = 0; m < nkeep; m++)
+        out->stars[m] = list[order[m].idx];
+    out->n = nkeep;
+    hilal_log(HILAL_LOG_DEBUG,
+              "%s image %s: %zu detections, %zu kept, %zu usable, median FWHM %.2f px, "
+              "aperture radius %.2f px",
+              which, path, nobj, nkeep, nusable, med_fwhm, r_ap);
+
+cleanup:
+    free(sub);
+    free(dvar);
+    free(mask);
+    free(objs);
+    free(d);
+    free(order);
+    free(tmp);
+    free(list);
+    if (st != HILAL_OK)
+        hilal_starlist_clear(out);
+    return st;
+}
+
+static hilal_status stars_run(const void *state, hilal_frame *frame, hilal_error *err)
+{
+    const stars_state *s = state;
+    if (frame->sci == NULL || frame->ref == NULL)
+        return hilal_error_set(err, HILAL_ERR_INTERNAL,
+                               "stars stage needs the science and reference images");
+    hilal_status st = stars_image(s, frame->sci, &frame->sci_stars, "science", err);
+    if (st == HILAL_OK)
+        st = stars_image(s, frame->ref, &frame->ref_stars, "reference", err);
+    if (st != HILAL_OK) {
+        hilal_starlist_clear(&frame->sci_stars);
+        hilal_starlist_clear(&frame->ref_stars);
+        return st;
+    }
+    frame->products |= HILAL_PROD_STARS;
+    return HILAL_OK;
+}
+
+static void stars_fini(void *state)
+{
+    free(state);
+}
+
+const hilal_stage hilal_stage_stars = {
+    .name = "stars",
+    .summary = "star catalogues of science and reference (SEP extraction, aperture photometry, "
+               "usable-star selection)",
+    .params = stars_params,
+    .nparams = sizeof stars_params / sizeof stars_params[0],
+    .needs = HILAL_PROD_SCIENCE | HILAL_PROD_REFERENCE | HILAL_PROD_BACKGROUND,
+    .makes = HILAL_PROD_STARS,
+    .flags = 0,
+    .init = stars_init,
+    .run = stars_run,
+    .fini = stars_fini,
+};

@@ -1,0 +1,1383 @@
+/* The subtract stage: ZOGY proper image subtraction (Zackay, Ofek & Gal-Yam
+ * 2016, ApJ 830, 27; "ZOGY" below), and hilal_zogy_run(), the pure function
+ * behind it. docs/zogy.md writes the mathematics out.
+ *
+ * Outline of hilal_zogy_run():
+ *  1. Normalise the PSFs; take the background RMS of both images.
+ *  2. On a small grid (a few PSF sizes), compute the kernels k_n, k_r of
+ *     S (eqs. 28-29) and of D, and P_D (eq. 14) in real space; their extent
+ *     fixes the padding and the width of the edge strip.
+ *  3. Fill unusable pixels of either image with 0 in both; extend both
+ *     images by mirror reflection to an FFT-friendly size.
+ *  4. FFT N, R, P_n, P_r once; in one pass over the frequencies form D-hat
+ *     (eq. 13), S-hat (eq. 17), S_N-hat and the sum F_S (eq. 41).
+ *  5. Inverse FFTs give D, S and S_N (S_R = S_N - S) for the astrometric
+ *     noise (eqs. 30-31).
+ *  6. Source noise (eqs. 26-27): the variance in excess of the background
+ *     is convolved with k_n^2 and k_r^2 (two more forward FFTs of the maps,
+ *     two of the squared kernels, one inverse).
+ *  7. Near the edges, where the mirror makes a pixel enter S more than
+ *     once, the variance and F_S are summed directly over the folded
+ *     kernels, so S_corr keeps unit variance right up to the edge.
+ *  8. S_corr (eq. 25), flux and its error (eqs. 41-43), robust statistics.
+ */
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "hilal/fft.h"
+#include "hilal/log.h"
+#include "hilal/stage.h"
+#include "hilal/zogy.h"
+
+#define MAX_THREADS 64
+
+/* Fraction of the energy (sum of squares) of a kernel that may fall outside
+ * its radius: the S kernels are truncated there for the variance and edge
+ * computations, the D kernels only set the padding. */
+#define KERNEL_TAIL_S 1e-5
+#define KERNEL_TAIL_D 1e-4
+
+/* Floor of V(S) relative to its background value F_S, against round-off in
+ * regions where almost every pixel was filled. */
+#define VAR_FLOOR_REL 1e-6
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* ------------------------------------------------------------------------
+ * A small parallel for: splits [0, n) into contiguous chunks, one per thread.
+ * ------------------------------------------------------------------------ */
+
+typedef void (*range_fn)(void *ctx, long lo, long hi, int tid);
+
+typedef struct range_job {
+    range_fn fn;
+    void *ctx;
+    long lo, hi;
+    int tid;
+} range_job;
+
+static void *range_thread(void *arg)
+{
+    range_job *j = arg;
+    j->fn(j->ctx, j->lo, j->hi, j->tid);
+    return NULL;
+}
+
+/* Runs fn over [0, n) on up to nthreads threads (the calling thread takes the
+ * first chunk). If a thread cannot be started its chunk runs inline. */
+static void parallel_for(int nthreads, long n, range_fn fn, void *ctx)
+{
+    if (n <= 0)
+        return;
+    if (nthreads > MAX_THREADS)
+        nthreads = MAX_THREADS;
+    if (nthreads > n)
+        nthreads = (int)n;
+    if (nthreads <= 1) {
+        fn(ctx, 0, n, 0);
+        return;
+    }
+    pthread_t th[MAX_THREADS];
+    range_job jobs[MAX_THREADS];
+    int started[MAX_THREADS] = {0};
+    for (int t = 0; t < nthreads; t++)
+        jobs[t] = (range_job){fn, ctx, n * t / nthreads, n * (t + 1) / nthreads, t};
+    for (int t = 1; t < nthreads; t++)
+        started[t] = pthread_create(&th[t], NULL, range_thread, &jobs[t]) == 0;
+    fn(ctx, jobs[0].lo, jobs[0].hi, 0);
+    for (int t = 1; t < nthreads; t++) {
+        if (started[t])
+            pthread_join(th[t], NULL);
+        else
+            fn(ctx, jobs[t].lo, jobs[t].hi, t);
+    }
+}
+
+/* ------------------------------------------------------------------------
+ * Small helpers
+ * ------------------------------------------------------------------------ */
+
+/* Mirror index: the image extended by reflection about its edges (the edge
+ * pixel repeated: ... 2 1 0 | 0 1 2 ... n-1 | n-1 n-2 ...), periodic with
+ * period 2n, so any integer maps into [0, n). */
+static long reflect(long i, long n)
+{
+    long p = 2 * n;
+    i %= p;
+    if (i < 0)
+        i += p;
+    return i < n ? i : p - 1 - i;
+}
+
+/* Wrap an offset into [0, n) (for embedding kernels centred at the origin). */
+static long wrap(long i, long n)
+{
+    i %= n;
+    return i < 0 ? i + n : i;
+}
+
+static float quickselect(float *a, size_t n, size_t k)
+{
+    size_t lo = 0, hi = n - 1;
+    while (lo < hi) {
+        float pivot = a[lo + (hi - lo) / 2];
+        size_t i = lo, j = hi;
+        while (i <= j) {
+            while (a[i] < pivot)
+                i++;
+            while (a[j] > pivot)
+                j--;
+            if (i <= j) {
+                float t = a[i];
+                a[i] = a[j];
+                a[j] = t;
+                i++;
+                if (j == 0)
+                    break;
+                j--;
+            }
+        }
+        if (k <= j)
+            hi = j;
+        else if (k >= i)
+            lo = i;
+        else
+            break;
+    }
+    return a[k];
+}
+
+/* Median and 1.4826 * MAD of the values of v at positions where keep is
+ * non-zero (keep may be NULL: all), sampling at most ~2 million of them on
+ * a regular stride. Non-finite values are skipped. Returns the number of
+ * values used (0: *med and *sigma NaN); -1 when out of memory. */
+static long robust_stats(const float *v, const unsigned char *keep, size_t n, double *med,
+                         double *sigma)
+{
+    *med = NAN;
+    *sigma = NAN;
+    size_t stride = n / 2000000 + 1;
+    float *s = malloc(sizeof *s * (n / stride + 1));
+    if (s == NULL)
+        return -1;
+    size_t m = 0;
+    for (size_t i = 0; i < n; i += stride)
+        if ((keep == NULL || keep[i]) && isfinite(v[i]))
+            s[m++] = v[i];
+    if (m > 0) {
+        float md = quickselect(s, m, m / 2);
+        for (size_t i = 0; i < m; i++)
+            s[i] = fabsf(s[i] - md);
+        float mad = quickselect(s, m, m / 2);
+        *med = md;
+        *sigma = 1.4826 * mad;
+    }
+    free(s);
+    return (long)m;
+}
+
+/* ------------------------------------------------------------------------
+ * The state of one run
+ * ------------------------------------------------------------------------ */
+
+typedef struct psf_d {
+    int size;       /* odd side */
+    double *v;      /* normalised values, size*size */
+} psf_d;
+
+typedef struct zogy {
+    /* inputs */
+    long nx, ny;
+    const float *pix[2], *sky[2], *var[2];  /* [0] science N, [1] reference R */
+    double sigma[2];                         /* sigma_N, sigma_R, ADU */
+    double fn, fr;                           /* F_n, F_r = 1 */
+    double sx, sy;                           /* registration RMS, px */
+    int use_src;                             /* source noise on */
+    int use_ast;                             /* astrometric noise on (and non-zero) */
+    int threads;
+    psf_d psf[2];                            /* P_n, P_r */
+
+    /* small-grid results */
+    int h;                                   /* radius of the S kernels, px */
+    int hd;                                  /* radius of the D kernels, px */
+    double *k[2];                            /* k_n, k_r on (2h+1)^2, k(ux,uy) at [(uy+h)(2h+1)+ux+h] */
+
+    /* big grid */
+    long mx, my, mxc;                        /* FFT size and half-spectrum width */
+    long *ixmap, *iymap;                     /* padded index -> image index */
+    const hilal_fft_plan *plan;
+    unsigned char *bad;                      /* 1 where the pixel was filled */
+    float *rbuf;
+    hilal_fft_complex *c[4];
+
+    /* spectral sums */
+    double fs_part[MAX_THREADS];
+    double f_s;                              /* F_S (eq. 41) */
+    double f_d;                              /* F_D (eq. 15) */
+
+    /* outputs (borrowed from the hilal_diff) */
+    float *d, *s, *scorr, *flux, *flux_err;
+    hilal_mask_t *mask;
+    float *sn;                               /* S_N, image size (astrometric term only) */
+} zogy;
+
+/* The variance of pixel i of image w used for the noise terms, ADU^2: a
+ * filled pixel carries no noise (0); a usable pixel its variance plane value,
+ * or sigma^2 without a plane or where the plane is not positive and finite.
+ * With the source noise off, sigma^2 everywhere (background only). */
+static double pixel_var(const zogy *z, int w, size_t i)
+{
+    double s2 = z->sigma[w] * z->sigma[w];
+    if (!z->use_src)
+        return s2;
+    if (z->bad[i])
+        return 0.0;
+    if (z->var[w] == NULL)
+        return s2;
+    double v = z->var[w][i];
+    return (v > 0 && isfinite(v)) ? v : s2;
+}
+
+/* ------------------------------------------------------------------------
+ * Step 2: kernels on a small grid
+ * ------------------------------------------------------------------------ */
+
+/* Embeds a centred odd-sized stamp so that its central pixel lands on index
+ * (0, 0) of an L x L periodic array (the ifftshift of the stamp). */
+static void embed_stamp(float *dst, long L, const double *v, int size)
+{
+    memset(dst, 0, sizeof *dst * (size_t)L * (size_t)L);
+    int c = size / 2;
+    for (int j = 0; j < size; j++)
+        for (int i = 0; i < size; i++)
+            dst[wrap(j - c, L) * L + wrap(i - c, L)] += (float)v[j * size + i];
+}
+
+/* Smallest radius r (Chebyshev) such that the box |ux|,|uy| <= r holds at
+ * least (1 - tail) of the sum of squares of the periodic L x L kernel a. */
+static int kernel_radius(const double *a, long L, double tail)
+{
+    double total = 0;
+    for (long i = 0; i < L * L; i++)
+        total += a[i] * a[i];
+    if (!(total > 0))
+        return 0;
+    long rmax = L / 2 - 1;
+    double cum = 0;
+    for (long r = 0; r <= rmax; r++) {
+        /* add the ring of Chebyshev radius r */
+        for (long uy = -r; uy <= r; uy++)
+            for (long ux = -r; ux <= r; ux++) {
+                if (labs(ux) != r && labs(uy) != r)
+                    continue;
+                double v = a[wrap(uy, L) * L + wrap(ux, L)];
+                cum += v * v;
+            }
+        if (cum >= (1.0 - tail) * total)
+            return (int)r;
+    }
+    return (int)rmax;
+}
+
+/* FWHM of a centred PSF stamp: where the profiles through the centre along
+ * x and y fall to half the peak (linear interpolation), averaged. */
+static double stamp_fwhm(const double *v, int size)
+{
+    int c = size / 2;
+    double peak = v[c * size + c];
+    if (!(peak > 0))
+        return NAN;
+    double sum = 0;
+    int n = 0;
+    const int dirs[4][2] = {{1, 0}, {-1, 0}, {0, 1}, {0, -1}};
+    for (int d = 0; d < 4; d++) {
+        double prev = peak;
+        for (int r = 1; r <= c; r++) {
+            double cur = v[(c + dirs[d][1] * r) * size + c + dirs[d][0] * r];
+            if (cur <= 0.5 * peak) {
+                sum += (r - 1) + (prev - 0.5 * peak) / (prev - cur);
+                n++;
+                break;
+            }
+            prev = cur;
+        }
+    }
+    return n > 0 ? 2.0 * sum / n : NAN;
+}
+
+/* Computes, on an L x L grid, the S kernels k_n and k_r (eqs. 28-29), the
+ * radius of the D kernels F_r P_r / sqrt(den) and F_n P_n / sqrt(den) (the
+ * pieces of eq. 13) and P_D (eq. 14), with
+ *   den = sigma_n^2 F_r^2 |P_r-hat|^2 + sigma_r^2 F_n^2 |P_n-hat|^2. */
+static hilal_status small_kernels(zogy *z, psf_d *pd, hilal_error *err)
+{
+    hilal_status st = HILAL_OK;
+    int smax = z->psf[0].size > z->psf[1].size ? z->psf[0].size : z->psf[1].size;
+    long L = hilal_fft_good_size(4 * smax > 64 ? 4 * smax : 64);
+    long Lc = L / 2 + 1;
+    float *r = NULL;
+    hilal_fft_complex *pn = NULL, *pr = NULL, *w = NULL;
+    double *kk[5] = {NULL};
+    const hilal_fft_plan *plan = NULL;
+
+    st = hilal_fft_plan_get(L, L, 1, HILAL_FFT_ESTIMATE, &plan, err);
+    if (st != HILAL_OK)
+        goto cleanup;
+    r = hilal_fft_alloc_real(L, L, err);
+    pn = hilal_fft_alloc_complex(L, L, err);
+    pr = hilal_fft_alloc_complex(L, L, err);
+    w = hilal_fft_alloc_complex(L, L, err);
+    for (int q = 0; q < 5; q++)
+        kk[q] = malloc(sizeof *kk[q] * (size_t)(L * L));
+    if (r == NULL || pn == NULL || pr == NULL || w == NULL || kk[0] == NULL || kk[1] == NULL ||
+        kk[2] == NULL || kk[3] == NULL || kk[4] == NULL) {
+        st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for the ZOGY kernels");
+        goto cleanup;
+    }
+    /* P_n-hat and P_r-hat with the PSF centres at the origin. */
+    embed_stamp(r, L, z->psf[0].v, z->psf[0].size);
+    if ((st = hilal_fft_r2c(plan, r, pn, err)) != HILAL_OK)
+        goto cleanup;
+    embed_stamp(r, L, z->psf[1].v, z->psf[1].size);
+    if ((st = hilal_fft_r2c(plan, r, pr, err)) != HILAL_OK)
+        goto cleanup;
+
+    const double fn = z->fn, fr = z->fr;
+    const double s2n = z->sigma[0] * z->sigma[0], s2r = z->sigma[1] * z->sigma[1];
+    /* q = 0: k_n (eq. 29), 1: k_r (eq. 28), 2: D kernel of N, 3: D kernel of R,
+     * 4: P_D (eq. 14). */
+    for (int q = 0; q < 5; q++) {
+        for (long i = 0; i < L * Lc; i++) {
+            double anr = pn[i][0], ani = pn[i][1], arr = pr[i][0], ari = pr[i][1];
+            double an = anr * anr + ani * ani, ar = arr * arr + ari * ari;
+            double den = s2n * fr * fr * ar + s2r * fn * fn * an;
+            double re = 0, im = 0;
+            if (den > 1e-300) {
+                double sq = sqrt(den);
+                switch (q) {
+                case 0: /* k_n-hat = F_n F_r^2 conj(P_n-hat) |P_r-hat|^2 / den */
+                    re = fn * fr * fr * ar * anr / den;
+                    im = -fn * fr * fr * ar * ani / den;
+                    break;
+                case 1: /* k_r-hat = F_r F_n^2 conj(P_r-hat) |P_n-hat|^2 / den */
+                    re = fr * fn * fn * an * arr / den;
+                    im = -fr * fn * fn * an * ari / den;
+                    break;
+                case 2: /* F_r P_r-hat / sqrt(den): D = this (x) N - ... (eq. 13) */
+                    re = fr * arr / sq;
+                    im = fr * ari / sq;
+                    break;
+                case 3: /* F_n P_n-hat / sqrt(den) */
+                    re = fn * anr / sq;
+                    im = fn * ani / sq;
+                    break;
+                default: /* P_D-hat = F_r F_n P_r-hat P_n-hat / (F_D sqrt(den)) */
+                    re = fr * fn * (arr * anr - ari * ani) / (z->f_d * sq);
+                    im = fr * fn * (arr * ani + ari * anr) / (z->f_d * sq);
+                    break;
+                }
+            }
+            w[i][0] = (float)re;
+            w[i][1] = (float)im;
+        }
+        if ((st = hilal_fft_c2r(plan, w, r, err)) != HILAL_OK)
+            goto cleanup;
+        for (long i = 0; i < L * L; i++)
+            kk[q][i] = (double)r[i] / (double)(L * L);
+    }
+
+    /* Radii: the S kernels to 1 - KERNEL_TAIL_S of their energy, the D
+     * kernels to 1 - KERNEL_TAIL_D. */
+    int hn = kernel_radius(kk[0], L, KERNEL_TAIL_S);
+    int hr = kernel_radius(kk[1], L, KERNEL_TAIL_S);
+    z->h = hn > hr ? hn : hr;
+    if (z->h < 1)
+        z->h = 1;
+    int hdn = kernel_radius(kk[2], L, KERNEL_TAIL_D);
+    int hdr = kernel_radius(kk[3], L, KERNEL_TAIL_D);
+    z->hd = hdn > hdr ? hdn : hdr;
+
+    /* Keep k_n, k_r truncated to the (2h+1)^2 box. */
+    int h = z->h, side = 2 * h + 1;
+    for (int q = 0; q < 2; q++) {
+        z->k[q] = malloc(sizeof *z->k[q] * (size_t)side * (size_t)side);
+        if (z->k[q] == NULL) {
+            st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for the ZOGY kernels");
+            goto cleanup;
+        }
+        for (int uy = -h; uy <= h; uy++)
+            for (int ux = -h; ux <= h; ux++)
+                z->k[q][(uy + h) * side + ux + h] = kk[q][wrap(uy, L) * L + wrap(ux, L)];
+    }
+
+    /* P_D as a centred stamp of the larger PSF size, renormalised to sum 1
+     * (its sum over the whole plane is exactly 1: P_D-hat(0) = 1). */
+    pd->size = smax;
+    pd->v = malloc(sizeof *pd->v * (size_t)smax * (size_t)smax);
+    if (pd->v == NULL) {
+        st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for P_D");
+        goto cleanup;
+    }
+    double sum = 0;
+    int c = smax / 2;
+    for (int j = 0; j < smax; j++)
+        for (int i = 0; i < smax; i++) {
+            double v = kk[4][wrap(j - c, L) * L + wrap(i - c, L)];
+            pd->v[j * smax + i] = v;
+            sum += v;
+        }
+    if (sum > 0)
+        for (int i = 0; i < smax * smax; i++)
+            pd->v[i] /= sum;
+cleanup:
+    hilal_fft_free(r);
+    hilal_fft_free(pn);
+    hilal_fft_free(pr);
+    hilal_fft_free(w);
+    for (int q = 0; q < 5; q++)
+        free(kk[q]);
+    return st;
+}
+
+/* ------------------------------------------------------------------------
+ * Step 3: filling and mirror padding
+ * ------------------------------------------------------------------------ */
+
+enum plane { PLANE_N, PLANE_R, PLANE_EXN, PLANE_EXR };
+
+typedef struct pad_job {
+    zogy *z;
+    enum plane which;
+} pad_job;
+
+/* Fills padded rows [lo, hi) of z->rbuf with the image plane `which`:
+ * N or R with filled pixels at 0, or the variance in excess of the
+ * background, pixel_var - sigma^2, of N or R. Row y of the padded array is
+ * image row iymap[y], column x image column ixmap[x] (mirror). */
+static void pad_rows(void *ctx, long lo, long hi, int tid)
+{
+    (void)tid;
+    const pad_job *job = ctx;
+    const zogy *z = job->z;
+    int w = (job->which == PLANE_N || job->which == PLANE_EXN) ? 0 : 1;
+    int excess = job->which == PLANE_EXN || job->which == PLANE_EXR;
+    double s2 = z->sigma[w] * z->sigma[w];
+    for (long y = lo; y < hi; y++) {
+        size_t src = (size_t)z->iymap[y] * (size_t)z->nx;
+        float *dst = z->rbuf + (size_t)y * (size_t)z->mx;
+        /* the image row itself */
+        for (long x = 0; x < z->nx; x++) {
+            size_t i = src + (size_t)x;
+            float v;
+            if (excess)
+                v = (float)(pixel_var(z, w, i) - s2);
+            else if (z->bad[i])
+                v = 0.0f;
+            else
+                v = z->pix[w][i] - (z->sky[w] ? z->sky[w][i] : 0.0f);
+            dst[x] = v;
+        }
+        /* the reflected columns, copied from the row just written */
+        for (long x = z->nx; x < z->mx; x++)
+            dst[x] = dst[z->ixmap[x]];
+    }
+}
+
+static void pad_plane(zogy *z, enum plane which)
+{
+    pad_job job = {z, which};
+    parallel_for(z->threads, z->my, pad_rows, &job);
+}
+
+/* Places a (2h+1)^2 kernel (optionally squared) centred at the origin of
+ * the zeroed padded array. */
+static void embed_kernel(zogy *z, const double *k, int squared)
+{
+    memset(z->rbuf, 0, sizeof *z->rbuf * (size_t)z->mx * (size_t)z->my);
+    int h = z->h, side = 2 * h + 1;
+    for (int uy = -h; uy <= h; uy++)
+        for (int ux = -h; ux <= h; ux++) {
+            double v = k[(uy + h) * side + ux + h];
+            z->rbuf[wrap(uy, z->my) * z->mx + wrap(ux, z->mx)] += (float)(squared ? v * v : v);
+        }
+}
+
+static void embed_psf(zogy *z, const psf_d *p)
+{
+    memset(z->rbuf, 0, sizeof *z->rbuf * (size_t)z->mx * (size_t)z->my);
+    int c = p->size / 2;
+    for (int j = 0; j < p->size; j++)
+        for (int i = 0; i < p->size; i++)
+            z->rbuf[wrap(j - c, z->my) * z->mx + wrap(i - c, z->mx)] += (float)p->v[j * p->size + i];
+}
+
+/* ------------------------------------------------------------------------
+ * Step 4: the spectral pass
+ * ------------------------------------------------------------------------ */
+
+/* Half-spectrum rows [lo, hi). In:  c[0] = N-hat, c[1] = R-hat,
+ * c[2] = P_n-hat, c[3] = P_r-hat. Out: c[2] = D-hat (eq. 13), c[3] = S-hat
+ * (eq. 17), c[0] = S_N-hat = k_n-hat N-hat when the astrometric term is on.
+ * Accumulates F_S (eq. 41) with the Hermitian weights of the half spectrum. */
+static void spectral_rows(void *ctx, long lo, long hi, int tid)
+{
+    zogy *z = ctx;
+    const double fn = z->fn, fr = z->fr;
+    const double s2n = z->sigma[0] * z->sigma[0], s2r = z->sigma[1] * z->sigma[1];
+    const long mxc = z->mxc;
+    const int nyq = (z->mx % 2) == 0; /* column mx/2 is its own mirror */
+    double fs = 0;
+    for (long v = lo; v < hi; v++)
+        for (long u = 0; u < mxc; u++) {
+            size_t i = (size_t)v * (size_t)mxc + (size_t)u;
+            double nr = z->c[0][i][0], ni = z->c[0][i][1];
+            double rr = z->c[1][i][0], ri = z->c[1][i][1];
+            double pnr = z->c[2][i][0], pni = z->c[2][i][1];
+            double prr = z->c[3][i][0], pri = z->c[3][i][1];
+            double an = pnr * pnr + pni * pni; /* |P_n-hat|^2 */
+            double ar = prr * prr + pri * pri; /* |P_r-hat|^2 */
+            /* den = sigma_n^2 F_r^2 |P_r-hat|^2 + sigma_r^2 F_n^2 |P_n-hat|^2 */
+            double den = s2n * fr * fr * ar + s2r * fn * fn * an;
+            double dre = 0, dim = 0, sre = 0, sim = 0, snre = 0, snim = 0;
+            if (den > 1e-300) {
+                double sq = sqrt(den);
+                /* eq. 13: D-hat = (F_r P_r-hat N-hat - F_n P_n-hat R-hat) / sqrt(den) */
+                dre = (fr * (prr * nr - pri * ni) - fn * (pnr * rr - pni * ri)) / sq;
+                dim = (fr * (prr * ni + pri * nr) - fn * (pnr * ri + pni * rr)) / sq;
+                /* eqs. 28-29: k_n-hat = F_n F_r^2 conj(P_n-hat) |P_r-hat|^2 / den,
+                 *             k_r-hat = F_r F_n^2 conj(P_r-hat) |P_n-hat|^2 / den */
+                double kn = fn * fr * fr * ar / den, kr = fr * fn * fn * an / den;
+                double knr = kn * pnr, kni = -kn * pni, krr = kr * prr, kri = -kr * pri;
+                /* eq. 17: S-hat = F_D conj(P_D-hat) D-hat = k_n-hat N-hat - k_r-hat R-hat */
+                snre = knr * nr - kni * ni;
+                snim = knr * ni + kni * nr;
+                sre = snre - (krr * rr - kri * ri);
+                sim = snim - (krr * ri + kri * rr);
+                /* eq. 41: F_S = sum F_n^2 F_r^2 |P_n-hat|^2 |P_r-hat|^2 / den */
+                double wgt = (u == 0 || (nyq && u == mxc - 1)) ? 1.0 : 2.0;
+                fs += wgt * fn * fn * fr * fr * an * ar / den;
+            }
+            z->c[2][i][0] = (float)dre;
+            z->c[2][i][1] = (float)dim;
+            z->c[3][i][0] = (float)sre;
+            z->c[3][i][1] = (float)sim;
+            if (z->use_ast) {
+                z->c[0][i][0] = (float)snre;
+                z->c[0][i][1] = (float)snim;
+            }
+        }
+    z->fs_part[tid] += fs;
+}
+
+/* Source-noise pass: c[0] = exN-hat * (k_n^2)-hat + exR-hat * (k_r^2)-hat,
+ * the spectrum of the sum of eqs. 26 and 27 (excess parts). */
+static void variance_rows(void *ctx, long lo, long hi, int tid)
+{
+    (void)tid;
+    zogy *z = ctx;
+    for (size_t i = (size_t)lo * (size_t)z->mxc; i < (size_t)hi * (size_t)z->mxc; i++) {
+        float ar = z->c[0][i][0], ai = z->c[0][i][1];
+        float br = z->c[1][i][0], bi = z->c[1][i][1];
+        float kr = z->c[2][i][0], ki = z->c[2][i][1];
+        float lr = z->c[3][i][0], li = z->c[3][i][1];
+        z->c[0][i][0] = ar * kr - ai * ki + br * lr - bi * li;
+        z->c[0][i][1] = ar * ki + ai * kr + br * li + bi * lr;
+    }
+}
+
+/* Copies the image part of the inverse transform in z->rbuf, scaled by
+ * 1/(mx my) (FFTW's inverse is unnormalised), into dst. */
+typedef struct crop_job {
+    zogy *z;
+    float *dst;
+} crop_job;
+
+static void crop_rows(void *ctx, long lo, long hi, int tid)
+{
+    (void)tid;
+    const crop_job *job = ctx;
+    const zogy *z = job->z;
+    const float scale = (float)(1.0 / ((double)z->mx * (double)z->my));
+    for (long y = lo; y < hi; y++) {
+        const float *src = z->rbuf + (size_t)y * (size_t)z->mx;
+        float *dst = job->dst + (size_t)y * (size_t)z->nx;
+        for (long x = 0; x < z->nx; x++)
+            dst[x] = src[x] * scale;
+    }
+}
+
+static void crop(zogy *z, float *dst)
+{
+    crop_job job = {z, dst};
+    parallel_for(z->threads, z->ny, crop_rows, &job);
+}
+
+/* ------------------------------------------------------------------------
+ * Steps 5-8: per-pixel combination
+ * ------------------------------------------------------------------------ */
+
+/* Astrometric noise, eqs. 30-31:
+ *   V_ast(S_N) = sigma_x^2 (dS_N/dx)^2 + sigma_y^2 (dS_N/dy)^2, same for S_R,
+ * with S_R = S_N - S and central differences (one-sided at the edges).
+ * Written into z->flux_err (used as scratch until the final pass). */
+static void astrometric_rows(void *ctx, long lo, long hi, int tid)
+{
+    (void)tid;
+    zogy *z = ctx;
+    const long nx = z->nx, ny = z->ny;
+    const double sx2 = z->sx * z->sx, sy2 = z->sy * z->sy;
+    for (long y = lo; y < hi; y++)
+        for (long x = 0; x < nx; x++) {
+            size_t i = (size_t)y * (size_t)nx + (size_t)x;
+            long x0 = x > 0 ? x - 1 : x, x1 = x < nx - 1 ? x + 1 : x;
+            long y0 = y > 0 ? y - 1 : y, y1 = y < ny - 1 ? y + 1 : y;
+            size_t ix0 = (size_t)y * nx + x0, ix1 = (size_t)y * nx + x1;
+            size_t iy0 = (size_t)y0 * nx + x, iy1 = (size_t)y1 * nx + x;
+            double dx = (double)(x1 - x0), dy = (double)(y1 - y0);
+            double gnx = dx > 0 ? (z->sn[ix1] - z->sn[ix0]) / dx : 0;
+            double gny = dy > 0 ? (z->sn[iy1] - z->sn[iy0]) / dy : 0;
+            double grx = dx > 0 ? ((z->sn[ix1] - z->s[ix1]) - (z->sn[ix0] - z->s[ix0])) / dx : 0;
+            double gry = dy > 0 ? ((z->sn[iy1] - z->s[iy1]) - (z->sn[iy0] - z->s[iy0])) / dy : 0;
+            z->flux_err[i] = (float)(sx2 * (gnx * gnx + grx * grx) + sy2 * (gny * gny + gry * gry));
+        }
+}
+
+/* Per-thread scratch for the edge strip: the folded kernels on a window of
+ * (4h+3)^2 image pixels around the pixel. */
+typedef struct edge_job {
+    zogy *z;
+    double *wn[MAX_THREADS], *wr[MAX_THREADS];
+    float *vsrc; /* source-noise variance from the FFT (scorr used as scratch), or NULL */
+} edge_job;
+
+/* For a pixel (x0, y0) within h of an edge, S was computed on the mirrored
+ * image, so an image pixel may enter it through several reflected copies:
+ * S(x0) = sum_a W_n(a) N(a) - sum_a W_r(a) R(a) with the folded kernels
+ * W(a) = sum over the copies p of a of k(x0 - p). Its exact variance is
+ * sum_a W_n(a)^2 V_N(a) + W_r(a)^2 V_R(a) (eqs. 26-27 with the folded
+ * kernels) and a point source centred at x0 gives S = alpha F_S,loc with
+ * F_S,loc = F_n sum_a W_n(a) P_n(a - x0) (eq. 41 in real space).
+ * Returns V (background and source noise) and F_S,loc. */
+static void edge_pixel(const zogy *z, double *wn, double *wr, long x0, long y0, double *var,
+                       double *fs_loc)
+{
+    const int h = z->h, side = 2 * h + 1;
+    const long H = 2 * h + 1, wd = 2 * H + 1;
+    long amin = wd, amax = -1, bmin = wd, bmax = -1;
+    long ax[2 * 512 + 1];
+    for (int ux = -h; ux <= h; ux++) {
+        long a = reflect(x0 - ux, z->nx) - x0 + H;
+        ax[ux + h] = a;
+        if (a < amin)
+            amin = a;
+        if (a > amax)
+            amax = a;
+    }
+    /* Fold the kernels: image pixel a = mirror(x0 - u) receives k(u). */
+    for (int uy = -h; uy <= h; uy++) {
+        long b = reflect(y0 - uy, z->ny) - y0 + H;
+        if (b < bmin)
+            bmin = b;
+        if (b > bmax)
+            bmax = b;
+        const double *kn = z->k[0] + (uy + h) * side, *kr = z->k[1] + (uy + h) * side;
+        double *rown = wn + b * wd, *rowr = wr + b * wd;
+        for (int ux = -h; ux <= h; ux++) {
+            rown[ax[ux + h]] += kn[ux + h];
+            rowr[ax[ux + h]] += kr[ux + h];
+        }
+    }
+    /* Sum over the window, resetting it for the next pixel. */
+    double vn = 0, vr = 0, fs = 0;
+    const psf_d *pn = &z->psf[0];
+    const int pc = pn->size / 2;
+    for (long b = bmin; b <= bmax; b++) {
+        long y = y0 + b - H;
+        for (long a = amin; a <= amax; a++) {
+            double cn = wn[b * wd + a], cr = wr[b * wd + a];
+            if (cn == 0 && cr == 0)
+                continue;
+            long x = x0 + a - H;
+            size_t i = (size_t)y * (size_t)z->nx + (size_t)x;
+            vn += cn * cn * pixel_var(z, 0, i);
+            vr += cr * cr * pixel_var(z, 1, i);
+            long dx = x - x0, dy = y - y0;
+            if (labs(dx) <= pc && labs(dy) <= pc)
+                fs += cn * pn->v[(dy + pc) * pn->size + dx + pc];
+            wn[b * wd + a] = 0;
+            wr[b * wd + a] = 0;
+        }
+    }
+    *var = vn + vr;
+    *fs_loc = z->fn * fs;
+}
+
+/* Final pass over rows [lo, hi): V(S) = F_S (background) + V(S_N) + V(S_R)
+ * (source, from the FFT or, in the edge strip, folded sums) + V_ast;
+ * S_corr = S / sqrt(V(S)) (eq. 25); flux = F_n S / F_S and flux_err =
+ * F_n sqrt(V(S)) / F_S (eqs. 41-43); zeros at filled pixels. */
+static void combine_rows(void *ctx, long lo, long hi, int tid)
+{
+    edge_job *job = ctx;
+    zogy *z = job->z;
+    const long nx = z->nx, ny = z->ny;
+    const long h = z->h;
+    const double fs = z->f_s, floor_v = VAR_FLOOR_REL * z->f_s;
+    for (long y = lo; y < hi; y++) {
+        int yedge = y < h || y >= ny - h;
+        for (long x = 0; x < nx; x++) {
+            size_t i = (size_t)y * (size_t)nx + (size_t)x;
+            double v, fsl = fs;
+            if (yedge || x < h || x >= nx - h) {
+                edge_pixel(z, job->wn[tid], job->wr[tid], x, y, &v, &fsl);
+                /* a pathological folded kernel: keep the interior normalisation */
+                if (!(fsl > 0.1 * fs))
+                    fsl = fs;
+            } else {
+                v = fs + (job->vsrc ? (double)job->vsrc[i] : 0.0);
+            }
+            if (z->use_ast)
+                v += (double)z->flux_err[i];
+            if (!(v > floor_v))
+                v = floor_v;
+            double sd = sqrt(v);
+            z->flux_err[i] = (float)(z->fn * sd / fsl);
+            if (z->bad[i]) {
+                z->d[i] = 0;
+                z->s[i] = 0;
+                z->scorr[i] = 0;
+                z->flux[i] = 0;
+            } else {
+                z->scorr[i] = (float)(z->s[i] / sd);
+                z->flux[i] = (float)(z->fn * z->s[i] / fsl);
+            }
+        }
+    }
+}
+
+/* Marks in near[] the pixels within `radius` (Chebyshev) of a pixel with
+ * hot[] set: a sliding-window count along rows, then along columns. */
+static void dilate(const unsigned char *hot, unsigned char *tmp, unsigned char *near, long nx,
+                   long ny, long radius)
+{
+    for (long y = 0; y < ny; y++) {
+        const unsigned char *h = hot + (size_t)y * (size_t)nx;
+        unsigned char *t = tmp + (size_t)y * (size_t)nx;
+        long cnt = 0;
+        for (long x = 0; x < radius && x < nx; x++)
+            cnt += h[x];
+        for (long x = 0; x < nx; x++) {
+            if (x + radius < nx)
+                cnt += h[x + radius];
+            if (x - radius - 1 >= 0)
+                cnt -= h[x - radius - 1];
+            t[x] = cnt > 0;
+        }
+    }
+    for (long x = 0; x < nx; x++) {
+        long cnt = 0;
+        for (long y = 0; y < radius && y < ny; y++)
+            cnt += tmp[(size_t)y * (size_t)nx + (size_t)x];
+        for (long y = 0; y < ny; y++) {
+            if (y + radius < ny)
+                cnt += tmp[(size_t)(y + radius) * (size_t)nx + (size_t)x];
+            if (y - radius - 1 >= 0)
+                cnt -= tmp[(size_t)(y - radius - 1) * (size_t)nx + (size_t)x];
+            near[(size_t)y * (size_t)nx + (size_t)x] = cnt > 0;
+        }
+    }
+}
+
+/* Median and 1.4826 MAD of S_corr over unfilled pixels farther than
+ * `radius` px from any pixel with |S_corr| > 5 (sources, whose wings would
+ * bias both). Falls back to all unfilled pixels when fewer than 1000 are
+ * left. */
+static hilal_status scorr_statistics(const zogy *z, long radius, double *med, double *sigma,
+                                     hilal_error *err)
+{
+    size_t n = (size_t)z->nx * (size_t)z->ny;
+    unsigned char *hot = malloc(n), *tmp = malloc(n), *keep = malloc(n);
+    hilal_status st = HILAL_OK;
+    if (hot == NULL || tmp == NULL || keep == NULL) {
+        st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for S_corr statistics");
+        goto cleanup;
+    }
+    for (size_t i = 0; i < n; i++)
+        hot[i] = !z->bad[i] && fabsf(z->scorr[i]) > 5.0f;
+    dilate(hot, tmp, keep, z->nx, z->ny, radius);
+    size_t nkeep = 0;
+    for (size_t i = 0; i < n; i++) {
+        keep[i] = !keep[i] && !z->bad[i];
+        nkeep += keep[i];
+    }
+    if (nkeep < 1000)
+        for (size_t i = 0; i < n; i++)
+            keep[i] = !z->bad[i];
+    if (robust_stats(z->scorr, keep, n, med, sigma) < 0)
+        st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for S_corr statistics");
+cleanup:
+    free(hot);
+    free(tmp);
+    free(keep);
+    return st;
+}
+
+/* ------------------------------------------------------------------------
+ * hilal_zogy_run
+ * ------------------------------------------------------------------------ */
+
+void hilal_zogy_input_init(hilal_zogy_input *in)
+{
+    memset(in, 0, sizeof *in);
+    in->flux_ratio = 1.0;
+    in->reg_rms_x_px = 0.0;
+    in->reg_rms_y_px = 0.0;
+    in->threads = 0;
+    in->rigor = HILAL_FFT_ESTIMATE;
+    in->pad_margin_px = 8;
+    in->source_noise = 1;
+    in->astrometric_noise = 1;
+}
+
+/* Copies a PSF into doubles normalised to sum 1. */
+static hilal_status load_psf(const hilal_psf *p, const char *which, psf_d *out, hilal_error *err)
+{
+    if (p == NULL || p->data == NULL || p->size < 1)
+        return hilal_error_set(err, HILAL_ERR_DATA,
+                               "the %s PSF is missing; the psf stage must run before subtract",
+                               which);
+    if (p->size % 2 == 0)
+        return hilal_error_set(err, HILAL_ERR_DATA,
+                               "the %s PSF is %d px wide; it must have an odd size with the "
+                               "centre on the central pixel",
+                               which, p->size);
+    size_t n = (size_t)p->size * (size_t)p->size;
+    double sum = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (!isfinite(p->data[i]))
+            return hilal_error_set(err, HILAL_ERR_DATA, "the %s PSF has non-finite values", which);
+        sum += p->data[i];
+    }
+    if (!(sum > 0))
+        return hilal_error_set(err, HILAL_ERR_DATA,
+                               "the %s PSF sums to %g; it must have a positive sum", which, sum);
+    out->size = p->size;
+    out->v = malloc(sizeof *out->v * n);
+    if (out->v == NULL)
+        return hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for the %s PSF", which);
+    for (size_t i = 0; i < n; i++)
+        out->v[i] = p->data[i] / sum;
+    return HILAL_OK;
+}
+
+/* Background RMS: the image's sky_rms_adu, else 1.4826 MAD of its usable
+ * sky-subtracted pixels. */
+static hilal_status background_sigma(const zogy *z, int w, const hilal_image *img,
+                                     double *sigma, int *estimated, hilal_error *err)
+{
+    *estimated = 0;
+    if (isfinite(img->sky_rms_adu) && img->sky_rms_adu > 0) {
+        *sigma = img->sky_rms_adu;
+        return HILAL_OK;
+    }
+    size_t n = (size_t)z->nx * (size_t)z->ny;
+    float *v = malloc(sizeof *v * n);
+    unsigned char *keep = malloc(n);
+    if (v == NULL || keep == NULL) {
+        free(v);
+        free(keep);
+        return hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory estimating the sky RMS");
+    }
+    for (size_t i = 0; i < n; i++) {
+        keep[i] = !z->bad[i];
+        v[i] = z->pix[w][i] - (z->sky[w] ? z->sky[w][i] : 0.0f);
+    }
+    double med;
+    long m = robust_stats(v, keep, n, &med, sigma);
+    free(v);
+    free(keep);
+    if (m < 0)
+        return hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory estimating the sky RMS");
+    if (!(*sigma > 0))
+        return hilal_error_set(err, HILAL_ERR_DATA,
+                               "the %s image has no measured background RMS and its pixels give "
+                               "none (MAD = 0); run the background stage first",
+                               w == 0 ? "science" : "reference");
+    *estimated = 1;
+    hilal_log(HILAL_LOG_WARN,
+              "subtract: the %s image has no background RMS; using 1.4826 MAD = %.4g ADU",
+              w == 0 ? "science" : "reference", *sigma);
+    return HILAL_OK;
+}
+
+static hilal_status alloc_diff(hilal_diff *out, long nx, long ny, int psize, hilal_error *err)
+{
+    size_t n = (size_t)nx * (size_t)ny;
+    out->nx = nx;
+    out->ny = ny;
+    out->d = malloc(sizeof *out->d * n);
+    out->s = malloc(sizeof *out->s * n);
+    out->scorr = malloc(sizeof *out->scorr * n);
+    out->flux = malloc(sizeof *out->flux * n);
+    out->flux_err = malloc(sizeof *out->flux_err * n);
+    out->mask = malloc(sizeof *out->mask * n);
+    out->psf_d.size = psize;
+    out->psf_d.data = malloc(sizeof *out->psf_d.data * (size_t)psize * (size_t)psize);
+    if (out->d == NULL || out->s == NULL || out->scorr == NULL || out->flux == NULL ||
+        out->flux_err == NULL || out->mask == NULL || out->psf_d.data == NULL)
+        return hilal_error_set(err, HILAL_ERR_NOMEM,
+                               "out of memory for the %ld x %ld difference products", nx, ny);
+    return HILAL_OK;
+}
+
+hilal_status hilal_zogy_run(const hilal_zogy_input *in, hilal_diff *out, hilal_zogy_info *info,
+                            hilal_error *err)
+{
+    hilal_status st = HILAL_OK;
+    zogy zs;
+    zogy *z = &zs;
+    psf_d pd = {0, NULL};
+    edge_job ej;
+    double t0 = now_s();
+
+    memset(z, 0, sizeof *z);
+    memset(&ej, 0, sizeof ej);
+    memset(out, 0, sizeof *out);
+    if (info != NULL)
+        memset(info, 0, sizeof *info);
+
+    /* ---- Step 1: inputs ---- */
+    const hilal_image *sci = in->sci, *ref = in->ref;
+    if (sci == NULL || ref == NULL || sci->pix == NULL || ref->pix == NULL) {
+        st = hilal_error_set(err, HILAL_ERR_DATA, "ZOGY needs both a science and a reference image");
+        goto cleanup;
+    }
+    if (sci->nx != ref->nx || sci->ny != ref->ny) {
+        st = hilal_error_set(err, HILAL_ERR_MISMATCH,
+                             "science image is %ld x %ld px but the reference is %ld x %ld px; the "
+                             "reference must be resampled onto the science grid (align stage)",
+                             sci->nx, sci->ny, ref->nx, ref->ny);
+        goto cleanup;
+    }
+    if (!(isfinite(in->flux_ratio) && in->flux_ratio > 0)) {
+        st = hilal_error_set(err, HILAL_ERR_DATA,
+                             "flux ratio F_n = %g is not a positive number; check the fluxscale "
+                             "stage (too few matched stars?)",
+                             in->flux_ratio);
+        goto cleanup;
+    }
+    z->nx = sci->nx;
+    z->ny = sci->ny;
+    const size_t npix = (size_t)z->nx * (size_t)z->ny;
+    const hilal_image *img[2] = {sci, ref};
+    for (int w = 0; w < 2; w++) {
+        z->pix[w] = img[w]->pix;
+        z->sky[w] = img[w]->sky;
+        z->var[w] = img[w]->var;
+    }
+    z->fn = in->flux_ratio;
+    z->fr = 1.0;
+    z->sx = isfinite(in->reg_rms_x_px) && in->reg_rms_x_px > 0 ? in->reg_rms_x_px : 0.0;
+    z->sy = isfinite(in->reg_rms_y_px) && in->reg_rms_y_px > 0 ? in->reg_rms_y_px : 0.0;
+    z->use_ast = in->astrometric_noise && (z->sx > 0 || z->sy > 0);
+    z->use_src = in->source_noise != 0;
+    z->threads = hilal_fft_threads(in->threads);
+    if (z->threads > MAX_THREADS)
+        z->threads = MAX_THREADS;
+    if ((st = load_psf(in->sci_psf, "science", &z->psf[0], err)) != HILAL_OK ||
+        (st = load_psf(in->ref_psf, "reference", &z->psf[1], err)) != HILAL_OK)
+        goto cleanup;
+
+    /* The difference mask (union of both masks) and the pixels to fill:
+     * unusable in either image or not finite in either. */
+    if ((st = alloc_diff(out, z->nx, z->ny,
+                         z->psf[0].size > z->psf[1].size ? z->psf[0].size : z->psf[1].size,
+                         err)) != HILAL_OK)
+        goto cleanup;
+    z->bad = malloc(npix);
+    if (z->bad == NULL) {
+        st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for the fill map");
+        goto cleanup;
+    }
+    long nfilled = 0, nnegvar = 0;
+    for (size_t i = 0; i < npix; i++) {
+        hilal_mask_t m = (sci->mask ? sci->mask[i] : 0) | (ref->mask ? ref->mask[i] : 0);
+        int finite = 1;
+        for (int w = 0; w < 2; w++)
+            if (!isfinite(z->pix[w][i]) || (z->sky[w] && !isfinite(z->sky[w][i])))
+                finite = 0;
+        if (!finite)
+            m |= HILAL_MASK_NODATA;
+        z->bad[i] = (m & HILAL_MASK_UNUSABLE) != 0;
+        if (z->bad[i]) {
+            m |= HILAL_MASK_INTERP;
+            nfilled++;
+        } else {
+            for (int w = 0; w < 2; w++)
+                if (z->var[w] != NULL && !(z->var[w][i] > 0 && isfinite(z->var[w][i])) &&
+                    !(m & HILAL_MASK_NEGVAR)) {
+                    m |= HILAL_MASK_NEGVAR;
+                    nnegvar++;
+                }
+        }
+        out->mask[i] = m;
+    }
+    if ((size_t)nfilled == npix) {
+        st = hilal_error_set(err, HILAL_ERR_DATA,
+                             "no pixel is usable in both the science and the reference image "
+                             "(all masked or NaN); check the alignment and the masks");
+        goto cleanup;
+    }
+    int est[2];
+    for (int w = 0; w < 2; w++)
+        if ((st = background_sigma(z, w, img[w], &z->sigma[w], &est[w], err)) != HILAL_OK)
+            goto cleanup;
+
+    /* eq. 15: F_D = F_r F_n / sqrt(sigma_n^2 F_r^2 + sigma_r^2 F_n^2) */
+    z->f_d = z->fr * z->fn /
+             sqrt(z->sigma[0] * z->sigma[0] * z->fr * z->fr + z->sigma[1] * z->sigma[1] * z->fn * z->fn);
+
+    /* ---- Step 2: kernels and P_D on a small grid ---- */
+    if ((st = small_kernels(z, &pd, err)) != HILAL_OK)
+        goto cleanup;
+    if (z->h > 512) {
+        st = hilal_error_set(err, HILAL_ERR_DATA,
+                             "the ZOGY kernels are %d px in radius; the PSFs are too large (at "
+                             "most ~250 px) or badly sampled",
+                             z->h);
+        goto cleanup;
+    }
+
+    /* ---- Step 3: padded size and mirror maps ---- */
+    int phalf = (z->psf[0].size > z->psf[1].size ? z->psf[0].size : z->psf[1].size) / 2;
+    int pad = z->h > z->hd ? z->h : z->hd;
+    if (phalf > pad)
+        pad = phalf;
+    pad += in->pad_margin_px > 0 ? in->pad_margin_px : 0;
+    z->mx = hilal_fft_good_size(z->nx + 2 * (long)pad);
+    z->my = hilal_fft_good_size(z->ny + 2 * (long)pad);
+    z->mxc = z->mx / 2 + 1;
+    z->ixmap = malloc(sizeof *z->ixmap * (size_t)z->mx);
+    z->iymap = malloc(sizeof *z->iymap * (size_t)z->my);
+    if (z->ixmap == NULL || z->iymap == NULL) {
+        st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for the padding maps");
+        goto cleanup;
+    }
+    /* Padded index j < n is the image itself; the rest is split between a
+     * reflection beyond the far edge (j = n, n+1, ...) and, wrapping around,
+     * one before the near edge (j = m-1, m-2, ... standing for -1, -2, ...). */
+    for (int axis = 0; axis < 2; axis++) {
+        long n = axis == 0 ? z->nx : z->ny, m = axis == 0 ? z->mx : z->my;
+        long *map = axis == 0 ? z->ixmap : z->iymap;
+        long right = (m - n) / 2;
+        for (long j = 0; j < m; j++)
+            map[j] = j < n + right ? reflect(j, n) : reflect(j - m, n);
+    }
+
+    /* ---- Step 4: FFTs of N, R, P_n, P_r and the spectral pass ---- */
+    if ((st = hilal_fft_plan_get(z->mx, z->my, z->threads, in->rigor, &z->plan, err)) != HILAL_OK)
+        goto cleanup;
+    z->rbuf = hilal_fft_alloc_real(z->mx, z->my, err);
+    for (int q = 0; q < 4; q++)
+        z->c[q] = hilal_fft_alloc_complex(z->mx, z->my, err);
+    if (z->rbuf == NULL || z->c[0] == NULL || z->c[1] == NULL || z->c[2] == NULL || z->c[3] == NULL) {
+        st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for %ld x %ld FFT arrays", z->mx,
+                             z->my);
+        goto cleanup;
+    }
+    pad_plane(z, PLANE_N);
+    if ((st = hilal_fft_r2c(z->plan, z->rbuf, z->c[0], err)) != HILAL_OK)
+        goto cleanup;
+    pad_plane(z, PLANE_R);
+    if ((st = hilal_fft_r2c(z->plan, z->rbuf, z->c[1], err)) != HILAL_OK)
+        goto cleanup;
+    embed_psf(z, &z->psf[0]);
+    if ((st = hilal_fft_r2c(z->plan, z->rbuf, z->c[2], err)) != HILAL_OK)
+        goto cleanup;
+    embed_psf(z, &z->psf[1]);
+    if ((st = hilal_fft_r2c(z->plan, z->rbuf, z->c[3], err)) != HILAL_OK)
+        goto cleanup;
+    parallel_for(z->threads, z->my, spectral_rows, z);
+    double fs_sum = 0;
+    for (int t = 0; t < MAX_THREADS; t++)
+        fs_sum += z->fs_part[t];
+    z->f_s = fs_sum / ((double)z->mx * (double)z->my);
+    if (!(z->f_s > 0) || !isfinite(z->f_s)) {
+        st = hilal_error_set(err, HILAL_ERR_DATA,
+                             "F_S = %g: the PSFs and noise levels give no sensitivity to point "
+                             "sources; check the PSFs",
+                             z->f_s);
+        goto cleanup;
+    }
+
+    /* ---- Step 5: D, S and S_N in image space ---- */
+    out->f_d = z->f_d;
+    z->d = out->d;
+    z->s = out->s;
+    z->scorr = out->scorr;
+    z->flux = out->flux;
+    z->flux_err = out->flux_err;
+    z->mask = out->mask;
+    if ((st = hilal_fft_c2r(z->plan, z->c[2], z->rbuf, err)) != HILAL_OK)
+        goto cleanup;
+    crop(z, z->d);
+    if ((st = hilal_fft_c2r(z->plan, z->c[3], z->rbuf, err)) != HILAL_OK)
+        goto cleanup;
+    crop(z, z->s);
+    if (z->use_ast) {
+        z->sn = malloc(sizeof *z->sn * npix);
+        if (z->sn == NULL) {
+            st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for S_N");
+            goto cleanup;
+        }
+        if ((st = hilal_fft_c2r(z->plan, z->c[0], z->rbuf, err)) != HILAL_OK)
+            goto cleanup;
+        crop(z, z->sn);
+        parallel_for(z->threads, z->ny, astrometric_rows, z);
+        free(z->sn);
+        z->sn = NULL;
+    }
+
+    /* ---- Step 6: source noise, eqs. 26-27 ----
+     * V(S_N) + V(S_R) = V_N (x) k_n^2 + V_R (x) k_r^2. The background part
+     * sigma^2 sum k^2 of each is the constant F_S (added in step 8); here
+     * only the excess V - sigma^2 is convolved. It is non-zero where there
+     * are sources, filled pixels (-sigma^2: no noise there) or a background
+     * that differs from its global RMS. */
+    int need_src = z->use_src && (z->var[0] != NULL || z->var[1] != NULL || nfilled > 0);
+    if (need_src) {
+        pad_plane(z, PLANE_EXN);
+        if ((st = hilal_fft_r2c(z->plan, z->rbuf, z->c[0], err)) != HILAL_OK)
+            goto cleanup;
+        pad_plane(z, PLANE_EXR);
+        if ((st = hilal_fft_r2c(z->plan, z->rbuf, z->c[1], err)) != HILAL_OK)
+            goto cleanup;
+        embed_kernel(z, z->k[0], 1);
+        if ((st = hilal_fft_r2c(z->plan, z->rbuf, z->c[2], err)) != HILAL_OK)
+            goto cleanup;
+        embed_kernel(z, z->k[1], 1);
+        if ((st = hilal_fft_r2c(z->plan, z->rbuf, z->c[3], err)) != HILAL_OK)
+            goto cleanup;
+        parallel_for(z->threads, z->my, variance_rows, z);
+        if ((st = hilal_fft_c2r(z->plan, z->c[0], z->rbuf, err)) != HILAL_OK)
+            goto cleanup;
+        crop(z, z->scorr); /* scorr holds the source variance until step 8 */
+    }
+    /* The FFT arrays are no longer needed: free them before the last pass. */
+    hilal_fft_free(z->rbuf);
+    z->rbuf = NULL;
+    for (int q = 0; q < 4; q++) {
+        hilal_fft_free(z->c[q]);
+        z->c[q] = NULL;
+    }
+
+    /* ---- Steps 7-8: edge strip, S_corr, flux and its error ---- */
+    ej.z = z;
+    ej.vsrc = need_src ? z->scorr : NULL;
+    {
+        long wd = 2 * (2 * (long)z->h + 1) + 1;
+        for (int t = 0; t < z->threads; t++) {
+            ej.wn[t] = calloc((size_t)(wd * wd), sizeof *ej.wn[t]);
+            ej.wr[t] = calloc((size_t)(wd * wd), sizeof *ej.wr[t]);
+            if (ej.wn[t] == NULL || ej.wr[t] == NULL) {
+                st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for the edge strip");
+                goto cleanup;
+            }
+        }
+    }
+    parallel_for(z->threads, z->ny, combine_rows, &ej);
+
+    /* P_D and the robust S_corr statistics on unfilled pixels away from
+     * sources. */
+    for (int i = 0; i < pd.size * pd.size; i++)
+        out->psf_d.data[i] = (float)pd.v[i];
+    out->psf_d.fwhm_px = stamp_fwhm(pd.v, pd.size);
+    out->psf_d.nstars = 0;
+    {
+        double fw = isfinite(out->psf_d.fwhm_px) ? out->psf_d.fwhm_px : 3.0;
+        long radius = (long)ceil(2.0 * fw);
+        if (radius < 3)
+            radius = 3;
+        st = scorr_statistics(z, radius, &out->scorr_mean, &out->scorr_std, err);
+        if (st != HILAL_OK)
+            goto cleanup;
+    }
+
+    if (info != NULL) {
+        info->sigma_n_adu = z->sigma[0];
+        info->sigma_r_adu = z->sigma[1];
+        info->sigma_n_estimated = est[0];
+        info->sigma_r_estimated = est[1];
+        info->f_s = z->f_s;
+        info->f_d = z->f_d;
+        info->fft_nx = z->mx;
+        info->fft_ny = z->my;
+        info->pad_px = pad;
+        info->kernel_radius_px = z->h;
+        info->n_filled = nfilled;
+        info->n_negvar = nnegvar;
+        info->threads = z->threads;
+        info->seconds = now_s() - t0;
+    }
+cleanup:
+    if (st != HILAL_OK)
+        hilal_diff_clear(out);
+    for (int w = 0; w < 2; w++) {
+        free(z->psf[w].v);
+        free(z->k[w]);
+    }
+    free(pd.v);
+    free(z->ixmap);
+    free(z->iymap);
+    free(z->bad);
+    free(z->sn);
+    hilal_fft_free(z->rbuf);
+    for (int q = 0; q < 4; q++)
+        hilal_fft_free(z->c[q]);
+    for (int t = 0; t < MAX_THREADS; t++) {
+        free(ej.wn[t]);
+        free(ej.wr[t]);
+    }
+    return st;
+}
+
+/* ------------------------------------------------------------------------
+ * The stage
+ * ------------------------------------------------------------------------ */
+
+static const hilal_param subtract_params[] = {
+    {"fft_rigor", HILAL_PARAM_STRING, "estimate", 0, 0, "",
+     "FFTW planning: estimate (instant), measure (seconds once per size, then ~2x faster FFTs) "
+     "or patient"},
+    {"fft_wisdom", HILAL_PARAM_STRING, "", 0, 0, "",
+     "file FFTW plans are loaded from at start and saved to at the end (\"\" = none); makes "
+     "measure plans instant after the first run"},
+    {"pad_margin", HILAL_PARAM_INT, "8", 0, 512, "px",
+     "mirror padding beyond the larger of the kernel radius and the PSF half-size"},
+    {"source_noise", HILAL_PARAM_BOOL, "true", 0, 0, "",
+     "include the source noise of both images (variance planes) in S_corr (ZOGY eqs. 26-27)"},
+    {"astrometric_noise", HILAL_PARAM_BOOL, "true", 0, 0, "",
+     "include the registration noise (ZOGY eqs. 30-31) from the alignment RMS in S_corr"},
+};
+
+typedef struct subtract_state {
+    hilal_fft_rigor rigor;
+    int threads;
+    int pad_margin_px;
+    int source_noise, astrometric_noise;
+    char wisdom[1024];
+} subtract_state;
+
+static hilal_status subtract_init(const hilal_config *cfg, void **state, hilal_error *err)
+{
+    *state = NULL;
+    subtract_state *s = calloc(1, sizeof *s);
+    if (s == NULL)
+        return hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for the subtract stage");
+    hilal_status st = hilal_fft_rigor_parse(hilal_config_get_string(cfg, "subtract.fft_rigor"),
+                                            &s->rigor, err);
+    if (st != HILAL_OK) {
+        hilal_error_context(err, "subtract.fft_rigor");
+        free(s);
+        return st;
+    }
+    s->threads = (int)hilal_config_get_int(cfg, "pipeline.threads");
+    s->pad_margin_px = (int)hilal_config_get_int(cfg, "subtract.pad_margin");
+    s->source_noise = hilal_config_get_bool(cfg, "subtract.source_noise");
+    s->astrometric_noise = hilal_config_get_bool(cfg, "subtract.astrometric_noise");
+    const char *wisdom = hilal_config_get_string(cfg, "subtract.fft_wisdom");
+    if (wisdom != NULL && wisdom[0] != '\0') {
+        if (strlen(wisdom) >= sizeof s->wisdom) {
+            free(s);
+            return hilal_error_set(err, HILAL_ERR_CONFIG, "subtract.fft_wisdom: path too long");
+        }
+        strcpy(s->wisdom, wisdom);
+        int loaded = 0;
+        st = hilal_fft_wisdom_import(s->wisdom, &loaded, err);
+        if (st != HILAL_OK) {
+            hilal_error_context(err, "subtract.fft_wisdom");
+            free(s);
+            return st;
+        }
+        hilal_log(HILAL_LOG_DEBUG, "subtract: FFTW wisdom %s from %s",
+                  loaded ? "loaded" : "not found, will be saved", s->wisdom);
+    }
+    *state = s;
+    return HILAL_OK;
+}
+
+static hilal_status subtract_run(const void *state, hilal_frame *frame, hilal_error *err)
+{
+    const subtract_state *s = state;
+    hilal_zogy_input in;
+    hilal_zogy_info info;
+    hilal_zogy_input_init(&in);
+    in.sci = frame->sci;
+    in.ref = frame->ref;
+    in.sci_psf = &frame->sci_psf;
+    in.ref_psf = &frame->ref_psf;
+    in.flux_ratio = frame->flux_ratio;
+    in.reg_rms_x_px = frame->reg_rms_x_px;
+    in.reg_rms_y_px = frame->reg_rms_y_px;
+    if (s != NULL) {
+        in.threads = s->threads;
+        in.rigor = s->rigor;
+        in.pad_margin_px = s->pad_margin_px;
+        in.source_noise = s->source_noise;
+        in.astrometric_noise = s->astrometric_noise;
+    }
+    hilal_diff_clear(&frame->diff);
+    hilal_status st = hilal_zogy_run(&in, &frame->diff, &info, err);
+    if (st != HILAL_OK)
+        return st;
+    hilal_log(HILAL_LOG_INFO,
+              "frame %s: ZOGY F_n = %.4g, sigma_N = %.4g, sigma_R = %.4g ADU, FWHM N/R/D = "
+              "%.2f/%.2f/%.2f px, S_corr median %.3f std %.3f, %ld px filled, FFT %ld x %ld, "
+              "%.2f s",
+              frame->frame_id, in.flux_ratio, info.sigma_n_adu, info.sigma_r_adu,
+              frame->sci_psf.fwhm_px, frame->ref_psf.fwhm_px, frame->diff.psf_d.fwhm_px,
+              frame->diff.scorr_mean, frame->diff.scorr_std, info.n_filled, info.fft_nx,
+              info.fft_ny, info.seconds);
+    if (fabs(frame->diff.scorr_std - 1.0) > 0.1 || fabs(frame->diff.scorr_mean) > 0.1)
+        hilal_log(HILAL_LOG_WARN,
+                  "frame %s: S_corr has median %.3f and robust std %.3f instead of 0 and 1; "
+                  "the PSFs, flux ratio or noise model may be off",
+                  frame->frame_id, frame->diff.scorr_mean, frame->diff.scorr_std);
+    return HILAL_OK;
+}
+
+static void subtract_fini(void *state)
+{
+    subtract_state *s = state;
+    if (s == NULL)
+        return;
+    if (s->wisdom[0] != '\0' && s->rigor != HILAL_FFT_ESTIMATE) {
+        hilal_error e = {0};
+        if (hilal_fft_wisdom_export(s->wisdom, &e) != HILAL_OK)
+            hilal_log(HILAL_LOG_WARN, "subtract: %s", e.msg);
+    }
+    free(s);
+}
+
+const hilal_stage hilal_stage_subtract = {
+    .name = "subtract",
+    .summary = "ZOGY proper image subtraction: D, S, S_corr, PSF-photometry flux and error",
+    .params = subtract_params,
+    .nparams = sizeof subtract_params / sizeof subtract_params[0],
+    .needs = HILAL_PROD_SCIENCE | HILAL_PROD_REFERENCE | HILAL_PROD_BACKGROUND |
+             HILAL_PROD_ALIGNED | HILAL_PROD_PSF | HILAL_PROD_FLUXSCALE,
+    .makes = HILAL_PROD_DIFFERENCE,
+    .flags = 0,
+    .init = subtract_init,
+    .run = subtract_run,
+    .fini = subtract_fini,
+};

@@ -1,0 +1,685 @@
+/* Stage "vet": statistics that tell real point-source transients from
+ * artefacts (cosmic rays and hot pixels, misalignment dipoles, residuals of
+ * saturated stars, masked regions, defects of the reference), and a
+ * deterministic real/bogus score rb in [0, 1] combining them. No trained
+ * model: each statistic enters through a logistic factor whose centre and
+ * width are parameters. Every statistic and factor is described in
+ * docs/vetting.md.
+ */
+#include "hilal/detect.h"
+
+#include <math.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "hilal/log.h"
+#include "hilal/stage.h"
+
+/* The table is the single source of truth for the defaults;
+ * hilal_vet_params_default() parses it. vet_fields gives, in the same
+ * order, where each value goes in hilal_vet_params. */
+static const hilal_param vet_params[] = {
+    {"footprint_fwhm", HILAL_PARAM_DOUBLE, "1.0", 0.5, 5, "FWHM",
+     "radius of the footprint (sharpness, neg_frac, masked_frac), in FWHM of P_D (>= 2 px)"},
+    {"dipole_fwhm", HILAL_PARAM_DOUBLE, "2.0", 0.5, 10, "FWHM",
+     "radius searched for an opposite-sign S_corr lobe, in FWHM of P_D"},
+    {"search_radius_px", HILAL_PARAM_DOUBLE, "32", 1, 1024, "px",
+     "distances to saturated and masked pixels are searched, and capped, within this radius"},
+    {"sharp_centre", HILAL_PARAM_DOUBLE, "0.5", 0.01, 10, "",
+     "rb factor: centre on the normalised sharpness (0 = PSF-like, 1 = single pixel)"},
+    {"sharp_width", HILAL_PARAM_DOUBLE, "0.08", 0.001, 10, "",
+     "rb factor: width on the normalised sharpness"},
+    {"broad_centre", HILAL_PARAM_DOUBLE, "2.0", 1, 100, "",
+     "rb factor: centre on FWHM(D) / FWHM(P_D) (broader residuals are bogus)"},
+    {"broad_width", HILAL_PARAM_DOUBLE, "0.15", 0.001, 10, "",
+     "rb factor: width on FWHM(D) / FWHM(P_D)"},
+    {"elong_centre", HILAL_PARAM_DOUBLE, "3.0", 1, 100, "",
+     "rb factor: centre on the elongation a/b on D (streaks are bogus)"},
+    {"elong_width", HILAL_PARAM_DOUBLE, "0.25", 0.001, 10, "",
+     "rb factor: width on the elongation"},
+    {"dipole_centre", HILAL_PARAM_DOUBLE, "0.4", 0, 1, "",
+     "rb factor: centre on the dipole measure (1 = single-signed, 0 = balanced dipole)"},
+    {"dipole_width", HILAL_PARAM_DOUBLE, "0.1", 0.001, 10, "",
+     "rb factor: width on the dipole measure"},
+    {"dipole_sigma", HILAL_PARAM_DOUBLE, "4.0", 0, 1000, "sigma",
+     "rb factor: an opposite lobe counts only when its |S_corr| is well above this"},
+    {"dipole_sigma_width", HILAL_PARAM_DOUBLE, "0.5", 0.001, 100, "sigma",
+     "rb factor: width on the opposite lobe's |S_corr|"},
+    {"negfrac_centre", HILAL_PARAM_DOUBLE, "0.5", 0, 1, "",
+     "rb factor: centre on the fraction of opposite-signed pixels of D in the footprint"},
+    {"negfrac_width", HILAL_PARAM_DOUBLE, "0.04", 0.001, 10, "",
+     "rb factor: width on neg_frac"},
+    {"masked_centre", HILAL_PARAM_DOUBLE, "0.25", 0, 1, "",
+     "rb factor: centre on the masked fraction of the footprint"},
+    {"masked_width", HILAL_PARAM_DOUBLE, "0.05", 0.001, 10, "",
+     "rb factor: width on masked_frac"},
+    {"sat_radius_px", HILAL_PARAM_DOUBLE, "5", 0, 1024, "px",
+     "rb factor and NEAR_SAT flag: centre on the distance to the nearest saturated pixel"},
+    {"sat_width_px", HILAL_PARAM_DOUBLE, "1", 0.001, 100, "px",
+     "rb factor: width on the distance to the nearest saturated pixel"},
+    {"refdefect_factor", HILAL_PARAM_DOUBLE, "0.2", 0, 1, "",
+     "rb is multiplied by this when the reference has a defect at the candidate"},
+    {"ref_sharp_snr", HILAL_PARAM_DOUBLE, "5", 0, 1e6, "sigma",
+     "a sharp reference feature under a fading candidate is a defect above this S/N"},
+    {"tile_px", HILAL_PARAM_INT, "128", 16, 65536, "px",
+     "side of the tiles in which the noise of S_corr is checked (BAD_TILE flag)"},
+    {"tile_tol", HILAL_PARAM_DOUBLE, "0.3", 0.001, 100, "",
+     "BAD_TILE when the robust standard deviation of S_corr in the tile is off 1 by more"},
+};
+#define NVET (sizeof vet_params / sizeof vet_params[0])
+
+static const size_t vet_fields[NVET] = {
+    offsetof(hilal_vet_params, footprint_fwhm),
+    offsetof(hilal_vet_params, dipole_fwhm),
+    offsetof(hilal_vet_params, search_radius_px),
+    offsetof(hilal_vet_params, sharp_centre),
+    offsetof(hilal_vet_params, sharp_width),
+    offsetof(hilal_vet_params, broad_centre),
+    offsetof(hilal_vet_params, broad_width),
+    offsetof(hilal_vet_params, elong_centre),
+    offsetof(hilal_vet_params, elong_width),
+    offsetof(hilal_vet_params, dipole_centre),
+    offsetof(hilal_vet_params, dipole_width),
+    offsetof(hilal_vet_params, dipole_sigma),
+    offsetof(hilal_vet_params, dipole_sigma_width),
+    offsetof(hilal_vet_params, negfrac_centre),
+    offsetof(hilal_vet_params, negfrac_width),
+    offsetof(hilal_vet_params, masked_centre),
+    offsetof(hilal_vet_params, masked_width),
+    offsetof(hilal_vet_params, sat_radius_px),
+    offsetof(hilal_vet_params, sat_width_px),
+    offsetof(hilal_vet_params, refdefect_factor),
+    offsetof(hilal_vet_params, ref_sharp_snr),
+    offsetof(hilal_vet_params, tile_px),
+    offsetof(hilal_vet_params, tile_tol),
+};
+
+/* Default of measure.weight_scale, used when no configuration is at hand. */
+#define DEFAULT_WEIGHT_SCALE 1.5
+
+static void set_field(hilal_vet_params *p, size_t k, double value)
+{
+    char *base = (char *)p + vet_fields[k];
+    if (vet_params[k].type == HILAL_PARAM_INT)
+        *(long *)(void *)base = (long)value;
+    else
+        *(double *)(void *)base = value;
+}
+
+void hilal_vet_params_default(hilal_vet_params *p)
+{
+    memset(p, 0, sizeof *p);
+    for (size_t k = 0; k < NVET; k++)
+        set_field(p, k, strtod(vet_params[k].def, NULL));
+    p->weight_scale = DEFAULT_WEIGHT_SCALE;
+}
+
+/* ---- helpers ------------------------------------------------------------ */
+
+/* The logistic function 1 / (1 + e^-z). */
+static double logistic(double z) { return 1.0 / (1.0 + exp(-z)); }
+
+/* Median (upper median for even n) of a[0..n-1], reordering a: Wirth's
+ * selection algorithm. n > 0. */
+static float median_select(float *a, size_t n)
+{
+    const long k = (long)(n / 2);
+    long lo = 0, hi = (long)n - 1;
+    while (lo < hi) {
+        const float pivot = a[k];
+        long i = lo, j = hi;
+        do {
+            while (a[i] < pivot)
+                i++;
+            while (pivot < a[j])
+                j--;
+            if (i <= j) {
+                float t = a[i];
+                a[i] = a[j];
+                a[j] = t;
+                i++;
+                j--;
+            }
+        } while (i <= j);
+        if (j < k)
+            lo = i;
+        if (k < i)
+            hi = j;
+    }
+    return a[k];
+}
+
+/* Sharpness of a source at the 0-based position (X, Y): the value of its
+ * brightest pixel divided by the value that a PSF of the fitted flux
+ * predicts there. The flux is the linear least-squares amplitude
+ * A = sum(I P) / sum(P^2) over the footprint (radius r_fp) with P the PSF
+ * shifted to (X, Y) (equal weights: D has uniform unit noise). The
+ * brightest pixel is sought in the 3x3 pixels around (X, Y): at low S/N the
+ * position of a one-pixel event can be off by more than half a pixel. A
+ * point source gives ~1, a single hot pixel at least sum(P^2)/P(0)^2. bg is
+ * subtracted from img first; masked pixels are skipped. NaN when undefined. */
+static double sharpness_at(const float *img, long nx, long ny, const hilal_mask_t *mask,
+                           double X, double Y, double sign, double bg, const hilal_psf *psf,
+                           double r_fp)
+{
+    const long ix = (long)floor(X + 0.5), iy = (long)floor(Y + 0.5);
+    if (ix < 0 || iy < 0 || ix >= nx || iy >= ny)
+        return NAN;
+    const long r = (long)ceil(r_fp);
+    double sip = 0, spp = 0;
+    for (long y = iy - r; y <= iy + r; y++) {
+        if (y < 0 || y >= ny)
+            continue;
+        for (long x = ix - r; x <= ix + r; x++) {
+            if (x < 0 || x >= nx)
+                continue;
+            double dx = (double)x - X, dy = (double)y - Y;
+            if (dx * dx + dy * dy > r_fp * r_fp)
+                continue;
+            size_t i = (size_t)y * (size_t)nx + (size_t)x;
+            if (mask != NULL && (mask[i] & HILAL_MASK_UNUSABLE) != 0)
+                continue;
+            double v = img[i];
+            if (!isfinite(v))
+                continue;
+            double pv = hilal_measure_psf_value(psf, dx, dy);
+            sip += sign * (v - bg) * pv;
+            spp += pv * pv;
+        }
+    }
+    if (!(spp > 0))
+        return NAN;
+    const double amp = sip / spp;
+    /* The brightest usable pixel of the 3x3. */
+    long bx = -1, by = -1;
+    double best = -INFINITY;
+    for (long y = iy - 1; y <= iy + 1; y++)
+        for (long x = ix - 1; x <= ix + 1; x++) {
+            if (x < 0 || y < 0 || x >= nx || y >= ny)
+                continue;
+            size_t i = (size_t)y * (size_t)nx + (size_t)x;
+            if (mask != NULL && (mask[i] & HILAL_MASK_UNUSABLE) != 0)
+                continue;
+            double v = sign * ((double)img[i] - bg);
+            if (isfinite(v) && v > best) {
+                best = v;
+                bx = x;
+                by = y;
+            }
+        }
+    if (bx < 0)
+        return NAN;
+    const double pred = amp * hilal_measure_psf_value(psf, (double)bx - X, (double)by - Y);
+    if (!(pred > 0))
+        return NAN;
+    return best / pred;
+}
+
+/* sum(P^2) / P(centre)^2: the sharpness of a single-pixel event. */
+static double delta_sharpness(const hilal_psf *psf)
+{
+    if (psf == NULL || psf->data == NULL || psf->size <= 0)
+        return NAN;
+    const int size = psf->size, c = size / 2;
+    double s2 = 0;
+    for (int i = 0; i < size * size; i++)
+        s2 += (double)psf->data[i] * psf->data[i];
+    double p0 = psf->data[c * size + c];
+    return p0 > 0 ? s2 / (p0 * p0) : NAN;
+}
+
+hilal_status hilal_vet_psfinfo_get(const hilal_psf *psf_d, double weight_scale,
+                                   hilal_vet_psfinfo *info, hilal_error *err)
+{
+    info->fwhm_px = NAN;
+    info->sharp_delta = NAN;
+    if (psf_d == NULL || psf_d->data == NULL || psf_d->size <= 0)
+        return hilal_error_set(err, HILAL_ERR_DATA,
+                               "P_D (the PSF of the difference) is missing, so candidates cannot "
+                               "be vetted; the subtract stage must fill diff.psf_d");
+    const double sigma_w = hilal_measure_weight_sigma(psf_d, weight_scale);
+    const double c = psf_d->size / 2;
+    double elong;
+    hilal_measure_shape(psf_d->data, psf_d->size, psf_d->size, NULL, c, c, 1.0, sigma_w,
+                        &info->fwhm_px, &elong);
+    info->sharp_delta = delta_sharpness(psf_d);
+    if (!(info->fwhm_px > 0) || !(info->sharp_delta > 0))
+        return hilal_error_set(err, HILAL_ERR_DATA,
+                               "P_D (%dx%d px) has no positive core: FWHM %g px, central value %g",
+                               psf_d->size, psf_d->size, info->fwhm_px,
+                               (double)psf_d->data[psf_d->size / 2 * psf_d->size + psf_d->size / 2]);
+    return HILAL_OK;
+}
+
+/* ---- the score ---------------------------------------------------------- */
+
+/* A factor that is 1 well below centre and 0 well above (larger is worse);
+ * 0.5 for an undefined statistic. */
+static double falling(double s, double centre, double width)
+{
+    return isfinite(s) ? logistic((centre - s) / width) : 0.5;
+}
+
+double hilal_vet_score(const hilal_vet_params *p, const hilal_vet_psfinfo *info,
+                       const hilal_candidate *c, double factors[HILAL_VET_NFACTORS])
+{
+    double f[HILAL_VET_NFACTORS];
+    /* Sharpness, normalised so that a PSF gives 0 and a single pixel 1:
+     * z = (s - 1) / (s_delta - 1). An unresolved P_D (s_delta < 1.2) cannot
+     * tell the two apart: the factor is then 1. */
+    if (info->sharp_delta >= 1.2)
+        f[0] = falling((c->sharpness - 1.0) / (info->sharp_delta - 1.0), p->sharp_centre,
+                       p->sharp_width);
+    else
+        f[0] = 1.0;
+    /* Residuals broader than P_D (galaxy residuals, bad PSF) and streaks. */
+    f[1] = falling(c->fwhm / info->fwhm_px, p->broad_centre, p->broad_width);
+    f[2] = falling(c->elongation, p->elong_centre, p->elong_width);
+    /* Dipole: penalised only when the opposite lobe is itself significant
+     * (q = |snr| (1 - dipole) / (1 + dipole), its |S_corr|) AND comparable to
+     * the main lobe (dipole measure small). */
+    if (isfinite(c->dipole)) {
+        double pk = fabs(c->snr);
+        double q = pk * (1.0 - c->dipole) / (1.0 + c->dipole);
+        f[3] = 1.0 - logistic((q - p->dipole_sigma) / p->dipole_sigma_width) *
+                         logistic((p->dipole_centre - c->dipole) / p->dipole_width);
+    } else {
+        f[3] = 0.5;
+    }
+    f[4] = falling(c->neg_frac, p->negfrac_centre, p->negfrac_width);
+    f[5] = falling(c->masked_frac, p->masked_centre, p->masked_width);
+    /* Distance to saturation: larger is better. */
+    f[6] = isfinite(c->dist_sat_px)
+               ? logistic((c->dist_sat_px - p->sat_radius_px) / p->sat_width_px)
+               : 0.5;
+    f[7] = (c->flags & HILAL_CAND_REF_DEFECT) ? p->refdefect_factor : 1.0;
+    double rb = 1.0;
+    for (int k = 0; k < HILAL_VET_NFACTORS; k++) {
+        rb *= f[k];
+        if (factors != NULL)
+            factors[k] = f[k];
+    }
+    return rb < 0 ? 0 : (rb > 1 ? 1 : rb);
+}
+
+/* ---- statistics --------------------------------------------------------- */
+
+/* Per-frame context of the vetting. */
+typedef struct vet_ctx {
+    const hilal_diff *diff;
+    const hilal_vet_params *p;
+    hilal_vet_psfinfo info;
+    long nx, ny;
+    const hilal_mask_t *sci_mask;   /* same grid as diff, or NULL */
+    const hilal_image *ref;         /* aligned reference on the same grid, or NULL */
+    const hilal_psf *ref_psf;       /* with data, or NULL */
+    double ref_sharp_delta;
+    double r_fp, r_dip;             /* footprint and dipole radii, px */
+    long ntx, nty;                  /* tiles */
+    double *tile_std;               /* robust std of S_corr per tile, NaN until computed */
+    float *buf;                     /* scratch, tile_px^2 or annulus */
+    size_t nbuf;
+} vet_ctx;
+
+/* Robust (1.4826 MAD) standard deviation of S_corr in tile (tx, ty) over
+ * usable pixels; NaN with fewer than 64 of them. */
+static double tile_std(vet_ctx *v, long tx, long ty)
+{
+    double *slot = &v->tile_std[ty * v->ntx + tx];
+    if (!isnan(*slot))
+        return *slot;
+    const long t = v->p->tile_px, nx = v->nx;
+    const long x0 = tx * t, y0 = ty * t;
+    const long x1 = x0 + t < v->nx ? x0 + t : v->nx, y1 = y0 + t < v->ny ? y0 + t : v->ny;
+    size_t n = 0;
+    for (long y = y0; y < y1; y++)
+        for (long x = x0; x < x1; x++) {
+            size_t i = (size_t)y * (size_t)nx + (size_t)x;
+            float s = v->diff->scorr[i];
+            if (!isfinite(s))
+                continue;
+            if (v->diff->mask != NULL && (v->diff->mask[i] & HILAL_DETECT_VETO_MASK) != 0)
+                continue;
+            v->buf[n++] = s;
+        }
+    double sd = NAN;
+    if (n >= 64) {
+        float med = median_select(v->buf, n);
+        for (size_t k = 0; k < n; k++)
+            v->buf[k] = fabsf(v->buf[k] - med);
+        sd = 1.4826 * median_select(v->buf, n);
+    }
+    /* Remember "computed" even when undefined: INFINITY marks NaN results. */
+    *slot = isnan(sd) ? INFINITY : sd;
+    return *slot;
+}
+
+/* Whether the reference has a defect under the candidate: REFDEFECT in the
+ * difference mask, or a bad/cosmic/defect bit in the reference mask, within
+ * the footprint; or, for a fading candidate, a reference feature sharper
+ * than the reference PSF (a cosmic ray or hot pixel in the reference makes
+ * a negative sharp residual that looks like a fading source). */
+static int ref_defect(vet_ctx *v, const hilal_candidate *c, double X, double Y)
+{
+    const long nx = v->nx, ny = v->ny;
+    const long r = (long)ceil(v->r_fp);
+    const long ix = (long)floor(X + 0.5), iy = (long)floor(Y + 0.5);
+    const hilal_mask_t refbits = HILAL_MASK_REFDEFECT | HILAL_MASK_BAD | HILAL_MASK_CR;
+    for (long y = iy - r; y <= iy + r; y++)
+        for (long x = ix - r; x <= ix + r; x++) {
+            if (x < 0 || y < 0 || x >= nx || y >= ny)
+                continue;
+            double dx = (double)x - X, dy = (double)y - Y;
+            if (dx * dx + dy * dy > v->r_fp * v->r_fp)
+                continue;
+            size_t i = (size_t)y * (size_t)nx + (size_t)x;
+            if (v->diff->mask != NULL && (v->diff->mask[i] & HILAL_MASK_REFDEFECT) != 0)
+                return 1;
+            if (v->ref != NULL && (v->ref->mask[i] & refbits) != 0)
+                return 1;
+        }
+    if (c->snr >= 0 || v->ref == NULL || v->ref_psf == NULL || !(v->ref_sharp_delta >= 1.2))
+        return 0;
+
+    /* Local background and noise of the reference from an annulus
+     * r_fp < r <= 2 r_fp (median and 1.4826 MAD), robust to the source. */
+    const float *rp = v->ref->pix;
+    const hilal_mask_t *rm = v->ref->mask;
+    const double r2a = v->r_fp * v->r_fp, r2b = 4.0 * r2a;
+    const long rb = (long)ceil(2.0 * v->r_fp);
+    size_t n = 0;
+    for (long y = iy - rb; y <= iy + rb; y++)
+        for (long x = ix - rb; x <= ix + rb; x++) {
+            if (x < 0 || y < 0 || x >= nx || y >= ny)
+                continue;
+            double dx = (double)(x - ix), dy = (double)(y - iy), d2 = dx * dx + dy * dy;
+            size_t i = (size_t)y * (size_t)nx + (size_t)x;
+            if (d2 <= r2a || d2 > r2b || (rm[i] & HILAL_MASK_UNUSABLE) != 0 || !isfinite(rp[i]))
+                continue;
+            if (n < v->nbuf)
+                v->buf[n++] = rp[i];
+        }
+    if (n < 16)
+        return 0;
+    const double bg = median_select(v->buf, n);
+    for (size_t k = 0; k < n; k++)
+        v->buf[k] = fabsf(v->buf[k] - (float)bg);
+    const double sigma = 1.4826 * median_select(v->buf, n);
+    if (!(sigma > 0))
+        return 0;
+
+    /* Brightest reference pixel in the 3x3 under the candidate: is it
+     * significant, and sharper than the reference PSF? */
+    long bx = -1, by = -1;
+    double best = -INFINITY;
+    for (long y = iy - 1; y <= iy + 1; y++)
+        for (long x = ix - 1; x <= ix + 1; x++) {
+            if (x < 0 || y < 0 || x >= nx || y >= ny)
+                continue;
+            size_t i = (size_t)y * (size_t)nx + (size_t)x;
+            if ((rm[i] & HILAL_MASK_UNUSABLE) != 0 || !isfinite(rp[i]))
+                continue;
+            if (rp[i] > best) {
+                best = rp[i];
+                bx = x;
+                by = y;
+            }
+        }
+    if (bx < 0 || (best - bg) / sigma < v->p->ref_sharp_snr)
+        return 0;
+    double s = sharpness_at(rp, nx, ny, rm, (double)bx, (double)by, 1.0, bg, v->ref_psf, v->r_fp);
+    double z = (s - 1.0) / (v->ref_sharp_delta - 1.0);
+    return isfinite(z) && z > v->p->sharp_centre;
+}
+
+/* All statistics, flags and rb of one candidate. */
+static void vet_one(vet_ctx *v, hilal_candidate *c)
+{
+    const hilal_diff *diff = v->diff;
+    const long nx = v->nx, ny = v->ny;
+    const double sign = c->snr < 0 ? -1.0 : 1.0;
+    const double X = c->x - 1.0, Y = c->y - 1.0;
+    const long ix = (long)floor(X + 0.5), iy = (long)floor(Y + 0.5);
+    uint32_t flags = c->flags & HILAL_CAND_MERGED;
+
+    /* 1. Footprint of radius r_fp: masked fraction (pixels off the image
+     * count as masked), fraction of opposite-signed pixels of D, EDGE. */
+    const long r = (long)ceil(v->r_fp);
+    size_t ntot = 0, nmask = 0, nuse = 0, nneg = 0;
+    int edge = 0;
+    for (long y = iy - r; y <= iy + r; y++)
+        for (long x = ix - r; x <= ix + r; x++) {
+            double dx = (double)x - X, dy = (double)y - Y;
+            if (dx * dx + dy * dy > v->r_fp * v->r_fp)
+                continue;
+            ntot++;
+            if (x < 0 || y < 0 || x >= nx || y >= ny) {
+                nmask++;
+                edge = 1;
+                continue;
+            }
+            size_t i = (size_t)y * (size_t)nx + (size_t)x;
+            hilal_mask_t m = diff->mask != NULL ? diff->mask[i] : 0;
+            if (v->sci_mask != NULL)
+                m |= v->sci_mask[i];
+            if (m & HILAL_MASK_EDGE)
+                edge = 1;
+            if (m & HILAL_MASK_UNUSABLE) {
+                nmask++;
+                continue;
+            }
+            double d = sign * diff->d[i];
+            if (!isfinite(d))
+                continue;
+            nuse++;
+            if (d < 0)
+                nneg++;
+        }
+    c->masked_frac = ntot > 0 ? (double)nmask / (double)ntot : NAN;
+    c->neg_frac = nuse > 0 ? (double)nneg / (double)nuse : NAN;
+    if (edge)
+        flags |= HILAL_CAND_EDGE;
+    if (nmask > 0)
+        flags |= HILAL_CAND_NEAR_MASK;
+
+    /* 2. Sharpness on D against P_D at the measured position. */
+    c->sharpness = sharpness_at(diff->d, nx, ny, diff->mask, X, Y, sign, 0.0, &diff->psf_d, v->r_fp);
+
+    /* 3. Dipole: strongest opposite-signed S_corr within r_dip, q, against the
+     * peak p = |snr|: dipole = (p - q) / (p + q), clipped to [0, 1]. */
+    {
+        const long rd = (long)ceil(v->r_dip);
+        double q = 0;
+        for (long y = iy - rd; y <= iy + rd; y++)
+            for (long x = ix - rd; x <= ix + rd; x++) {
+                if (x < 0 || y < 0 || x >= nx || y >= ny)
+                    continue;
+                double dx = (double)x - X, dy = (double)y - Y;
+                if (dx * dx + dy * dy > v->r_dip * v->r_dip)
+                    continue;
+                size_t i = (size_t)y * (size_t)nx + (size_t)x;
+                if (diff->mask != NULL && (diff->mask[i] & HILAL_MASK_UNUSABLE) != 0)
+                    continue;
+                double s = -sign * diff->scorr[i];
+                if (isfinite(s) && s > q)
+                    q = s;
+            }
+        double pk = fabs(c->snr);
+        double dm = pk + q > 0 ? (pk - q) / (pk + q) : NAN;
+        c->dipole = dm < 0 ? 0 : dm;
+    }
+
+    /* 4. Distances (from the measured position to pixel centres) to the
+     * nearest saturated and the nearest unusable pixel, in the union of the
+     * difference, science and aligned reference masks; capped at the search
+     * radius. */
+    {
+        const double rs = v->p->search_radius_px;
+        const long rr = (long)ceil(rs);
+        double dsat2 = rs * rs, dmask2 = rs * rs;
+        for (long y = iy - rr; y <= iy + rr; y++) {
+            if (y < 0 || y >= ny)
+                continue;
+            for (long x = ix - rr; x <= ix + rr; x++) {
+                if (x < 0 || x >= nx)
+                    continue;
+                size_t i = (size_t)y * (size_t)nx + (size_t)x;
+                hilal_mask_t m = diff->mask != NULL ? diff->mask[i] : 0;
+                if (v->sci_mask != NULL)
+                    m |= v->sci_mask[i];
+                if (v->ref != NULL)
+                    m |= v->ref->mask[i];
+                if ((m & HILAL_MASK_UNUSABLE) == 0)
+                    continue;
+                double dx = (double)x - X, dy = (double)y - Y, d2 = dx * dx + dy * dy;
+                if (d2 < dmask2)
+                    dmask2 = d2;
+                if ((m & HILAL_MASK_SAT) && d2 < dsat2)
+                    dsat2 = d2;
+            }
+        }
+        c->dist_sat_px = sqrt(dsat2);
+        c->dist_mask_px = sqrt(dmask2);
+        if (c->dist_sat_px <= v->p->sat_radius_px)
+            flags |= HILAL_CAND_NEAR_SAT;
+    }
+
+    /* 5. Defects of the reference. */
+    if (ref_defect(v, c, X, Y))
+        flags |= HILAL_CAND_REF_DEFECT;
+
+    /* 6. Noise of S_corr in the candidate's tile. */
+    {
+        long tx = ix / v->p->tile_px, ty = iy / v->p->tile_px;
+        if (ix >= 0 && iy >= 0 && tx < v->ntx && ty < v->nty) {
+            double sd = tile_std(v, tx, ty);
+            if (isfinite(sd) && fabs(sd - 1.0) > v->p->tile_tol)
+                flags |= HILAL_CAND_BAD_TILE;
+        }
+    }
+
+    /* 7. The score, and the flags that mirror its factors. */
+    c->flags = flags;
+    double f[HILAL_VET_NFACTORS];
+    c->rb = hilal_vet_score(v->p, &v->info, c, f);
+    if (f[0] < 0.5)
+        flags |= HILAL_CAND_SHARP;
+    if (f[3] < 0.5)
+        flags |= HILAL_CAND_DIPOLE;
+    c->flags = flags;
+}
+
+hilal_status hilal_vet_candidates(const hilal_frame *frame, const hilal_vet_params *p,
+                                  hilal_candidate *cands, size_t n, hilal_error *err)
+{
+    hilal_status st = HILAL_OK;
+    vet_ctx v;
+    memset(&v, 0, sizeof v);
+    if (n == 0)
+        return HILAL_OK;
+    const hilal_diff *diff = &frame->diff;
+    if (diff->d == NULL || diff->scorr == NULL)
+        return hilal_error_set(err, HILAL_ERR_INTERNAL,
+                               "vetting needs D and S_corr of the difference, which are missing");
+    st = hilal_vet_psfinfo_get(&diff->psf_d, p->weight_scale, &v.info, err);
+    if (st != HILAL_OK)
+        return st;
+    v.diff = diff;
+    v.p = p;
+    v.nx = diff->nx;
+    v.ny = diff->ny;
+    if (frame->sci != NULL && frame->sci->mask != NULL && frame->sci->nx == v.nx &&
+        frame->sci->ny == v.ny)
+        v.sci_mask = frame->sci->mask;
+    /* The reference is on the science grid only once aligned. */
+    if ((frame->products & HILAL_PROD_ALIGNED) && frame->ref != NULL && frame->ref->pix != NULL &&
+        frame->ref->mask != NULL && frame->ref->nx == v.nx && frame->ref->ny == v.ny) {
+        v.ref = frame->ref;
+        if (frame->ref_psf.data != NULL) {
+            v.ref_psf = &frame->ref_psf;
+            v.ref_sharp_delta = delta_sharpness(&frame->ref_psf);
+        }
+    }
+    v.r_fp = p->footprint_fwhm * v.info.fwhm_px;
+    if (v.r_fp < 2.0)
+        v.r_fp = 2.0;
+    v.r_dip = p->dipole_fwhm * v.info.fwhm_px;
+    if (v.r_dip < v.r_fp)
+        v.r_dip = v.r_fp;
+    v.ntx = (v.nx + p->tile_px - 1) / p->tile_px;
+    v.nty = (v.ny + p->tile_px - 1) / p->tile_px;
+    v.tile_std = malloc((size_t)v.ntx * (size_t)v.nty * sizeof *v.tile_std);
+    /* Scratch for a tile or a reference annulus, whichever is larger. */
+    const long ra = 2 * (long)ceil(2.0 * v.r_fp) + 1;
+    v.nbuf = (size_t)p->tile_px * (size_t)p->tile_px;
+    if ((size_t)(ra * ra) > v.nbuf)
+        v.nbuf = (size_t)(ra * ra);
+    v.buf = malloc(v.nbuf * sizeof *v.buf);
+    if (v.tile_std == NULL || v.buf == NULL) {
+        st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for vetting");
+        goto cleanup;
+    }
+    for (long i = 0; i < v.ntx * v.nty; i++)
+        v.tile_std[i] = NAN;
+
+    for (size_t k = 0; k < n; k++)
+        vet_one(&v, &cands[k]);
+cleanup:
+    free(v.tile_std);
+    free(v.buf);
+    return st;
+}
+
+/* ---- the stage ---------------------------------------------------------- */
+
+static hilal_status vet_init(const hilal_config *cfg, void **state, hilal_error *err)
+{
+    hilal_vet_params *p = calloc(1, sizeof *p);
+    if (p == NULL)
+        return hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory");
+    char key[96];
+    for (size_t k = 0; k < NVET; k++) {
+        snprintf(key, sizeof key, "vet.%s", vet_params[k].key);
+        set_field(p, k, vet_params[k].type == HILAL_PARAM_INT
+                            ? (double)hilal_config_get_int(cfg, key)
+                            : hilal_config_get_double(cfg, key));
+    }
+    /* Candidates' FWHM was measured with measure.weight_scale; FWHM(P_D)
+     * must be measured the same way. */
+    p->weight_scale = DEFAULT_WEIGHT_SCALE;
+    if (hilal_config_param(cfg, "measure.weight_scale") != NULL)
+        p->weight_scale = hilal_config_get_double(cfg, "measure.weight_scale");
+    *state = p;
+    return HILAL_OK;
+}
+
+static hilal_status vet_run(const void *state, hilal_frame *frame, hilal_error *err)
+{
+    const hilal_vet_params *p = state;
+    hilal_status st = hilal_vet_candidates(frame, p, frame->cands, frame->ncands, err);
+    if (st != HILAL_OK)
+        return st;
+    size_t nreal = 0;
+    for (size_t k = 0; k < frame->ncands; k++)
+        nreal += frame->cands[k].rb >= 0.5;
+    hilal_log(HILAL_LOG_INFO, "frame %s: %zu of %zu candidates with rb >= 0.5", frame->frame_id,
+              nreal, frame->ncands);
+    return HILAL_OK;
+}
+
+static void vet_fini(void *state) { free(state); }
+
+const hilal_stage hilal_stage_vet = {
+    .name = "vet",
+    .summary = "vetting statistics, flags and a real/bogus score rb for candidates",
+    .params = vet_params,
+    .nparams = NVET,
+    .needs = HILAL_PROD_DIFFERENCE | HILAL_PROD_CANDIDATES | HILAL_PROD_MEASURED,
+    .makes = HILAL_PROD_VETTED,
+    .flags = 0,
+    .init = vet_init,
+    .run = vet_run,
+    .fini = vet_fini,
+};
