@@ -168,13 +168,13 @@ int hilal_cli_info(int argc, char **argv, hilal_cli *cli)
         printf("    software: hilal %s; %s\n", runs[r].software_version, runs[r].library_versions);
     }
     if (list_frames) {
-        printf("frames:\n  %4s %16s %-24s %-10s %3s %6s %12s %-6s %6s %6s %8s\n", "row", "frame_id",
+        printf("frames:\n  %4s %19s %-24s %-10s %3s %6s %12s %-6s %6s %6s %8s\n", "row", "frame_id",
                "name", "status", "run", "cands", "mjd", "filter", "fwhm", "limmag", "limflux");
         for (size_t i = 0; i < nframes; i++) {
             const hilal_archive_frame *f = &frames[i];
             if (f->status == HILAL_ARCHIVE_FRAME_NONE)
                 continue;
-            printf("  %4zu %16lld %-24.24s %-10s %3d %6d %12.5f %-6.6s %6.2f %6.2f %8.2f%s%s\n", i,
+            printf("  %4zu %19lld %-24.24s %-10s %3d %6d %12.5f %-6.6s %6.2f %6.2f %8.2f%s%s\n", i,
                    (long long)f->frame_id, f->frame_name, status_name(f->status), (int)f->run_id,
                    (int)f->n_candidates, f->mjd, f->filter, f->psf_fwhm_sci_px, f->limmag5,
                    f->limflux5_adu, f->message[0] ? "  " : "", f->message);

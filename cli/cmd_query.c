@@ -189,12 +189,12 @@ static void write_json(FILE *out, const char *path, const hilal_archive_cand *ro
 
 static void write_table(FILE *out, const hilal_archive_cand *rows, size_t n)
 {
-    fprintf(out, "%8s %16s %8s %8s %11s %11s %8s %11s %9s %7s %5s %5s %12s %4s\n", "cand_id",
+    fprintf(out, "%8s %19s %8s %8s %11s %11s %8s %11s %9s %7s %5s %5s %12s %4s\n", "cand_id",
             "frame_id", "x", "y", "ra", "dec", "snr", "flux", "flux_err", "mag", "rb", "flags",
             "mjd", "run");
     for (size_t i = 0; i < n; i++) {
         const hilal_archive_cand *c = &rows[i];
-        fprintf(out, "%8lld %16lld %8.2f %8.2f %11.6f %11.6f %8.2f %11.2f %9.2f %7.3f %5.2f %5u %12.5f %4d\n",
+        fprintf(out, "%8lld %19lld %8.2f %8.2f %11.6f %11.6f %8.2f %11.2f %9.2f %7.3f %5.2f %5u %12.5f %4d\n",
                 (long long)c->cand_id, (long long)c->frame_id, c->x, c->y, c->ra, c->dec, c->snr,
                 c->flux, c->flux_err, c->mag, c->rb, (unsigned)c->flags, c->mjd, (int)c->run_id);
     }

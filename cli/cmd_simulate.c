@@ -68,7 +68,7 @@ static void help(const hilal_sim_options *d)
            "  --n-transients N      new point sources; auto 50 per 1024^2         [auto]\n"
            "  --snr-range MIN,MAX   ideal S/N range, log-uniform                  [%g,%g]\n"
            "  --galaxy-frac F       fraction of transients on galaxies            [%g]\n"
-           "  --n-variables N       stars brightening or fading; auto 10 per 1024^2 [auto]\n"
+           "  --n-variables N       variable stars; auto 10 per 1024^2            [auto]\n"
            "  --n-cosmics N         cosmic rays; auto 150 per 1024^2              [auto]\n"
            "  --bad-columns N       hot/dead column segments                      [%ld]\n"
            "  --no-events           none of the above: a noise-only pair with the\n"

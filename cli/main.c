@@ -16,6 +16,7 @@ typedef struct command {
 
 static const command commands[] = {
     {"run", hilal_cli_run, "one science frame against its reference, through every stage"},
+    {"subtract", hilal_cli_subtract, "ZOGY subtraction of one science image against a reference into a FITS file"},
     {"inspect", hilal_cli_inspect, "show what ingest reads from FITS files"},
     {"simulate", hilal_cli_simulate, "write a simulated reference/science pair with a truth table"},
     {"config", hilal_cli_config, "print the effective configuration and where each value came from"},

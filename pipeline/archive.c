@@ -212,7 +212,7 @@ void hilal_archive_options_init(hilal_archive_options *opt)
 {
     opt->cutout_size = 63;
     opt->psf_size = 51;
-    opt->compress_level = 4;
+    opt->compress_level = 1;
     opt->cutout_compress_level = 0;
     opt->fsync = 0;
 }
@@ -333,6 +333,11 @@ static hilal_status create_rows_dataset(hid_t loc, const char *name, hid_t type,
     hid_t dcpl = H5Pcreate(H5P_DATASET_CREATE), dset = H5I_INVALID_HID;
     if (space < 0 || dcpl < 0 || H5Pset_chunk(dcpl, rank, chunk) < 0 ||
         (fill != NULL && H5Pset_fill_value(dcpl, type, fill) < 0) ||
+        /* Rows are always written whole before anyone may read them, so
+         * chunks need not be pre-filled: full chunks then go straight to
+         * the file instead of through the chunk cache. Chunks never
+         * allocated still read as the fill value. */
+        (rank == 3 && H5Pset_fill_time(dcpl, H5D_FILL_TIME_NEVER) < 0) ||
         (level > 0 && (H5Pset_shuffle(dcpl) < 0 || H5Pset_deflate(dcpl, (unsigned)level) < 0))) {
         st = hilal_h5_error(err, "cannot set up dataset %s", name);
         goto cleanup;
@@ -422,18 +427,28 @@ static hilal_status create_contents(hid_t fid, const hilal_archive_options *opt,
     if (st != HILAL_OK)
         goto cleanup;
 
+    /* Crash safety decides the storage of each dataset. HDF5 1.10 rewrites a
+     * compressed chunk in place when its new compressed size equals the old
+     * one, so a writer killed during such a rewrite destroys the whole
+     * chunk. Hence:
+     *  - the tables and /text, whose chunks are extended by later frames
+     *    and whose valid/status columns are updated in place, are not
+     *    compressed: their chunks are rewritten byte for byte, committed
+     *    rows with the same bytes;
+     *  - compressed stacks (mask stamps, PSFs, float stamps when
+     *    cutout_compress > 0) have one chunk per row, written once. */
     st = create_table(fid, "candidates", cand_columns, NCOLS(cand_columns),
-                      sizeof(hilal_archive_cand), 1024, level,
+                      sizeof(hilal_archive_cand), 256, 0,
                       "one row per candidate; current rows have valid = 1", err);
     if (st == HILAL_OK)
         st = create_table(fid, "frames", frame_columns, NCOLS(frame_columns),
-                          sizeof(hilal_archive_frame), 32, level,
+                          sizeof(hilal_archive_frame), 16, 0,
                           "one row per processed frame and run; per-frame records", err);
     if (st == HILAL_OK)
         st = create_table(fid, "runs", run_columns, NCOLS(run_columns), sizeof(hilal_archive_run),
-                          16, level, "one row per configuration and software version", err);
+                          16, 0, "one row per configuration and software version", err);
     if (st == HILAL_OK)
-        st = create_rows_dataset(fid, "text", H5T_STD_U8LE, 1, 0, 65536, level, NULL,
+        st = create_rows_dataset(fid, "text", H5T_STD_U8LE, 1, 0, 65536, 0, NULL,
                                  "UTF-8 text referenced by offset/length from /runs and /frames",
                                  NULL, err);
     if (st != HILAL_OK)
@@ -445,15 +460,16 @@ static hilal_status create_contents(hid_t fid, const hilal_archive_options *opt,
         st = hilal_h5_error(err, "cannot create the cutouts and psf groups");
         goto cleanup;
     }
-    hsize_t crow = stack_chunk_rows(opt->cutout_size);
+    int clevel = opt->cutout_compress_level;
+    hsize_t crow = clevel > 0 ? 1 : stack_chunk_rows(opt->cutout_size);
     for (int p = 0; p < HILAL_ARCHIVE_NFLOAT_PLANES && st == HILAL_OK; p++)
         st = create_rows_dataset(g_cut, plane_names[p], H5T_IEEE_F32LE, 3,
-                                 (hsize_t)opt->cutout_size, crow, opt->cutout_compress_level,
-                                 &nanf_fill, plane_help[p], plane_units[p], err);
+                                 (hsize_t)opt->cutout_size, crow, clevel, &nanf_fill,
+                                 plane_help[p], plane_units[p], err);
     if (st == HILAL_OK)
-        st = create_rows_dataset(g_cut, "mask", H5T_STD_U16LE, 3, (hsize_t)opt->cutout_size, crow,
-                                 level > 0 ? level : 1, &mask_fill,
-                                 "mask bits (hilal_mask_bit; docs/archive.md)", NULL, err);
+        st = create_rows_dataset(g_cut, "mask", H5T_STD_U16LE, 3, (hsize_t)opt->cutout_size,
+                                 level > 0 ? 1 : stack_chunk_rows(opt->cutout_size), level,
+                                 &mask_fill, "mask bits (hilal_mask_bit; docs/archive.md)", NULL, err);
     for (int p = 0; p < 3 && st == HILAL_OK; p++)
         st = create_rows_dataset(g_psf, psf_names[p], H5T_IEEE_F32LE, 3, (hsize_t)opt->psf_size, 1,
                                  level, &nanf_fill,
@@ -1117,21 +1133,48 @@ int64_t hilal_archive_frame_id(const char *sha256_hex, int hdu, const char *name
     return (int64_t)strtoll(hex, NULL, 16);
 }
 
-static int cmp_float(const void *a, const void *b)
+/* The k-th smallest of a[0..n) (Hoare's selection, expected O(n));
+ * reorders a. */
+static float select_kth(float *a, size_t n, size_t k)
 {
-    float x = *(const float *)a, y = *(const float *)b;
-    return (x > y) - (x < y);
+    size_t lo = 0, hi = n - 1;
+    while (lo < hi) {
+        float pivot = a[lo + (hi - lo) / 2];
+        size_t i = lo, j = hi;
+        while (i <= j) {
+            while (a[i] < pivot)
+                i++;
+            while (a[j] > pivot)
+                j--;
+            if (i <= j) {
+                float t = a[i];
+                a[i] = a[j];
+                a[j] = t;
+                i++;
+                if (j == 0)
+                    break;
+                j--;
+            }
+        }
+        if (k <= j)
+            hi = j;
+        else if (k >= i)
+            lo = i;
+        else
+            return a[k];
+    }
+    return a[k];
 }
 
 /* Median of the finite values of a plane whose mask (may be NULL) has none
- * of `bad`, estimated from at most ~65536 pixels on a regular stride (exact
+ * of `bad`, estimated from at most ~16384 pixels on a regular stride (exact
  * for smaller images). NaN when none qualify. */
 static double sampled_median(const float *a, const hilal_mask_t *mask, size_t n,
                              hilal_mask_t bad, int positive_only)
 {
     if (a == NULL || n == 0)
         return NAN;
-    size_t stride = n / 65536 + 1, m = 0;
+    size_t stride = n / 16384 + 1, m = 0;
     float *s = malloc((n / stride + 1) * sizeof *s);
     if (s == NULL)
         return NAN;
@@ -1142,8 +1185,17 @@ static double sampled_median(const float *a, const hilal_mask_t *mask, size_t n,
     }
     double med = NAN;
     if (m > 0) {
-        qsort(s, m, sizeof *s, cmp_float);
-        med = m % 2 ? s[m / 2] : 0.5 * ((double)s[m / 2 - 1] + (double)s[m / 2]);
+        double hi = select_kth(s, m, m / 2);
+        /* For an even count, the lower middle is the largest value below. */
+        if (m % 2 == 0) {
+            float lo = s[0];
+            for (size_t i = 1; i < m / 2; i++)
+                if (s[i] > lo)
+                    lo = s[i];
+            med = 0.5 * ((double)lo + hi);
+        } else {
+            med = hi;
+        }
     }
     free(s);
     return med;
@@ -1287,15 +1339,20 @@ static hilal_status write_psfs(hilal_archive *ar, const hilal_frame *frame, size
  * nx x ny plane; pixels outside the plane (or a NULL plane) get NaN. */
 static void cut_float(const float *img, long nx, long ny, long x0, long y0, int S, float *out)
 {
+    int inside = x0 >= 0 && x0 + S <= nx;
     for (int j = 0; j < S; j++) {
         long y = y0 + j;
-        float *o = out + (size_t)j * S;
+        float *o = out + (size_t)j * (size_t)S;
         if (img == NULL || y < 0 || y >= ny) {
             for (int i = 0; i < S; i++)
                 o[i] = NAN;
             continue;
         }
         const float *row = img + (size_t)y * (size_t)nx;
+        if (inside) {
+            memcpy(o, row + x0, (size_t)S * sizeof *o);
+            continue;
+        }
         for (int i = 0; i < S; i++) {
             long x = x0 + i;
             o[i] = (x >= 0 && x < nx) ? row[x] : NAN;
@@ -1321,13 +1378,23 @@ static void cut_mask(const hilal_mask_t *m1, const hilal_mask_t *m2, long nx, lo
     }
 }
 
-/* Stamps per write: a multiple of the chunk rows, ~8 MB of float planes. */
-static size_t batch_rows(int S)
+/* Stamps cut per group: ~64 MB of float stamps at most. */
+static size_t group_rows(int S)
 {
-    size_t chunk = (size_t)stack_chunk_rows(S);
-    size_t per = (size_t)S * (size_t)S * 4 * HILAL_ARCHIVE_NFLOAT_PLANES;
-    size_t rows = ((size_t)8 << 20) / per / chunk * chunk;
-    return rows < chunk ? chunk : rows;
+    size_t rows = ((size_t)64 << 20) / ((size_t)S * (size_t)S * sizeof(float));
+    return rows < 1 ? 1 : rows;
+}
+
+typedef struct stamp_order { long y0, x0; size_t k; } stamp_order;
+
+static int stamp_order_cmp(const void *a, const void *b)
+{
+    const stamp_order *p = a, *q = b;
+    if (p->y0 != q->y0)
+        return p->y0 < q->y0 ? -1 : 1;
+    if (p->x0 != q->x0)
+        return p->x0 < q->x0 ? -1 : 1;
+    return p->k < q->k ? -1 : (p->k > q->k);
 }
 
 /* Writes the candidate rows [start, start + n) (valid = 0 until the commit)
@@ -1342,11 +1409,14 @@ static hilal_status write_candidates(hilal_archive *ar, const hilal_frame *frame
     size_t n = frame->ncands;
     int S = ar->cutout_size, half = S / 2;
     long nx = sci->nx, ny = sci->ny;
-    size_t B = batch_rows(S), SS = (size_t)S * (size_t)S;
+    size_t SS = (size_t)S * (size_t)S, G = group_rows(S);
+    if (G > n)
+        G = n > 0 ? n : 1;
     hilal_archive_cand *rows = calloc(n > 0 ? n : 1, sizeof *rows);
-    float *planes = malloc(B * SS * HILAL_ARCHIVE_NFLOAT_PLANES * sizeof *planes);
-    uint16_t *mask = malloc(B * SS * sizeof *mask);
-    if (rows == NULL || planes == NULL || mask == NULL) {
+    stamp_order *order = malloc(G * sizeof *order);
+    float *stamps = malloc(G * SS * sizeof *stamps);
+    uint16_t *mstamps = malloc(G * SS * sizeof *mstamps);
+    if (rows == NULL || order == NULL || stamps == NULL || mstamps == NULL) {
         st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for %zu candidates", n);
         goto cleanup;
     }
@@ -1359,62 +1429,90 @@ static hilal_status write_candidates(hilal_archive *ar, const hilal_frame *frame
     const hilal_mask_t *m1 = diff_ok && d->mask ? d->mask : sci->mask;
     const hilal_mask_t *m2 = diff_ok && d->mask ? NULL : (ref_ok ? ref->mask : NULL);
 
-    for (size_t b0 = 0; b0 < n && st == HILAL_OK; b0 += B) {
-        size_t nb = n - b0 < B ? n - b0 : B;
-        for (size_t k = 0; k < nb; k++) {
-            const hilal_candidate *c = &frame->cands[b0 + k];
-            hilal_archive_cand *r = &rows[b0 + k];
-            r->cand_id = start + (int64_t)(b0 + k) + 1;
-            r->frame_id = frame_id;
-            r->x = c->x;
-            r->y = c->y;
-            r->ra = c->ra;
-            r->dec = c->dec;
-            r->snr = c->snr;
-            r->flux = c->flux;
-            r->flux_err = c->flux_err;
-            r->mag = c->mag;
-            r->mag_err = c->mag_err;
-            r->fwhm = c->fwhm;
-            r->elongation = c->elongation;
-            r->rb = c->rb;
-            r->flags = c->flags;
-            r->mjd = isfinite(c->mjd) ? c->mjd : sci->meta.mjd;
-            r->sharpness = c->sharpness;
-            r->neg_frac = c->neg_frac;
-            r->dipole = c->dipole;
-            r->dist_sat_px = c->dist_sat_px;
-            r->dist_mask_px = c->dist_mask_px;
-            r->masked_frac = c->masked_frac;
-            r->run_id = run_id;
-            r->frame_row = (int64_t)frame_row;
-            r->valid = 0;
-            /* Stamp centred on the pixel holding the candidate: FITS x maps
-             * to 0-based x - 1, nearest pixel floor(x - 0.5). */
-            long cx = isfinite(c->x) ? (long)floor(c->x - 0.5) : -(long)S * 4;
-            long cy = isfinite(c->y) ? (long)floor(c->y - 0.5) : -(long)S * 4;
-            long x0 = cx - half, y0 = cy - half;
-            r->stamp_x0 = (int32_t)(x0 + 1);
-            r->stamp_y0 = (int32_t)(y0 + 1);
-            if (x0 < 0 || y0 < 0 || x0 + S > nx || y0 + S > ny)
-                r->flags |= HILAL_CAND_EDGE;
-            for (int p = 0; p < HILAL_ARCHIVE_NFLOAT_PLANES; p++)
-                cut_float(src[p], nx, ny, x0, y0, S, planes + ((size_t)p * B + k) * SS);
-            cut_mask(m1, m2, nx, ny, x0, y0, S, mask + k * SS);
+    /* The rows. */
+    for (size_t i = 0; i < n; i++) {
+        const hilal_candidate *c = &frame->cands[i];
+        hilal_archive_cand *r = &rows[i];
+        r->cand_id = start + (int64_t)i + 1;
+        r->frame_id = frame_id;
+        r->x = c->x;
+        r->y = c->y;
+        r->ra = c->ra;
+        r->dec = c->dec;
+        r->snr = c->snr;
+        r->flux = c->flux;
+        r->flux_err = c->flux_err;
+        r->mag = c->mag;
+        r->mag_err = c->mag_err;
+        r->fwhm = c->fwhm;
+        r->elongation = c->elongation;
+        r->rb = c->rb;
+        r->flags = c->flags;
+        r->mjd = isfinite(c->mjd) ? c->mjd : sci->meta.mjd;
+        r->sharpness = c->sharpness;
+        r->neg_frac = c->neg_frac;
+        r->dipole = c->dipole;
+        r->dist_sat_px = c->dist_sat_px;
+        r->dist_mask_px = c->dist_mask_px;
+        r->masked_frac = c->masked_frac;
+        r->run_id = run_id;
+        r->frame_row = (int64_t)frame_row;
+        r->valid = 0;
+        /* Stamp centred on the pixel holding the candidate: FITS x maps to
+         * 0-based x - 1, whose nearest pixel is floor(x - 0.5). */
+        long cx = isfinite(c->x) ? (long)floor(c->x - 0.5) : -4L * S;
+        long cy = isfinite(c->y) ? (long)floor(c->y - 0.5) : -4L * S;
+        long x0 = cx - half, y0 = cy - half;
+        r->stamp_x0 = (int32_t)(x0 + 1);
+        r->stamp_y0 = (int32_t)(y0 + 1);
+        if (x0 < 0 || y0 < 0 || x0 + S > nx || y0 + S > ny)
+            r->flags |= HILAL_CAND_EDGE;
+    }
+
+    /* Extend every stack once, then fill it group by group. */
+    hid_t stacks[HILAL_ARCHIVE_NFLOAT_PLANES + 1];
+    for (int p = 0; p < HILAL_ARCHIVE_NFLOAT_PLANES; p++)
+        stacks[p] = ar->d_cut[p];
+    stacks[HILAL_ARCHIVE_NFLOAT_PLANES] = ar->d_mask;
+    for (int p = 0; p <= HILAL_ARCHIVE_NFLOAT_PLANES && st == HILAL_OK; p++) {
+        hsize_t have;
+        st = hilal_h5_nrows(stacks[p], 0, &have, err);
+        if (st == HILAL_OK && have < (hsize_t)start + n)
+            st = hilal_h5_set_nrows(stacks[p], (hsize_t)start + n, err);
+    }
+    /* Stamps are cut plane by plane with the candidates of a group taken in
+     * order of their first row: consecutive stamps then read overlapping
+     * image rows, which stay in the processor caches (random order would
+     * wait on memory for every stamp row). */
+    for (size_t g0 = 0; g0 < n && st == HILAL_OK; g0 += G) {
+        size_t ng = n - g0 < G ? n - g0 : G;
+        for (size_t k = 0; k < ng; k++)
+            order[k] = (stamp_order){rows[g0 + k].stamp_y0, rows[g0 + k].stamp_x0, k};
+        qsort(order, ng, sizeof *order, stamp_order_cmp);
+        for (int p = 0; p <= HILAL_ARCHIVE_NFLOAT_PLANES && st == HILAL_OK; p++) {
+            for (size_t o = 0; o < ng; o++) {
+                size_t k = order[o].k;
+                long x0 = order[o].x0 - 1, y0 = order[o].y0 - 1;
+                if (p < HILAL_ARCHIVE_NFLOAT_PLANES)
+                    cut_float(src[p], nx, ny, x0, y0, S, stamps + k * SS);
+                else
+                    cut_mask(m1, m2, nx, ny, x0, y0, S, mstamps + k * SS);
+            }
+            st = hilal_h5_write_rows(stacks[p], p < HILAL_ARCHIVE_NFLOAT_PLANES ? H5T_NATIVE_FLOAT
+                                                                                : H5T_NATIVE_UINT16,
+                                     (hsize_t)start + g0, ng,
+                                     p < HILAL_ARCHIVE_NFLOAT_PLANES ? (const void *)stamps
+                                                                     : (const void *)mstamps,
+                                     err);
         }
-        hsize_t row0 = (hsize_t)start + b0;
-        for (int p = 0; p < HILAL_ARCHIVE_NFLOAT_PLANES && st == HILAL_OK; p++)
-            st = hilal_h5_write_rows(ar->d_cut[p], H5T_NATIVE_FLOAT, row0, nb,
-                                     planes + (size_t)p * B * SS, err);
-        if (st == HILAL_OK)
-            st = hilal_h5_write_rows(ar->d_mask, H5T_NATIVE_UINT16, row0, nb, mask, err);
     }
     if (st == HILAL_OK)
         st = hilal_h5_write_rows(ar->d_cand, ar->t_cand, (hsize_t)start, n, rows, err);
 cleanup:
     free(rows);
-    free(planes);
-    free(mask);
+    free(order);
+    free(stamps);
+    free(mstamps);
     return st;
 }
 
@@ -1957,15 +2055,13 @@ hilal_status hilal_archive_get_summary(hilal_archive *ar, hilal_archive_summary 
     hilal_archive_frame *frames = NULL;
     unsigned char *cur = NULL;
     size_t nf = 0;
-    hsize_t nc = 0, nr = 0;
+    hsize_t nc = 0;
     memset(out, 0, sizeof *out);
     hilal_h5_quiet();
     pthread_mutex_lock(&ar->mutex);
     st = load_frames(ar, &frames, &nf, &cur, err);
     if (st == HILAL_OK)
         st = hilal_h5_nrows(ar->d_cand, !ar->writable, &nc, err);
-    if (st == HILAL_OK)
-        st = hilal_h5_nrows(ar->d_runs, !ar->writable, &nr, err);
     pthread_mutex_unlock(&ar->mutex);
     if (st != HILAL_OK) {
         free(frames);
@@ -1999,7 +2095,6 @@ hilal_status hilal_archive_get_summary(hilal_archive *ar, hilal_archive_summary 
     st = hilal_archive_read_runs(ar, &runs, &nruns, err);
     free(runs);
     out->nruns = nruns;
-    (void)nr;
     out->writer_active = ar->writable ? 1 : writer_active(ar->path);
     return st;
 }

@@ -123,8 +123,8 @@ hilal_status hilal_archive_write_fits_table(const char *path, const hilal_archiv
     fits_write_date(f, &status);
     fits_create_tbl(f, BINARY_TBL, (LONGLONG)n, (int)ncols, ttype, tform, tunit, "CANDIDATES", &status);
     for (size_t i = 0; i < ncols && status == 0; i++) {
-        char key[16];
-        snprintf(key, sizeof key, "TTYPE%zu", i + 1);
+        char key[32];
+        snprintf(key, sizeof key, "TTYPE%d", (int)i + 1);
         /* Comments are limited to what fits on the card. */
         char comment[48];
         snprintf(comment, sizeof comment, "%s", cols[i].description);

@@ -143,7 +143,12 @@ hilal_status hilal_archive_write_cutout_png(const char *path, const hilal_archiv
     unsigned char *rgb = malloc((size_t)width * (size_t)height * 3);
     if (rgb == NULL)
         return hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory");
-    memset(rgb, 128, (size_t)width * (size_t)height * 3); /* grey separators */
+    /* Blue separators, a colour no stretched pixel takes. */
+    for (size_t k = 0; k < (size_t)width * (size_t)height; k++) {
+        rgb[3 * k] = 0;
+        rgb[3 * k + 1] = 80;
+        rgb[3 * k + 2] = 160;
+    }
     for (int p = 0; p < 3; p++) {
         const float *v = c->plane[panels[p]];
         double z1, z2;

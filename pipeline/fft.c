@@ -88,6 +88,21 @@ static unsigned rigor_flags(hilal_fft_rigor rigor)
     return FFTW_ESTIMATE;
 }
 
+/* Starts FFTW's thread support once (called with planner_lock held). It
+ * must precede planning with threads and importing wisdom, which may name
+ * the threaded solvers it registers. */
+static void init_threads(void)
+{
+    if (threads_ready || threads_failed)
+        return;
+    if (fftwf_init_threads() != 0) {
+        threads_ready = 1;
+    } else {
+        threads_failed = 1;
+        hilal_log(HILAL_LOG_WARN, "FFTW's thread support could not start; FFTs run on one thread");
+    }
+}
+
 /* Makes the r2c and c2r plans for one size. Called with planner_lock held.
  * Planning uses scratch arrays of its own so that MEASURE runs never touch
  * caller data. */
@@ -100,14 +115,7 @@ static hilal_status make_plan(long nx, long ny, int threads, hilal_fft_rigor rig
     struct hilal_fft_plan *p = NULL;
 
     *out = NULL;
-    if (!threads_ready && !threads_failed) {
-        if (fftwf_init_threads() != 0) {
-            threads_ready = 1;
-        } else {
-            threads_failed = 1;
-            hilal_log(HILAL_LOG_WARN, "FFTW's thread support could not start; FFTs run on one thread");
-        }
-    }
+    init_threads();
     int nthreads = threads_ready ? threads : 1;
 
     p = calloc(1, sizeof *p);
@@ -253,6 +261,7 @@ hilal_status hilal_fft_wisdom_import(const char *path, int *loaded, hilal_error 
     if (access(path, F_OK) != 0)
         return HILAL_OK;
     pthread_mutex_lock(&planner_lock);
+    init_threads();
     int ok = fftwf_import_wisdom_from_filename(path);
     pthread_mutex_unlock(&planner_lock);
     if (!ok)
@@ -271,6 +280,7 @@ hilal_status hilal_fft_wisdom_export(const char *path, hilal_error *err)
     if (snprintf(tmp, sizeof tmp, "%s.tmp%ld", path, (long)getpid()) >= (int)sizeof tmp)
         return hilal_error_set(err, HILAL_ERR_IO, "FFTW wisdom path is too long: %s", path);
     pthread_mutex_lock(&planner_lock);
+    init_threads();
     int ok = fftwf_export_wisdom_to_filename(tmp);
     pthread_mutex_unlock(&planner_lock);
     if (!ok || rename(tmp, path) != 0) {

@@ -77,16 +77,18 @@ hilal_status hilal_h5_fail(hilal_error *err, hilal_status code, const char *fmt,
  * Files
  * ------------------------------------------------------------------------ */
 
-hid_t hilal_h5_fapl(void)
+#define SWMR_READ_ATTEMPTS 30
+
+hid_t hilal_h5_fapl(int locking)
 {
     hid_t fapl = H5Pcreate(H5P_FILE_ACCESS);
     if (fapl < 0)
         return H5I_INVALID_HID;
     /* SWMR needs the 1.10 file format (superblock v3, extensible-array
-     * chunk indexes); LATEST gives exactly that with HDF5 1.10. */
+     * chunk indexes); LATEST gives exactly that with HDF5 1.10. HDF5's
+     * flock() is used where the file system has it (ignored elsewhere). */
     if (H5Pset_libver_bounds(fapl, H5F_LIBVER_LATEST, H5F_LIBVER_LATEST) < 0 ||
-        /* Use HDF5's locks, but do not fail on file systems without flock(). */
-        H5Pset_file_locking(fapl, 1, 1) < 0) {
+        H5Pset_file_locking(fapl, locking ? 1 : 0, 1) < 0) {
         H5Pclose(fapl);
         return H5I_INVALID_HID;
     }
@@ -96,7 +98,7 @@ hid_t hilal_h5_fapl(void)
 hilal_status hilal_h5_create(const char *path, hid_t *fid, hilal_error *err)
 {
     hilal_status st = HILAL_OK;
-    hid_t fapl = hilal_h5_fapl();
+    hid_t fapl = hilal_h5_fapl(1);
     *fid = H5I_INVALID_HID;
     if (fapl < 0) {
         st = hilal_h5_error(err, "cannot make a file-access property list");
@@ -122,7 +124,7 @@ cleanup:
 static hilal_status clear_status_flags(const char *path, hilal_error *err)
 {
     hilal_status st = HILAL_OK;
-    hid_t fapl = hilal_h5_fapl(), fid = H5I_INVALID_HID;
+    hid_t fapl = hilal_h5_fapl(1), fid = H5I_INVALID_HID;
     hbool_t yes = 1;
     if (fapl < 0) {
         st = hilal_h5_error(err, "cannot make a file-access property list");
@@ -164,7 +166,7 @@ hilal_status hilal_h5_open_swmr_write(const char *path, int *recovered, hid_t *f
                                       hilal_error *err)
 {
     hilal_status st = HILAL_OK;
-    hid_t fapl = hilal_h5_fapl();
+    hid_t fapl = hilal_h5_fapl(1);
     char detail[1024];
     *fid = H5I_INVALID_HID;
     *recovered = 0;
@@ -176,6 +178,16 @@ hilal_status hilal_h5_open_swmr_write(const char *path, int *recovered, hid_t *f
     if (*fid >= 0)
         goto cleanup;
     hilal_h5_stack_text(detail, sizeof detail);
+    if (strstr(detail, "unable to lock file") != NULL || strstr(detail, "unable to lock the file") != NULL) {
+        /* HDF5 readers hold a shared flock() while open (unless opened with
+         * file locking off), which a starting writer cannot override. */
+        st = hilal_h5_fail(err, HILAL_ERR_IO,
+                           "cannot open %s for writing: another process has it open for reading "
+                           "since before this writer started; close it, or open readers with "
+                           "HDF5 file locking off (h5py: locking=False; or "
+                           "HDF5_USE_FILE_LOCKING=FALSE)", path);
+        goto cleanup;
+    }
     if (strstr(detail, "already open for write") == NULL) {
         st = hilal_h5_fail(err, HILAL_ERR_IO, "cannot open %s for writing", path);
         goto cleanup;
@@ -199,18 +211,39 @@ cleanup:
 hilal_status hilal_h5_open_swmr_read(const char *path, hid_t *fid, hilal_error *err)
 {
     hilal_status st = HILAL_OK;
-    hid_t fapl = hilal_h5_fapl();
+    char detail[1024];
+    /* No file lock: a reader left open must not stop a writer from
+     * starting (SWMR readers tolerate a concurrent writer). */
+    hid_t fapl = hilal_h5_fapl(0), fapl_lock = H5I_INVALID_HID;
     *fid = H5I_INVALID_HID;
-    if (fapl < 0) {
+    /* A SWMR reader that meets a metadata block with a bad checksum (the
+     * writer is halfway through writing it) re-reads it with exponentially
+     * growing pauses (1 ns, 2 ns, ...). HDF5's default of 100 attempts adds
+     * up to hours; 30 attempts wait up to about a second in all, far longer
+     * than any single metadata write takes, then fail with a message. */
+    if (fapl < 0 || H5Pset_metadata_read_attempts(fapl, SWMR_READ_ATTEMPTS) < 0) {
         st = hilal_h5_error(err, "cannot make a file-access property list");
         goto cleanup;
     }
     *fid = H5Fopen(path, H5F_ACC_RDONLY | H5F_ACC_SWMR_READ, fapl);
+    if (*fid >= 0)
+        goto cleanup;
+    /* This process already has the file open for writing, with locking:
+     * HDF5 shares that open file and wants the same locking setting. */
+    hilal_h5_stack_text(detail, sizeof detail);
+    if (strstr(detail, "file locking flag values don't match") != NULL) {
+        hilal_h5_clear();
+        fapl_lock = hilal_h5_fapl(1);
+        if (fapl_lock >= 0 && H5Pset_metadata_read_attempts(fapl_lock, SWMR_READ_ATTEMPTS) >= 0)
+            *fid = H5Fopen(path, H5F_ACC_RDONLY | H5F_ACC_SWMR_READ, fapl_lock);
+    }
     if (*fid < 0)
         st = hilal_h5_fail(err, HILAL_ERR_IO, "cannot open %s for reading", path);
 cleanup:
     if (fapl >= 0)
         H5Pclose(fapl);
+    if (fapl_lock >= 0)
+        H5Pclose(fapl_lock);
     return st;
 }
 
@@ -219,26 +252,6 @@ cleanup:
  * ------------------------------------------------------------------------ */
 
 #define MAX_RANK 4
-
-hilal_status hilal_h5_nrows(hid_t dset, int refresh, hsize_t *n, hilal_error *err)
-{
-    hsize_t dims[MAX_RANK];
-    hid_t space;
-    *n = 0;
-    if (refresh && H5Drefresh(dset) < 0)
-        return hilal_h5_error(err, "cannot refresh a dataset");
-    space = H5Dget_space(dset);
-    if (space < 0)
-        return hilal_h5_error(err, "cannot get a dataspace");
-    int rank = H5Sget_simple_extent_ndims(space);
-    if (rank < 1 || rank > MAX_RANK || H5Sget_simple_extent_dims(space, dims, NULL) < 0) {
-        H5Sclose(space);
-        return hilal_h5_error(err, "unexpected dataspace (rank %d)", rank);
-    }
-    H5Sclose(space);
-    *n = dims[0];
-    return HILAL_OK;
-}
 
 /* Dimensions of a dataset; rank returned in *rank. */
 static hilal_status get_dims(hid_t dset, hsize_t dims[MAX_RANK], int *rank, hilal_error *err)
@@ -249,10 +262,23 @@ static hilal_status get_dims(hid_t dset, hsize_t dims[MAX_RANK], int *rank, hila
     *rank = H5Sget_simple_extent_ndims(space);
     if (*rank < 1 || *rank > MAX_RANK || H5Sget_simple_extent_dims(space, dims, NULL) < 0) {
         H5Sclose(space);
-        return hilal_h5_error(err, "unexpected dataspace");
+        return hilal_h5_error(err, "unexpected dataspace (rank %d)", *rank);
     }
     H5Sclose(space);
     return HILAL_OK;
+}
+
+hilal_status hilal_h5_nrows(hid_t dset, int refresh, hsize_t *n, hilal_error *err)
+{
+    hsize_t dims[MAX_RANK];
+    int rank;
+    *n = 0;
+    if (refresh && H5Drefresh(dset) < 0)
+        return hilal_h5_error(err, "cannot refresh a dataset");
+    hilal_status st = get_dims(dset, dims, &rank, err);
+    if (st == HILAL_OK)
+        *n = dims[0];
+    return st;
 }
 
 hilal_status hilal_h5_set_nrows(hid_t dset, hsize_t n, hilal_error *err)
@@ -448,8 +474,7 @@ cleanup:
  * astropy column metadata
  * ------------------------------------------------------------------------ */
 
-/* Appends s to the growing string *buf as a YAML single-quoted scalar
- * (quotes doubled), which never needs other escapes for printable text. */
+/* Appends s to the growing string *buf. */
 static int append(char **buf, size_t *len, size_t *cap, const char *s)
 {
     size_t n = strlen(s);
@@ -466,6 +491,8 @@ static int append(char **buf, size_t *len, size_t *cap, const char *s)
     return 0;
 }
 
+/* Appends s as a YAML single-quoted scalar (quotes doubled), which needs no
+ * other escapes for printable text. */
 static int append_quoted(char **buf, size_t *len, size_t *cap, const char *s)
 {
     char one[2] = {0, 0};
@@ -501,7 +528,7 @@ hilal_status hilal_h5_write_astropy_meta(hid_t loc, const char *table,
      *   meta: !!omap
      *   - {key: value}                                                    */
     lines[k++] = strdup("datatype:");
-    for (size_t i = 0; i < ncols && lines[k - 1] != NULL; i++) {
+    for (size_t i = 0; i < ncols; i++) {
         char *b = NULL;
         size_t len = 0, cap = 0;
         int bad = append(&b, &len, &cap, "- {name: ") || append(&b, &len, &cap, cols[i].name);

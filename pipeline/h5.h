@@ -39,9 +39,10 @@ void hilal_h5_stack_text(char *buf, size_t len);
 void hilal_h5_clear(void);
 
 /* A file-access property list for archives: latest file format (needed by
- * SWMR), HDF5's own file locking used where the file system supports it and
- * ignored where it does not. Returns H5I_INVALID_HID on failure. */
-hid_t hilal_h5_fapl(void);
+ * SWMR); with `locking`, HDF5's own flock() locking where the file system
+ * supports it (ignored where it does not), without it none. Returns
+ * H5I_INVALID_HID on failure. */
+hid_t hilal_h5_fapl(int locking);
 
 /* Creates a new file (fails if it exists) with hilal_h5_fapl(). */
 hilal_status hilal_h5_create(const char *path, hid_t *fid, hilal_error *err);
@@ -58,7 +59,8 @@ hilal_status hilal_h5_open_swmr_write(const char *path, int *recovered, hid_t *f
 
 /* Opens a file read-only in SWMR-read mode, which works on a closed file, on
  * a file being written by a live SWMR writer and on a file whose writer died
- * (but not on a file held by a non-SWMR writer). */
+ * (but not on a file held by a non-SWMR writer). Takes no file lock, so that
+ * an open reader never keeps a writer from starting. */
 hilal_status hilal_h5_open_swmr_read(const char *path, hid_t *fid, hilal_error *err);
 
 /* ---- "Tables": datasets extended along their first dimension ---------- */

@@ -197,6 +197,49 @@ static int lsq_fit(hilal_poly2d *p, int order, const double *x, const double *y,
     return 0;
 }
 
+/* Fits every order from 0 to max_order to the points in use and keeps the
+ * one with the lowest Bayesian information criterion (Schwarz 1978),
+ *     BIC = n ln(RSS / n) + p ln(n),
+ * n the number of residual components (2 per star), p the number of
+ * coefficients (both axes), RSS the residual sum of squares: a rotation,
+ * scale or quadratic term is kept only when the stars demand it, so that a
+ * few noisy matches do not tilt the transform. Returns the order chosen, or
+ * -1 when not even a shift can be fitted. */
+static int best_fit(hilal_poly2d *p, int max_order, const double *x, const double *y,
+                    const double *ex, const double *ey, const unsigned char *use, size_t n)
+{
+    size_t nu = 0;
+    for (size_t i = 0; i < n; i++)
+        nu += use[i] != 0;
+    int best = -1;
+    double best_bic = INFINITY;
+    hilal_poly2d trial = *p, chosen = *p;
+    for (int o = 0; o <= max_order; o++) {
+        int pc = 2 * ncoef(o);
+        if (nu * 2 <= (size_t)pc || lsq_fit(&trial, o, x, y, ex, ey, use, n) != 0)
+            continue;
+        double rss = 0;
+        for (size_t i = 0; i < n; i++) {
+            if (!use[i])
+                continue;
+            double dx, dy;
+            hilal_poly2d_eval(&trial, x[i], y[i], &dx, &dy);
+            rss += (ex[i] - dx) * (ex[i] - dx) + (ey[i] - dy) * (ey[i] - dy);
+        }
+        double m = 2.0 * (double)nu;
+        /* floor: noise-free data must not give ln(0) */
+        double bic = m * log(rss / m + 1e-12) + pc * log(m);
+        if (bic < best_bic) {
+            best_bic = bic;
+            best = o;
+            chosen = trial;
+        }
+    }
+    if (best >= 0)
+        *p = chosen;
+    return best;
+}
+
 /* Mutual nearest neighbours: for every a_i its nearest b within radius of
  * the predicted position a_i + c(a_i), kept only when a_i is also the
  * nearest a (predicted) of that b. Writes pairs into ia/ib; returns the count. */
@@ -275,7 +318,8 @@ hilal_status hilal_match_fit(const double *ax, const double *ay, size_t na, cons
     long *hist = NULL;
     double *vdx = NULL, *vdy = NULL;
     if (!best_b || !best_a || !best_b_d2 || !best_a_d2 || !px || !py || !ia || !ib || !prev_ia ||
-        !prev_ib || !mx || !my || !ex || !ey || !rx || !ry || !tmp || !tmp2 || !scratch || !use || !newuse) {
+        !prev_ib || !mx || !my || !ex || !ey || !rx || !ry || !tmp || !tmp2 || !scratch || !use ||
+        !newuse) {
         st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory matching %zu and %zu stars", na,
                              nb);
         goto cleanup;
@@ -393,16 +437,14 @@ hilal_status hilal_match_fit(const double *ax, const double *ay, size_t na, cons
             ey[k] = by[ib[k]] - ay[ia[k]];
             use[k] = 1;
         }
-        /* Order of the fit: quadratic only with enough matches to constrain
-         * its 6 coefficients per axis well, affine otherwise. */
+        /* Highest order tried: quadratic only with enough matches to
+         * constrain its 6 coefficients per axis well, affine otherwise; the
+         * information criterion then picks among the lower ones. */
         order = (opts->order >= 2 && nm >= (size_t)opts->order2_min_matches) ? 2 : 1;
         hilal_poly2d fit = *poly;
         int ok = 0;
         for (int clip = 0; clip < 20; clip++) {
-            int o = order;
-            while (o >= 0 && lsq_fit(&fit, o, mx, my, ex, ey, use, nm) != 0)
-                o--;
-            if (o < 0)
+            if (best_fit(&fit, order, mx, my, ex, ey, use, nm) < 0)
                 break;
             ok = 1;
             /* Residuals of every candidate (rejected ones may come back). */
@@ -489,6 +531,38 @@ hilal_status hilal_match_fit(const double *ax, const double *ay, size_t na, cons
         radius = next;
         if (same && iter > 0)
             break;
+    }
+    /* 4. Sanity of the result. A true registration leaves a scatter of the
+     *    order of the centroid errors, well inside the match radius, and many
+     *    more matches than two unrelated star fields would give by chance
+     *    within the final radius: lambda = na nb pi r^2 / A (A the area the
+     *    science stars span); ask for lambda + 5 sqrt(lambda) + 3. */
+    if (fmax(out->rms_x_px, out->rms_y_px) > 0.5 * opts->match_radius_px) {
+        st = hilal_error_set(err, HILAL_ERR_DATA,
+                             "the %zu matched stars scatter by (%.2f, %.2f) px RMS about the best "
+                             "transform, too much for a registration (at most half the %.1f px "
+                             "match radius, align.match_radius_px)",
+                             nkept, out->rms_x_px, out->rms_y_px, opts->match_radius_px);
+        goto cleanup;
+    }
+    {
+        double xmin = INFINITY, xmax = -INFINITY, ymin = INFINITY, ymax = -INFINITY;
+        for (size_t i = 0; i < na; i++)
+            if (isfinite(ax[i]) && isfinite(ay[i])) {
+                xmin = fmin(xmin, ax[i]);
+                xmax = fmax(xmax, ax[i]);
+                ymin = fmin(ymin, ay[i]);
+                ymax = fmax(ymax, ay[i]);
+            }
+        double area = fmax((xmax - xmin) * (ymax - ymin), 1.0);
+        double lambda = (double)na * (double)nb * 3.14159265358979323846 * radius * radius / area;
+        if ((double)nkept < lambda + 5.0 * sqrt(lambda) + 3.0) {
+            st = hilal_error_set(err, HILAL_ERR_DATA,
+                                 "only %zu stars match within %.1f px where %.1f would match by "
+                                 "chance: no significant registration",
+                                 nkept, radius, lambda);
+            goto cleanup;
+        }
     }
     out->ia = malloc((nkept + 1) * sizeof *out->ia);
     out->ib = malloc((nkept + 1) * sizeof *out->ib);

@@ -44,7 +44,8 @@ typedef struct hilal_match_opts {
     double search_radius_px; /* largest first-guess error searched by the offset vote */
     double match_radius_px;  /* final nearest-neighbour radius */
     int min_matches;         /* fewer clipped matches than this is a failure */
-    int order;               /* highest order fitted (1 or 2) */
+    int order;               /* highest order fitted (1 or 2); lower ones win when the
+                                Bayesian information criterion prefers them */
     int order2_min_matches;  /* quadratic terms only with at least this many matches */
     double clip_sigma;       /* sigma-clipping threshold, in robust sigma */
 } hilal_match_opts;
@@ -70,7 +71,9 @@ void hilal_match_result_clear(hilal_match_result *r);
  *   2. mutual nearest neighbours within a radius, starting at three vote
  *      cells and shrinking to max(match_radius_px, 4 x RMS);
  *   3. least-squares fit of the displacement polynomial with iterative
- *      clipping at clip_sigma robust sigma (1.4826 x MAD);
+ *      clipping at clip_sigma robust sigma (1.4826 x MAD), the order (0
+ *      shift, 1 affine, 2 quadratic, at most opts->order) chosen by the
+ *      Bayesian information criterion;
  * repeated until the matched set no longer changes.
  * On failure (no consistent offset, fewer than min_matches matches) returns
  * HILAL_ERR_DATA with a message saying how many stars matched; the caller

@@ -223,43 +223,41 @@ double hilal_lanczos3(double t)
     return 3.0 * sin(pt) * sin(pt / 3.0) / (pt * pt);
 }
 
-/* The kernel tabulated at 1/LUT_RES px and interpolated linearly: the
- * interpolation error, h^2/8 max|L''| ~ 1e-7, is far below float precision
- * of the data; the weights are renormalised anyway. */
-#define LUT_RES 4096
-static double lut[3 * LUT_RES + 2];
-static pthread_once_t lut_once = PTHREAD_ONCE_INIT;
+/* The six normalised tap weights tabulated against the sub-pixel phase f in
+ * [0, 1] at NPHASE + 1 points and interpolated linearly in f: a linear
+ * combination of normalised weight sets is normalised, and the error of the
+ * interpolation, (1/NPHASE)^2/8 max|d^2w/df^2| ~ 3e-7, is far below the
+ * float precision of the data. */
+#define NPHASE 2048
+static double phase_w[NPHASE + 1][6];
+static pthread_once_t phase_once = PTHREAD_ONCE_INIT;
 
-static void lut_init(void)
+static void phase_init(void)
 {
-    for (int k = 0; k < 3 * LUT_RES + 2; k++)
-        lut[k] = hilal_lanczos3((double)k / LUT_RES);
+    for (int p = 0; p <= NPHASE; p++) {
+        double f = (double)p / NPHASE, s = 0;
+        for (int k = 0; k < 6; k++) {
+            phase_w[p][k] = hilal_lanczos3(f + 2.0 - k); /* tap k at distance f + 2 - k */
+            s += phase_w[p][k];
+        }
+        for (int k = 0; k < 6; k++)
+            phase_w[p][k] /= s;
+    }
 }
 
-static inline double kernel(double t)
-{
-    t = fabs(t) * LUT_RES;
-    if (t >= 3.0 * LUT_RES)
-        return 0.0;
-    int k = (int)t;
-    double a = t - k;
-    return lut[k] + a * (lut[k + 1] - lut[k]);
-}
-
-/* The 6 taps around input coordinate c (0-based): first tap index, weights
- * normalised to sum 1, and their sum of squares. */
+/* The 6 taps around input coordinate c (0-based): the index of the first
+ * tap (floor(c) - 2), the weights (sum 1) and their sum of squares. */
 static inline long taps(double c, double w[6], double *w2)
 {
     double fl = floor(c);
-    double f = c - fl;
-    double s = 0;
+    double t = (c - fl) * NPHASE;
+    int p = (int)t;
+    if (p >= NPHASE)
+        p = NPHASE - 1;
+    double a = t - p, q = 0;
+    const double *w0 = phase_w[p], *w1 = phase_w[p + 1];
     for (int k = 0; k < 6; k++) {
-        w[k] = kernel(f + 2.0 - k); /* tap at fl - 2 + k, distance c - tap */
-        s += w[k];
-    }
-    double q = 0;
-    for (int k = 0; k < 6; k++) {
-        w[k] /= s;
+        w[k] = w0[k] + a * (w1[k] - w0[k]);
         q += w[k] * w[k];
     }
     *w2 = q;
@@ -355,7 +353,7 @@ static void *resample_rows(void *arg)
             }
             double wx[6], wy[6], qx, qy;
             long ix0 = taps(u, wx, &qx), iy0 = taps(v, wy, &qy);
-            double sp = 0, sv = 0, W = 0;
+            double sp = 0, sv = 0, W = 0, Wa = 0;
             hilal_mask_t m = 0;
             int done = 0;
             /* Fast path: the whole 6 x 6 footprint inside the input and
@@ -368,20 +366,38 @@ static void *resample_rows(void *arg)
                     mor |= mr[0] | mr[1] | mr[2] | mr[3] | mr[4] | mr[5];
                 }
                 if ((mor & HILAL_MASK_UNUSABLE) == 0) {
+                    /* single precision here: 7 significant digits are ample
+                     * for sums of 36 data values, and it vectorises */
+                    float fx6[6], fy6[6], ax6[6], ay6[6], sax = 0.0f, say = 0.0f;
+                    for (int t = 0; t < 6; t++) {
+                        fx6[t] = (float)wx[t];
+                        fy6[t] = (float)wy[t];
+                        ax6[t] = fabsf(fx6[t]);
+                        ay6[t] = fabsf(fy6[t]);
+                        sax += ax6[t];
+                        say += ay6[t];
+                    }
+                    for (int t = 0; t < 6; t++) {
+                        ax6[t] /= sax;
+                        ay6[t] /= say;
+                    }
+                    float acc = 0.0f, accv = 0.0f;
                     for (int b = 0; b < 6; b++) {
                         const float *pr = inp + (iy0 + b) * rnx + ix0;
-                        double r = wx[0] * pr[0] + wx[1] * pr[1] + wx[2] * pr[2] +
-                                   wx[3] * pr[3] + wx[4] * pr[4] + wx[5] * pr[5];
-                        sp += wy[b] * r;
+                        float r = fx6[0] * pr[0] + fx6[1] * pr[1] + fx6[2] * pr[2] +
+                                  fx6[3] * pr[3] + fx6[4] * pr[4] + fx6[5] * pr[5];
+                        acc += fy6[b] * r;
                     }
                     if (inv != NULL)
                         for (int b = 0; b < 6; b++) {
                             const float *vr = inv + (iy0 + b) * rnx + ix0;
-                            double r = wx[0] * wx[0] * vr[0] + wx[1] * wx[1] * vr[1] +
-                                       wx[2] * wx[2] * vr[2] + wx[3] * wx[3] * vr[3] +
-                                       wx[4] * wx[4] * vr[4] + wx[5] * wx[5] * vr[5];
-                            sv += wy[b] * wy[b] * r;
+                            float r = ax6[0] * vr[0] + ax6[1] * vr[1] + ax6[2] * vr[2] +
+                                      ax6[3] * vr[3] + ax6[4] * vr[4] + ax6[5] * vr[5];
+                            accv += ay6[b] * r;
                         }
+                    sp = acc;
+                    sv = accv;
+                    Wa = 1.0;
                     /* Masks of the taps with a non-negligible weight. */
                     if (mor != 0)
                         for (int b = 0; b < 6; b++)
@@ -396,7 +412,7 @@ static void *resample_rows(void *arg)
                 /* General path: skip taps outside the input or unusable
                  * (masked, non-finite, masked variance) and renormalise by
                  * the weight W of those used. */
-                sp = sv = W = 0;
+                sp = sv = W = Wa = 0;
                 m = 0;
                 double spall = 0, wall = 0;
                 int edge = 0, interp = 0;
@@ -427,8 +443,9 @@ static void *resample_rows(void *arg)
                         }
                         sp += w * p;
                         if (inv != NULL)
-                            sv += w * w * inv[k];
+                            sv += fabs(w) * inv[k];
                         W += w;
+                        Wa += fabs(w);
                     }
                 }
                 if (edge)
@@ -453,7 +470,7 @@ static void *resample_rows(void *arg)
             /* Flux conservation: an output pixel covers `jac` input pixels. */
             out->pix[o] = (float)(jac * sp / W);
             if (out->var)
-                out->var[o] = (float)(jac * jac * sv / (W * W));
+                out->var[o] = (float)(jac * sv / Wa);
             if (out->sky)
                 out->sky[o] = (float)(jac * bilinear(ins, rnx, rny, u, v));
             out->mask[o] = m;
@@ -479,7 +496,7 @@ hilal_status hilal_resample_lanczos3(const hilal_image *in, const hilal_pixgrid 
     worker *wk = NULL;
     pthread_t *tid = NULL;
     int nstarted = 0;
-    pthread_once(&lut_once, lut_init);
+    pthread_once(&phase_once, phase_init);
     hilal_image *res = hilal_image_new(g->nx, g->ny, err);
     if (res == NULL)
         return HILAL_ERR_NOMEM;

@@ -50,23 +50,31 @@ double hilal_lanczos3(double t);
 typedef struct hilal_resample_stats {
     size_t ncovered;    /* output pixels with a finite value and variance */
     size_t nnodata;     /* output pixels flagged NODATA (outside the input or fully masked) */
-    double mean_w2;     /* mean over covered pixels of sum w^2 (normalised weights) */
+    double mean_w2;     /* mean over covered pixels of sum w^2 (normalised weights): the
+                           per-pixel variance reduction of interpolated noise */
     double mean_jac;    /* mean Jacobian over covered pixels */
 } hilal_resample_stats;
 
 /* Resamples in onto the grid of g: for each output pixel the input position
  * (u, v) from g, the separable Lanczos3 weights w = wx(u) wy(v) normalised
- * to sum 1 on each axis, and
- *     pix = J sum w p / W,   var = J^2 sum w^2 var / W^2,   sky (bilinear) x J,
- * over the usable input pixels in the 6 x 6 footprint (W = their weight sum,
- * J = Jacobian, so that flux is conserved). Mask: OR of the input masks with
- * |w| >= mask_weight, plus INTERP where an unusable input pixel was skipped
- * and EDGE|NODATA where the footprint leaves the input. Output pixels whose
- * position lies outside the input, or whose usable weight W is below 0.5,
- * get NODATA (plus EDGE outside), var 1e30 and NaN pixels (outside) .
- * var and sky are made only when the input has them. *out gets a new image
- * with the input's metadata (WCS included: the caller replaces it).
- * threads <= 0 means one per core. */
+ * to sum 1 on each axis, and, over the usable input pixels of the 6 x 6
+ * footprint (W = sum w, Wa = sum |w| over them, J = Jacobian):
+ *     pix = J sum w p / W                 (flux-conserving)
+ *     var = J sum |w| var / Wa            (white-noise-equivalent variance)
+ *     sky = J x bilinear(sky)
+ * The var plane is the local variance density the noise models of later
+ * stages need (what sums over many pixels, e.g. PSF-filtered images, see);
+ * the variance of a single resampled pixel is lower, J^2 sum w^2 var, and
+ * neighbours are correlated (docs/align.md).
+ * Mask: OR of the input masks with |w| >= mask_weight, plus INTERP where an
+ * unusable input pixel was skipped and EDGE|NODATA where the footprint
+ * leaves the input. Output pixels whose position lies outside the input, or
+ * whose usable weight W is below 0.5, get NODATA (plus EDGE outside), var
+ * 1e30 and NaN pixels (outside). var and sky are made only when the input
+ * has them. *out gets a new image with the input's metadata (WCS included:
+ * the caller replaces it). stats->mean_w2 is the mean of sum w^2 over the
+ * covered pixels (per-pixel variance / var plane at J = 1). threads <= 0
+ * means one per core. */
 hilal_status hilal_resample_lanczos3(const hilal_image *in, const hilal_pixgrid *g,
                                      double mask_weight, int threads, hilal_image **out,
                                      hilal_resample_stats *stats, hilal_error *err);

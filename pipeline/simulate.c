@@ -79,74 +79,71 @@ hilal_sim_options hilal_sim_options_default(void)
     return o;
 }
 
-/* Range check helper: message names the CLI flag and the valid range. */
-static hilal_status check_range(double v, double lo, double hi, const char *flag, hilal_error *err)
-{
-    if (isfinite(v) && v >= lo && v <= hi)
-        return HILAL_OK;
-    return hilal_error_set(err, HILAL_ERR_RANGE, "%s = %g is outside [%g, %g]", flag, v,
-                           lo, hi);
-}
+/* One range rule: the value, its inclusive bounds and the CLI flag named in
+ * the message. */
+typedef struct range_rule {
+    double v, lo, hi;
+    const char *flag;
+} range_rule;
 
 hilal_status hilal_sim_options_check(const hilal_sim_options *o, hilal_error *err)
 {
-    hilal_status st = HILAL_OK;
-#define CHECK_RANGE(v, lo, hi, flag)                         \
-    do {                                                     \
-        st = check_range((double)(v), lo, hi, flag, err);    \
-        if (st != HILAL_OK)                                  \
-            return st;                                       \
-    } while (0)
-    CHECK_RANGE(o->nx, 32, 16384, "--size (x)");
-    CHECK_RANGE(o->ny, 32, 16384, "--size (y)");
-    CHECK_RANGE(o->pixscale_arcsec, 1e-3, 3600.0, "--pixscale");
-    CHECK_RANGE(o->ra_deg, 0.0, 360.0, "--center (RA)");
-    CHECK_RANGE(o->dec_deg, -89.0, 89.0, "--center (Dec)");
-    CHECK_RANGE(o->offset_x_px, -1e5, 1e5, "--offset-px (DX)");
-    CHECK_RANGE(o->offset_y_px, -1e5, 1e5, "--offset-px (DY)");
-    CHECK_RANGE(o->rotate_deg, -360.0, 360.0, "--rotate-deg");
     if (o->psf_model != HILAL_SIM_PSF_MOFFAT && o->psf_model != HILAL_SIM_PSF_GAUSSIAN)
         return hilal_error_set(err, HILAL_ERR_RANGE, "--psf must be moffat or gaussian");
-    CHECK_RANGE(o->moffat_beta, 1.1, 50.0, "--beta");
-    CHECK_RANGE(o->fwhm_ref_px, 0.8, 30.0, "--fwhm-ref");
-    CHECK_RANGE(o->fwhm_sci_px, 0.8, 30.0, "--fwhm-sci");
-    CHECK_RANGE(o->psf_vary_frac, 0.0, 0.9, "--psf-vary");
-    CHECK_RANGE(o->psf_ellip, 0.0, 0.5, "--psf-ellip");
-    CHECK_RANGE(o->saturate_adu, 1.0, 1e9, "--saturate");
     if (o->bitpix != -32 && o->bitpix != 16)
         return hilal_error_set(err, HILAL_ERR_RANGE,
-                               "--bitpix = %d; use -32 (float) or 16 (unsigned 16-bit)",
-                               o->bitpix);
+                               "--bitpix = %d; use -32 (float) or 16 (unsigned 16-bit)", o->bitpix);
     if (o->bitpix == 16 && o->saturate_adu > 65535.0)
         return hilal_error_set(err, HILAL_ERR_RANGE,
                                "--saturate = %g does not fit --bitpix 16 (at most 65535)",
                                o->saturate_adu);
-    CHECK_RANGE(o->sky_sci_adu, 0.0, 0.5 * o->saturate_adu, "--sky-sci (at most half of --saturate)");
-    CHECK_RANGE(o->sky_ref_adu, 0.0, 0.5 * o->saturate_adu, "--sky-ref (at most half of --saturate)");
-    CHECK_RANGE(o->sky_gradient_frac, 0.0, 1.0, "--sky-gradient");
-    CHECK_RANGE(o->gain_e_per_adu, 1e-3, 1e3, "--gain");
-    CHECK_RANGE(o->rdnoise_e, 0.0, 1e4, "--rdnoise");
-    CHECK_RANGE(o->exptime_s, 1e-6, 1e7, "--exptime");
-    CHECK_RANGE(o->ref_depth, 0.01, 1e4, "--ref-depth");
-    CHECK_RANGE(o->flux_ratio, 1e-3, 1e3, "--flux-ratio");
-    CHECK_RANGE(o->zeropoint_mag, -50.0, 100.0, "--zeropoint");
-    CHECK_RANGE(o->star_density, 0.0, 1e5, "--star-density");
-    CHECK_RANGE(o->mag_bright, -50.0, 100.0, "--mag-range (bright)");
-    CHECK_RANGE(o->mag_faint, o->mag_bright + 0.01, 100.0, "--mag-range (faint, > bright)");
-    CHECK_RANGE(o->count_slope, 0.0, 1.0, "--count-slope");
-    CHECK_RANGE(o->galaxy_density, 0.0, 1e4, "--galaxy-density");
-    CHECK_RANGE(o->n_transients, -1, 1e6, "--n-transients");
-    CHECK_RANGE(o->snr_min, 0.1, 1e5, "--snr-range (min)");
-    CHECK_RANGE(o->snr_max, o->snr_min, 1e5, "--snr-range (max, >= min)");
-    CHECK_RANGE(o->galaxy_frac, 0.0, 1.0, "--galaxy-frac");
-    CHECK_RANGE(o->n_variables, -1, 1e6, "--n-variables");
-    CHECK_RANGE(o->n_cosmics, -1, 1e7, "--n-cosmics");
-    CHECK_RANGE(o->n_bad_columns, 0, (double)o->nx / 4, "--bad-columns (at most a quarter of the columns)");
-    CHECK_RANGE(o->mjd_ref, -1e6, 1e6, "--mjd-ref");
-    CHECK_RANGE(o->mjd_sci, -1e6, 1e6, "--mjd-sci");
-    CHECK_RANGE(o->nthreads, 0, 16, "--threads");
-#undef CHECK_RANGE
-    return st;
+    const range_rule rules[] = {
+        {(double)o->nx, 32, 16384, "--size (x)"},
+        {(double)o->ny, 32, 16384, "--size (y)"},
+        {(double)o->pixscale_arcsec, 1e-3, 3600.0, "--pixscale"},
+        {(double)o->ra_deg, 0.0, 360.0, "--center (RA)"},
+        {(double)o->dec_deg, -89.0, 89.0, "--center (Dec)"},
+        {(double)o->offset_x_px, -1e5, 1e5, "--offset-px (DX)"},
+        {(double)o->offset_y_px, -1e5, 1e5, "--offset-px (DY)"},
+        {(double)o->rotate_deg, -360.0, 360.0, "--rotate-deg"},
+        {(double)o->moffat_beta, 1.1, 50.0, "--beta"},
+        {(double)o->fwhm_ref_px, 0.8, 30.0, "--fwhm-ref"},
+        {(double)o->fwhm_sci_px, 0.8, 30.0, "--fwhm-sci"},
+        {(double)o->psf_vary_frac, 0.0, 0.9, "--psf-vary"},
+        {(double)o->psf_ellip, 0.0, 0.5, "--psf-ellip"},
+        {(double)o->saturate_adu, 1.0, 1e9, "--saturate"},
+        {(double)o->sky_sci_adu, 0.0, 0.5 * o->saturate_adu, "--sky-sci (at most half of --saturate)"},
+        {(double)o->sky_ref_adu, 0.0, 0.5 * o->saturate_adu, "--sky-ref (at most half of --saturate)"},
+        {(double)o->sky_gradient_frac, 0.0, 1.0, "--sky-gradient"},
+        {(double)o->gain_e_per_adu, 1e-3, 1e3, "--gain"},
+        {(double)o->rdnoise_e, 0.0, 1e4, "--rdnoise"},
+        {(double)o->exptime_s, 1e-6, 1e7, "--exptime"},
+        {(double)o->ref_depth, 0.01, 1e4, "--ref-depth"},
+        {(double)o->flux_ratio, 1e-3, 1e3, "--flux-ratio"},
+        {(double)o->zeropoint_mag, -50.0, 100.0, "--zeropoint"},
+        {(double)o->star_density, 0.0, 1e5, "--star-density"},
+        {(double)o->mag_bright, -50.0, 100.0, "--mag-range (bright)"},
+        {(double)o->mag_faint, o->mag_bright + 0.01, 100.0, "--mag-range (faint, > bright)"},
+        {(double)o->count_slope, 0.0, 1.0, "--count-slope"},
+        {(double)o->galaxy_density, 0.0, 1e4, "--galaxy-density"},
+        {(double)o->n_transients, -1, 1e6, "--n-transients"},
+        {(double)o->snr_min, 0.1, 1e5, "--snr-range (min)"},
+        {(double)o->snr_max, o->snr_min, 1e5, "--snr-range (max, >= min)"},
+        {(double)o->galaxy_frac, 0.0, 1.0, "--galaxy-frac"},
+        {(double)o->n_variables, -1, 1e6, "--n-variables"},
+        {(double)o->n_cosmics, -1, 1e7, "--n-cosmics"},
+        {(double)o->n_bad_columns, 0, (double)o->nx / 4, "--bad-columns (at most a quarter of the columns)"},
+        {(double)o->mjd_ref, -1e6, 1e6, "--mjd-ref"},
+        {(double)o->mjd_sci, -1e6, 1e6, "--mjd-sci"},
+        {(double)o->nthreads, 0, 16, "--threads"},
+    };
+    for (size_t i = 0; i < sizeof rules / sizeof rules[0]; i++) {
+        const range_rule *r = &rules[i];
+        if (!(isfinite(r->v) && r->v >= r->lo && r->v <= r->hi))
+            return hilal_error_set(err, HILAL_ERR_RANGE, "%s = %g is outside [%g, %g]", r->flag,
+                                   r->v, r->lo, r->hi);
+    }
+    return HILAL_OK;
 }
 
 long hilal_sim_event_count(const hilal_sim_options *o, int which)
@@ -154,15 +151,17 @@ long hilal_sim_event_count(const hilal_sim_options *o, int which)
     if (o->no_events)
         return 0;
     double area = (double)o->nx * (double)o->ny / (1024.0 * 1024.0);
+    /* Minimum automatic counts only where a frame has room for them. */
+    int roomy = o->nx >= 128 && o->ny >= 128;
     switch (which) {
     case 0:
         if (o->n_transients >= 0)
             return o->n_transients;
-        return lround(fmax(3.0, 50.0 * area));
+        return lround(fmax(roomy ? 3.0 : 0.0, 50.0 * area));
     case 1:
         if (o->n_variables >= 0)
             return o->n_variables;
-        return lround(fmax(1.0, 10.0 * area));
+        return lround(fmax(roomy ? 1.0 : 0.0, 10.0 * area));
     case 2:
         if (o->n_cosmics >= 0)
             return o->n_cosmics;
@@ -1178,6 +1177,15 @@ hilal_status hilal_sim_make(const hilal_sim_options *o, hilal_image **sci_out,
         st = finish_frame(&c, 1, err);
     if (st != HILAL_OK)
         goto cleanup;
+    /* Saturated pixels are marked as ingest marks them when it reads the
+     * files (value >= SATURATE); nothing else is flagged. */
+    for (int k = 0; k < 2; k++) {
+        size_t n = (size_t)c.nx * (size_t)c.ny;
+        const float sat = (float)o->saturate_adu;
+        for (size_t i = 0; i < n; i++)
+            if (img[k]->pix[i] >= sat)
+                img[k]->mask[i] |= HILAL_MASK_SAT;
+    }
 
     hilal_log(HILAL_LOG_DEBUG,
               "simulate: %ld x %ld, %zu stars, %zu galaxies, %zu events (%ld transients, %ld "
@@ -1221,27 +1229,78 @@ hilal_status hilal_sim_write(const hilal_sim_options *o, const char *outdir, hil
     return st;
 }
 
+/* Shortest %g text that reads back as the same double. */
+static const char *num_text(double v, char *buf, size_t len)
+{
+    for (int digits = 6; digits <= 17; digits++) {
+        snprintf(buf, len, "%.*g", digits, v);
+        if (strtod(buf, NULL) == v)
+            break;
+    }
+    return buf;
+}
+
+/* A shell word: single-quoted, with ' written as '\''. */
+static const char *shell_word(const char *s, char *buf, size_t len)
+{
+    size_t k = 0;
+    if (len < 3)
+        return "''";
+    buf[k++] = '\'';
+    for (; *s != '\0' && k + 6 < len; s++) {
+        if (*s == '\'') {
+            memcpy(buf + k, "'\\''", 4);
+            k += 4;
+        } else {
+            buf[k++] = *s;
+        }
+    }
+    buf[k++] = '\'';
+    buf[k] = '\0';
+    return buf;
+}
+
+/* Distinct text buffers for the numbers of one command line; the counter
+ * is advanced inside the call, so several calls among the arguments of one
+ * printf are well defined. */
+typedef struct num_bufs {
+    char b[40][40];
+    int k;
+} num_bufs;
+
+static const char *num_next(num_bufs *nb, double v)
+{
+    int k = nb->k < 39 ? nb->k++ : 39;
+    return num_text(v, nb->b[k], sizeof nb->b[k]);
+}
+
 void sim_options_cmdline(const hilal_sim_options *o, char *buf, size_t len)
 {
+    char fq[160], oq[300];
+    num_bufs nb;
+    nb.k = 0;
+#define N(v) num_next(&nb, (v))
     snprintf(buf, len,
-             "hilal simulate --size %ldx%ld --seed %llu --pixscale %.17g --center %.17g,%.17g "
-             "--offset-px %.17g,%.17g --rotate-deg %.17g --psf %s --beta %.17g --fwhm-ref %.17g "
-             "--fwhm-sci %.17g --psf-vary %.17g --psf-ellip %.17g --sky-sci %.17g --sky-ref %.17g "
-             "--sky-gradient %.17g --gain %.17g --rdnoise %.17g --saturate %.17g %s --exptime %.17g "
-             "--ref-depth %.17g --flux-ratio %.17g --zeropoint %.17g --star-density %.17g "
-             "--mag-range %.17g,%.17g --count-slope %.17g --galaxy-density %.17g "
-             "--n-transients %ld --snr-range %.17g,%.17g --galaxy-frac %.17g --n-variables %ld "
-             "--n-cosmics %ld --bad-columns %ld%s --mjd-ref %.17g --mjd-sci %.17g --filter '%s' "
-             "--object '%s' --bitpix %d",
-             o->nx, o->ny, (unsigned long long)o->seed, o->pixscale_arcsec, o->ra_deg, o->dec_deg,
-             o->offset_x_px, o->offset_y_px, o->rotate_deg,
-             o->psf_model == HILAL_SIM_PSF_GAUSSIAN ? "gaussian" : "moffat", o->moffat_beta,
-             o->fwhm_ref_px, o->fwhm_sci_px, o->psf_vary_frac, o->psf_ellip, o->sky_sci_adu,
-             o->sky_ref_adu, o->sky_gradient_frac, o->gain_e_per_adu, o->rdnoise_e,
-             o->saturate_adu, o->bleed ? "--bleed" : "--no-bleed", o->exptime_s, o->ref_depth,
-             o->flux_ratio, o->zeropoint_mag, o->star_density, o->mag_bright, o->mag_faint,
-             o->count_slope, o->galaxy_density, hilal_sim_event_count(o, 0), o->snr_min,
-             o->snr_max, o->galaxy_frac, hilal_sim_event_count(o, 1), hilal_sim_event_count(o, 2),
-             hilal_sim_event_count(o, 3), o->no_events ? " --no-events" : "", o->mjd_ref,
-             o->mjd_sci, o->filter, o->object, o->bitpix);
+             "hilal simulate --size %ldx%ld --seed %llu --pixscale %s --center %s,%s "
+             "--offset-px %s,%s --rotate-deg %s --psf %s --beta %s --fwhm-ref %s --fwhm-sci %s "
+             "--psf-vary %s --psf-ellip %s --sky-sci %s --sky-ref %s --sky-gradient %s --gain %s "
+             "--rdnoise %s --saturate %s %s --exptime %s --ref-depth %s --flux-ratio %s "
+             "--zeropoint %s --star-density %s --mag-range %s,%s --count-slope %s "
+             "--galaxy-density %s --n-transients %ld --snr-range %s,%s --galaxy-frac %s "
+             "--n-variables %ld --n-cosmics %ld --bad-columns %ld%s --mjd-ref %s --mjd-sci %s "
+             "--filter %s --object %s --bitpix %d",
+             o->nx, o->ny, (unsigned long long)o->seed, N(o->pixscale_arcsec), N(o->ra_deg),
+             N(o->dec_deg), N(o->offset_x_px), N(o->offset_y_px), N(o->rotate_deg),
+             o->psf_model == HILAL_SIM_PSF_GAUSSIAN ? "gaussian" : "moffat", N(o->moffat_beta),
+             N(o->fwhm_ref_px), N(o->fwhm_sci_px), N(o->psf_vary_frac), N(o->psf_ellip),
+             N(o->sky_sci_adu), N(o->sky_ref_adu), N(o->sky_gradient_frac), N(o->gain_e_per_adu),
+             N(o->rdnoise_e), N(o->saturate_adu), o->bleed ? "--bleed" : "--no-bleed",
+             N(o->exptime_s), N(o->ref_depth), N(o->flux_ratio), N(o->zeropoint_mag),
+             N(o->star_density), N(o->mag_bright), N(o->mag_faint), N(o->count_slope),
+             N(o->galaxy_density), hilal_sim_event_count(o, 0), N(o->snr_min), N(o->snr_max),
+             N(o->galaxy_frac), hilal_sim_event_count(o, 1), hilal_sim_event_count(o, 2),
+             hilal_sim_event_count(o, 3), o->no_events ? " --no-events" : "", N(o->mjd_ref),
+             N(o->mjd_sci), shell_word(o->filter, fq, sizeof fq), shell_word(o->object, oq, sizeof oq),
+             o->bitpix);
+#undef N
 }

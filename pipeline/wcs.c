@@ -10,6 +10,7 @@
 #include <wcslib/wcserr.h>
 #include <wcslib/wcsfix.h>
 #include <wcslib/wcshdr.h>
+#include <wcslib/wcsmath.h>
 
 hilal_status hilal_wcs_from_header(const char *header, int nkeys, struct wcsprm **out,
                                    hilal_error *err)
@@ -232,8 +233,10 @@ hilal_status hilal_wcs_check(struct wcsprm *wcs, long nx, long ny, hilal_error *
     if (wcs == NULL)
         return hilal_error_set(err, HILAL_ERR_WCS, "no WCS");
     if (wcs->lng < 0 || wcs->lat < 0)
-        return hilal_error_set(err, HILAL_ERR_WCS, "the WCS has no celestial axes (CTYPE '%s', '%s')",
-                               wcs->naxis > 0 ? wcs->ctype[0] : "", wcs->naxis > 1 ? wcs->ctype[1] : "");
+        return hilal_error_set(err, HILAL_ERR_WCS,
+                               "the WCS has no celestial axes (CTYPE '%s', '%s')",
+                               wcs->naxis > 0 ? wcs->ctype[0] : "",
+                               wcs->naxis > 1 ? wcs->ctype[1] : "");
     /* Centre and corners (FITS 1-based). */
     double x[5] = {0.5 * (double)(nx + 1), 1.0, (double)nx, 1.0, (double)nx};
     double y[5] = {0.5 * (double)(ny + 1), 1.0, 1.0, (double)ny, (double)ny};
@@ -246,7 +249,8 @@ hilal_status hilal_wcs_check(struct wcsprm *wcs, long nx, long ny, hilal_error *
     for (int k = 0; k < 5; k++) {
         if (!isfinite(ra[k]) || !isfinite(dec[k]))
             return hilal_error_set(err, HILAL_ERR_WCS,
-                                   "pixel (%.1f, %.1f) has no sky position under the WCS", x[k], y[k]);
+                                   "pixel (%.1f, %.1f) has no sky position under the WCS",
+                                   x[k], y[k]);
         double e = hypot(bx[k] - x[k], by[k] - y[k]);
         if (!(e <= 1e-3))
             return hilal_error_set(err, HILAL_ERR_WCS,
@@ -256,7 +260,45 @@ hilal_status hilal_wcs_check(struct wcsprm *wcs, long nx, long ny, hilal_error *
     }
     double scale = hilal_wcs_pixscale_arcsec(wcs, x[0], y[0]);
     if (!(scale > 0) || !isfinite(scale))
-        return hilal_error_set(err, HILAL_ERR_WCS, "the WCS pixel scale at the centre is %g arcsec/px",
-                               scale);
+        return hilal_error_set(err, HILAL_ERR_WCS,
+                               "the WCS pixel scale at the centre is %g arcsec/px", scale);
     return HILAL_OK;
+}
+
+/* FK4 (B1950-like) or not: FK5 and ICRS agree to ~20 mas. */
+static int is_fk4(const struct wcsprm *w)
+{
+    return strncmp(w->radesys, "FK4", 3) == 0;
+}
+
+int hilal_wcs_same_system(const struct wcsprm *a, const struct wcsprm *b, char *why, int len)
+{
+    if (a == NULL || b == NULL || a->lng < 0 || b->lng < 0) {
+        if (why)
+            snprintf(why, (size_t)len, "a WCS is missing or not celestial");
+        return 0;
+    }
+    const char *ca = a->ctype[a->lng], *cb = b->ctype[b->lng];
+    if (strncmp(ca, cb, 4) != 0) {
+        if (why)
+            snprintf(why, (size_t)len, "different celestial axes ('%.8s' and '%.8s')", ca, cb);
+        return 0;
+    }
+    if (strncmp(ca, "RA", 2) == 0) {
+        if (is_fk4(a) != is_fk4(b)) {
+            if (why)
+                snprintf(why, (size_t)len, "different reference systems (%s and %s)",
+                         a->radesys[0] ? a->radesys : "default",
+                         b->radesys[0] ? b->radesys : "default");
+            return 0;
+        }
+        double ea = a->equinox, eb = b->equinox;
+        if (strncmp(a->radesys, "ICRS", 4) != 0 && strncmp(b->radesys, "ICRS", 4) != 0 &&
+            !undefined(ea) && !undefined(eb) && fabs(ea - eb) > 1e-6) {
+            if (why)
+                snprintf(why, (size_t)len, "different equinoxes (%.1f and %.1f)", ea, eb);
+            return 0;
+        }
+    }
+    return 1;
 }

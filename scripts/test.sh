@@ -11,5 +11,5 @@ ctest --test-dir "$here/build" --output-on-failure -j"$jobs"
 
 bash "$here/scripts/bootstrap.sh" "$here/build-asan" -DHILAL_SANITIZE=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo -DHILAL_BUILD_BENCH=OFF
 echo "== tests (AddressSanitizer + UndefinedBehaviorSanitizer build)"
-ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 LSAN_OPTIONS=suppressions=$here/tests/lsan.supp UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
   ctest --test-dir "$here/build-asan" --output-on-failure -j"$jobs"

@@ -33,7 +33,7 @@ void hilal_align_opts_default(hilal_align_opts *o)
     o->mask_weight = 0.01;
     o->min_overlap_frac = 0.1;
     o->fallback_rms_px = 0.3;
-    o->phasecorr_max_side_px = 1024;
+    o->phasecorr_max_side_px = 256;
     o->phasecorr_min_snr = 8.0;
     o->threads = 0;
 }
@@ -358,9 +358,17 @@ hilal_status hilal_align_pair(const hilal_image *sci, const hilal_image *ref,
     guess g;
     memset(&g, 0, sizeof g);
     char why[1600];
-    snprintf(why, sizeof why, "%s%.700s%s%s%.700s", sci_ok ? "" : "science WCS: ", sci_ok ? "" : wse.msg,
-             (!sci_ok && !ref_ok) ? "; " : "", ref_ok ? "" : "reference WCS: ",
-             ref_ok ? "" : wre.msg);
+    snprintf(why, sizeof why, "%s%.700s%s%s%.700s", sci_ok ? "" : "science WCS: ",
+             sci_ok ? "" : wse.msg, (!sci_ok && !ref_ok) ? "; " : "",
+             ref_ok ? "" : "reference WCS: ", ref_ok ? "" : wre.msg);
+    if (sci_ok && ref_ok) {
+        char diff[256];
+        if (!hilal_wcs_same_system(sci->meta.wcs, ref->meta.wcs, diff, sizeof diff)) {
+            /* Sky coordinates of one cannot feed the other. */
+            ref_ok = 0;
+            snprintf(why, sizeof why, "the two WCS use %s", diff);
+        }
+    }
     if (sci_ok && ref_ok) {
         info.method = HILAL_ALIGN_METHOD_WCS;
         g.sci_wcs = sci->meta.wcs;
@@ -464,7 +472,8 @@ hilal_status hilal_align_pair(const hilal_image *sci, const hilal_image *ref,
         st = hilal_error_set(err, HILAL_ERR_DATA,
                              "science %s and reference %s cannot be registered: phase correlation "
                              "gave an offset of (%.1f, %.1f) px but the stars do not confirm it: "
-                             "%s; check that both images show the same field, lower "
+                             "%s; check that both images show the same field (without a WCS only "
+                             "small rotations, about a degree, can be recovered), lower "
                              "align.min_matches for sparse fields, or give both a celestial WCS",
                              sci_file, ref_file, g.dx, g.dy, me.msg);
         goto cleanup;
@@ -504,6 +513,14 @@ hilal_status hilal_align_pair(const hilal_image *sci, const hilal_image *ref,
                   fabs(grid.v[k] - y) <= opts->identity_tol_px))
                 identity = 0;
         }
+    /* ... and the four corner pixels, which need not be nodes. */
+    for (int c = 0; identity && c < 4; c++) {
+        double x = (c & 1) ? (double)(sci->nx - 1) : 0.0, y = (c & 2) ? (double)(sci->ny - 1) : 0.0;
+        double u, v;
+        hilal_pixgrid_eval(&grid, x, y, &u, &v, NULL);
+        if (!(fabs(u - x) <= opts->identity_tol_px && fabs(v - y) <= opts->identity_tol_px))
+            identity = 0;
+    }
     if (identity) {
         info.identity = 1;
         info.coverage_frac = 1.0;
@@ -555,10 +572,11 @@ hilal_status hilal_align_pair(const hilal_image *sci, const hilal_image *ref,
     double jac = isfinite(rs.mean_jac) ? rs.mean_jac : 1.0;
     if (isfinite(res->meta.saturate_adu))
         res->meta.saturate_adu *= jac;
-    /* Noise level for white-noise models (ZOGY's sigma_R): the low-frequency
-     * noise density is preserved by interpolation, so the white-noise
-     * equivalent per science pixel is sigma sqrt(J); the per-pixel variance
-     * of the resampled image is lower by mean_w2 (var plane). */
+    /* Noise level for white-noise models (ZOGY's sigma_R): interpolation
+     * preserves the low-frequency noise density, so the white-noise
+     * equivalent per science pixel is sigma sqrt(J), the background level of
+     * the var plane (J sigma^2). A single resampled pixel varies less (by
+     * mean_w2), its neighbours being correlated. */
     if (isfinite(res->sky_rms_adu))
         res->sky_rms_adu *= sqrt(jac);
 
@@ -713,7 +731,8 @@ cleanup:
 
 static const hilal_param align_params[] = {
     {"order", HILAL_PARAM_INT, "2", 1, 2, "",
-     "highest order of the star-fit correction (1 affine, 2 quadratic)"},
+     "highest order of the star-fit correction (1 affine, 2 quadratic; lower ones win when "
+     "the stars do not demand more)"},
     {"order2_min_matches", HILAL_PARAM_INT, "50", 6, 1000000, "",
      "star matches needed before quadratic terms are fitted"},
     {"match_radius_px", HILAL_PARAM_DOUBLE, "2.0", 0.1, 100, "px",
@@ -738,7 +757,7 @@ static const hilal_param align_params[] = {
      "least fraction of the science frame the reference must cover"},
     {"fallback_rms_px", HILAL_PARAM_DOUBLE, "0.3", 0, 100, "px",
      "registration RMS assumed when too few stars match and the WCS is used alone"},
-    {"phasecorr_max_side_px", HILAL_PARAM_INT, "1024", 64, 16384, "px",
+    {"phasecorr_max_side_px", HILAL_PARAM_INT, "256", 32, 16384, "px",
      "frames without WCS are block-averaged to at most this size for phase correlation"},
     {"phasecorr_min_snr", HILAL_PARAM_DOUBLE, "8", 3, 1e6, "sigma",
      "least significance of the phase-correlation peak"},

@@ -22,10 +22,10 @@ static const hilal_param archive_params[] = {
      "side of the cutout stamps (odd); fixed when the archive is created"},
     {"psf_size", HILAL_PARAM_INT, "51", 5, 255, "px",
      "side of the boxes the PSFs are stored in (odd); fixed when the archive is created"},
-    {"compress", HILAL_PARAM_INT, "4", 0, 9, "",
-     "deflate level (with shuffle) of tables, masks and PSFs; 0 = none"},
+    {"compress", HILAL_PARAM_INT, "1", 0, 9, "",
+     "deflate level (with shuffle) of the mask stamps and PSFs; 0 = none"},
     {"cutout_compress", HILAL_PARAM_INT, "0", 0, 9, "",
-     "deflate level of the float stamps; 0 = none (fastest; noise compresses little)"},
+     "deflate level (with shuffle) of the float stamps; 0 = none (fastest: noise compresses little)"},
     {"fsync", HILAL_PARAM_BOOL, "false", 0, 0, "",
      "fsync the archive at each commit so committed frames also survive a power loss"},
 };

@@ -12,8 +12,8 @@
  *    by 0.98658 (rms_clip_correction): the 3-sigma clipping of the mesh
  *    histograms makes the raw RMS of Gaussian noise 1.3% low.
  * 2. Optionally (mask_sources), sources detected above mask_thresh_sigma
- *    on the first estimate are masked (their isophotal ellipse grown by
- *    mask_grow) and the background measured again, so that wings of bright
+ *    on the first estimate are masked (an ellipse of their isophotal area
+ *    grown by mask_grow) and the background measured again, so that wings of bright
  *    stars and galaxies do not bias the sky.
  * 3. The variance of each pixel, ADU^2, is the background variance from the
  *    RMS map plus the source Poisson term (the "source noise" of ZOGY,
@@ -46,8 +46,8 @@ static const hilal_param background_params[] = {
      "mask detected sources and measure the background a second time"},
     {"mask_thresh_sigma", HILAL_PARAM_DOUBLE, "3", 0.5, 100, "sigma",
      "detection threshold of the sources masked in the second pass"},
-    {"mask_grow", HILAL_PARAM_DOUBLE, "2.5", 1, 20, "",
-     "masked ellipse of a source: its isophotal ellipse (a, b) scaled by this, plus 2 px"},
+    {"mask_grow", HILAL_PARAM_DOUBLE, "2", 1, 20, "",
+     "masked ellipse of a source: its isophotal footprint's ellipse scaled by this, plus 2 px"},
     {"rms_clip_correction", HILAL_PARAM_BOOL, "true", 0, 0, "",
      "divide the RMS by 0.98658 (the RMS of a Gaussian clipped at 3 sigma) so noise is unbiased"},
 };
@@ -82,12 +82,16 @@ static hilal_status background_init(const hilal_config *cfg, void **state, hilal
     return HILAL_OK;
 }
 
-/* Marks (value 1) the pixels inside the ellipse cxx dx^2 + cyy dy^2 +
- * cxy dx dy <= r^2 around (x, y), with r^2 scaled so the ellipse has
- * semi-axes grow*a + 2 px and grow*b + 2 px. */
+/* Marks (value 1) the pixels of a detected source: an ellipse with the
+ * source's orientation and axis ratio whose area is that of its isophotal
+ * footprint (npix pixels above the detection threshold) scaled by grow^2,
+ * plus 2 px. The footprint grows with brightness as the wings rise above
+ * the threshold, so bright stars are masked farther out than faint ones. */
 static void mask_ellipse(uint8_t *m, long nx, long ny, const hilal_sepw_object *o, double grow)
 {
-    double a = grow * o->a + 2.0, b = grow * o->b + 2.0;
+    double q = o->a > 0.0 && o->b > 0.0 ? o->b / o->a : 1.0;
+    double r_iso = sqrt((double)o->npix / 3.14159265358979323846);
+    double a = grow * r_iso / sqrt(q) + 2.0, b = grow * r_iso * sqrt(q) + 2.0;
     double c = cos(o->theta), s = sin(o->theta);
     /* Ellipse of semi-axes (a, b) at angle theta, in coefficient form. */
     double cxx = c * c / (a * a) + s * s / (b * b);

@@ -16,7 +16,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "hilal/log.h"
 #include "hilal/stage.h"
 #include "hilal/wcs.h"
 
@@ -67,16 +66,32 @@ double hilal_measure_psf_value(const hilal_psf *psf, double u, double v)
 
 /* ---- shape -------------------------------------------------------------- */
 
+/* Whether the 0-based pixel (x, y) is closer to one of the others than to
+ * (x0, y0). */
+static int owned_by_other(double x, double y, double x0, double y0, const double *others,
+                          size_t nothers)
+{
+    const double d0 = (x - x0) * (x - x0) + (y - y0) * (y - y0);
+    for (size_t k = 0; k < nothers; k++) {
+        double dx = x - others[2 * k], dy = y - others[2 * k + 1];
+        if (dx * dx + dy * dy < d0)
+            return 1;
+    }
+    return 0;
+}
+
 double hilal_measure_shape(const float *img, long nx, long ny, const hilal_mask_t *mask,
                            double x0, double y0, double sign, double sigma_w,
-                           double *fwhm_px, double *elongation)
+                           const double *others, size_t nothers, double *fwhm_px,
+                           double *elongation)
 {
     *fwhm_px = NAN;
     *elongation = NAN;
     if (!(sigma_w > 0) || !isfinite(x0) || !isfinite(y0))
         return NAN;
     /* Weighted moments M_w = sum(w I r r^T) / sum(w I), w = exp(-r^2 / 2 s_w^2),
-     * over a window of 3.5 s_w (the weight is 2e-3 there). */
+     * over a window of 3.5 s_w (the weight is 2e-3 there), leaving out the
+     * pixels of neighbouring sources. */
     const double r_max = 3.5 * sigma_w, inv2s2 = 0.5 / (sigma_w * sigma_w);
     const long xa = (long)floor(x0 - r_max), xb = (long)ceil(x0 + r_max);
     const long ya = (long)floor(y0 - r_max), yb = (long)ceil(y0 + r_max);
@@ -91,6 +106,8 @@ double hilal_measure_shape(const float *img, long nx, long ny, const hilal_mask_
                 continue;
             double dx = (double)x - x0, dy = (double)y - y0, r2 = dx * dx + dy * dy;
             if (r2 > r_max * r_max)
+                continue;
+            if (nothers > 0 && owned_by_other((double)x, (double)y, x0, y0, others, nothers))
                 continue;
             double wi = exp(-r2 * inv2s2) * sign * v;
             m0 += wi;
@@ -149,6 +166,85 @@ double hilal_measure_weight_sigma(const hilal_psf *psf, double weight_scale)
             sigma = sqrt(0.5 * s2 / s0);
     }
     return sigma * weight_scale;
+}
+
+/* ---- neighbours --------------------------------------------------------- */
+
+/* qsort context is not portable: sort (y, index) pairs instead. */
+typedef struct ykey {
+    double y;
+    size_t i;
+} ykey;
+
+static int cmp_ykey(const void *pa, const void *pb)
+{
+    const ykey *a = pa, *b = pb;
+    if (a->y != b->y)
+        return a->y < b->y ? -1 : 1;
+    return a->i < b->i ? -1 : (a->i > b->i);
+}
+
+hilal_status hilal_neighbours_init(hilal_neighbours *nb, const hilal_candidate *cands, size_t n,
+                                   hilal_error *err)
+{
+    memset(nb, 0, sizeof *nb);
+    nb->cands = cands;
+    if (n == 0)
+        return HILAL_OK;
+    ykey *keys = malloc(n * sizeof *keys);
+    nb->order = malloc(n * sizeof *nb->order);
+    if (keys == NULL || nb->order == NULL) {
+        free(keys);
+        hilal_neighbours_clear(nb);
+        return hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory indexing %zu candidates", n);
+    }
+    for (size_t k = 0; k < n; k++)
+        keys[k] = (ykey){cands[k].y, k};
+    qsort(keys, n, sizeof *keys, cmp_ykey);
+    for (size_t k = 0; k < n; k++)
+        nb->order[k] = keys[k].i;
+    free(keys);
+    nb->n = n;
+    return HILAL_OK;
+}
+
+size_t hilal_neighbours_find(const hilal_neighbours *nb, size_t k, double radius, double *xy,
+                             size_t max)
+{
+    if (nb == NULL || k >= nb->n || max == 0)
+        return 0;
+    const hilal_candidate *c = nb->cands;
+    const double x0 = c[k].x, y0 = c[k].y;
+    /* First index with y >= y0 - radius (binary search on the y order). */
+    size_t lo = 0, hi = nb->n;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (c[nb->order[mid]].y < y0 - radius)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    size_t m = 0;
+    for (size_t j = lo; j < nb->n && m < max; j++) {
+        const hilal_candidate *o = &c[nb->order[j]];
+        if (o->y > y0 + radius)
+            break;
+        double dx = o->x - x0, dy = o->y - y0;
+        if (nb->order[j] == k || dx * dx + dy * dy > radius * radius)
+            continue;
+        xy[2 * m] = o->x - 1.0;
+        xy[2 * m + 1] = o->y - 1.0;
+        m++;
+    }
+    return m;
+}
+
+void hilal_neighbours_clear(hilal_neighbours *nb)
+{
+    if (nb == NULL)
+        return;
+    free(nb->order);
+    memset(nb, 0, sizeof *nb);
 }
 
 /* ---- position and flux -------------------------------------------------- */
@@ -250,7 +346,7 @@ static double bilinear(const float *img, long nx, long ny, double x, double y)
 }
 
 /* Position and flux of one candidate. */
-static void measure_one(const hilal_diff *diff, double sigma_w, hilal_candidate *c)
+static void measure_one(const hilal_diff *diff, hilal_candidate *c)
 {
     const long nx = diff->nx, ny = diff->ny;
     const double sign = c->snr < 0 ? -1.0 : 1.0;
@@ -292,13 +388,6 @@ static void measure_one(const hilal_diff *diff, double sigma_w, hilal_candidate 
     }
     if (diff->flux_err != NULL)
         c->flux_err = bilinear(diff->flux_err, nx, ny, (double)ix + u, (double)iy + v);
-
-    /* 3. Shape on D, sign-corrected so that a fading source is positive. */
-    c->fwhm = NAN;
-    c->elongation = NAN;
-    if (diff->d != NULL)
-        hilal_measure_shape(diff->d, nx, ny, diff->mask, c->x - 1.0, c->y - 1.0, sign, sigma_w,
-                            &c->fwhm, &c->elongation);
 }
 
 hilal_status hilal_measure_candidates(const hilal_diff *diff, const hilal_image *sci,
@@ -307,6 +396,8 @@ hilal_status hilal_measure_candidates(const hilal_diff *diff, const hilal_image 
 {
     hilal_status st = HILAL_OK;
     double *xs = NULL, *ys = NULL, *ra = NULL, *dec = NULL;
+    hilal_neighbours nb;
+    memset(&nb, 0, sizeof nb);
     if (n == 0)
         return HILAL_OK;
     if (diff == NULL || diff->scorr == NULL)
@@ -324,9 +415,24 @@ hilal_status hilal_measure_candidates(const hilal_diff *diff, const hilal_image 
                                "diff.psf_d");
 
     const double zp = sci->meta.zeropoint_mag, mjd = sci->meta.mjd;
+    for (size_t k = 0; k < n; k++)
+        measure_one(diff, &cands[k]);
+
+    /* 3. Shape on D, sign-corrected so that a fading source is positive,
+     * leaving out the pixels nearer to another candidate. */
+    st = hilal_neighbours_init(&nb, cands, n, err);
+    if (st != HILAL_OK)
+        return st;
     for (size_t k = 0; k < n; k++) {
         hilal_candidate *c = &cands[k];
-        measure_one(diff, sigma_w, c);
+        double others[2 * 32];
+        size_t no = hilal_neighbours_find(&nb, k, 7.0 * sigma_w, others, 32);
+        c->fwhm = NAN;
+        c->elongation = NAN;
+        if (diff->d != NULL)
+            hilal_measure_shape(diff->d, diff->nx, diff->ny, diff->mask, c->x - 1.0, c->y - 1.0,
+                                c->snr < 0 ? -1.0 : 1.0, sigma_w, others, no, &c->fwhm,
+                                &c->elongation);
         /* 4. Magnitude of |flux| with the zero point (mag of 1 ADU):
          * m = zp - 2.5 log10|F|, sigma_m = 2.5/ln(10) sigma_F/|F|. */
         c->mag = NAN;
@@ -342,8 +448,10 @@ hilal_status hilal_measure_candidates(const hilal_diff *diff, const hilal_image 
 
     /* 5. Sky positions, all at once. */
     if (sci->meta.wcs != NULL) {
-        if (n > (size_t)0x7fffffff)
-            return hilal_error_set(err, HILAL_ERR_RANGE, "too many candidates (%zu) for wcslib", n);
+        if (n > (size_t)0x7fffffff) {
+            st = hilal_error_set(err, HILAL_ERR_RANGE, "too many candidates (%zu) for wcslib", n);
+            goto cleanup;
+        }
         xs = malloc(n * sizeof *xs);
         ys = malloc(n * sizeof *ys);
         ra = malloc(n * sizeof *ra);
@@ -367,6 +475,7 @@ hilal_status hilal_measure_candidates(const hilal_diff *diff, const hilal_image 
         }
     }
 cleanup:
+    hilal_neighbours_clear(&nb);
     free(xs);
     free(ys);
     free(ra);

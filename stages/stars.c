@@ -12,9 +12,10 @@
  *     the windowed centroid (SExtractor's XWIN, Gaussian weight of
  *     sigma = 2 r50 / 2.3548), the FWHM from the half-maximum area
  *     (hilal_psf_measure_fwhm).
- *  3. The median FWHM of clean, bright detections sets the photometric
- *     aperture (radius aper_fwhm x FWHM): flux_adu and flux_err_adu are the
- *     exact circular-aperture sum and its error from the variance plane.
+ *  3. The stellar FWHM (the densest cluster of FWHM values of clean, round,
+ *     bright detections: stellar_fwhm) sets the photometric aperture
+ *     (radius aper_fwhm x FWHM): flux_adu and flux_err_adu are the exact
+ *     circular-aperture sum and its error from the variance plane.
  *  4. usable = all of
  *       - not truncated by the image border, no masked pixel in the aperture;
  *       - farther than pipeline.edge_margin + aperture radius from the border;
@@ -22,8 +23,11 @@
  *       - isolated: no other detection with flux >= iso_flux_frac x its flux
  *         within iso_fwhm x FWHM;
  *       - round: b/a >= min_axis_ratio;
- *       - point-like: FWHM within [min_fwhm_frac, max_fwhm_frac] x median
- *         (rejects cosmic rays and hot pixels, and galaxies);
+ *       - point-like: FWHM within [min_fwhm_frac, max_fwhm_frac] x the
+ *         stellar FWHM (rejects cosmic rays and hot pixels, and galaxies),
+ *         and as concentrated as the median star (flux within 1 FWHM over
+ *         flux within 2.5 FWHM, within conc_tol and 3 sigma: rejects
+ *         galaxies with star-like cores);
  *       - positive flux.
  *  5. The max_stars detections of highest S/N are kept, sorted by flux.
  */
@@ -55,25 +59,27 @@ static const hilal_param stars_params[] = {
     {"max_stars", HILAL_PARAM_INT, "1000", 10, 1000000, "",
      "detections kept per image, highest S/N first"},
     {"aper_fwhm", HILAL_PARAM_DOUBLE, "1.5", 0.5, 10, "FWHM",
-     "radius of the photometric aperture in units of the median FWHM"},
+     "radius of the photometric aperture in units of the stellar FWHM"},
     {"iso_fwhm", HILAL_PARAM_DOUBLE, "3", 0, 50, "FWHM",
-     "isolation radius for usable stars, in units of the median FWHM"},
+     "isolation radius for usable stars, in units of the stellar FWHM"},
     {"iso_flux_frac", HILAL_PARAM_DOUBLE, "0.1", 0, 100, "",
      "a neighbour within the isolation radius with this fraction of the flux or more spoils a star"},
     {"sat_frac", HILAL_PARAM_DOUBLE, "0.8", 0.01, 1, "",
      "usable stars peak below this fraction of the saturation level"},
     {"min_axis_ratio", HILAL_PARAM_DOUBLE, "0.6", 0, 1, "", "minimum b/a of usable stars"},
-    {"min_fwhm_frac", HILAL_PARAM_DOUBLE, "0.5", 0, 1, "",
-     "usable stars have FWHM >= this x median (smaller: cosmic ray, hot pixel)"},
-    {"max_fwhm_frac", HILAL_PARAM_DOUBLE, "2", 1, 100, "",
-     "usable stars have FWHM <= this x median (larger: galaxy, blend)"},
+    {"min_fwhm_frac", HILAL_PARAM_DOUBLE, "0.7", 0, 1, "",
+     "usable stars have FWHM >= this x the stellar FWHM (smaller: cosmic ray, hot pixel)"},
+    {"max_fwhm_frac", HILAL_PARAM_DOUBLE, "1.3", 1, 100, "",
+     "usable stars have FWHM <= this x the stellar FWHM (larger: galaxy, blend)"},
+    {"conc_tol", HILAL_PARAM_DOUBLE, "0.05", 0, 1, "",
+     "usable stars are at most this fraction (plus 3 sigma) less concentrated than the median star"},
 };
 
 typedef struct stars_state {
     hilal_sepw_extract_params xp;
     long max_stars;
     double aper_fwhm, iso_fwhm, iso_flux_frac, sat_frac, min_axis_ratio;
-    double min_fwhm_frac, max_fwhm_frac;
+    double min_fwhm_frac, max_fwhm_frac, conc_tol;
     long edge_margin;
 } stars_state;
 
@@ -98,6 +104,7 @@ static hilal_status stars_init(const hilal_config *cfg, void **state, hilal_erro
     s->min_axis_ratio = hilal_config_get_double(cfg, "stars.min_axis_ratio");
     s->min_fwhm_frac = hilal_config_get_double(cfg, "stars.min_fwhm_frac");
     s->max_fwhm_frac = hilal_config_get_double(cfg, "stars.max_fwhm_frac");
+    s->conc_tol = hilal_config_get_double(cfg, "stars.conc_tol");
     s->edge_margin = hilal_config_get_int(cfg, "pipeline.edge_margin");
     *state = s;
     return HILAL_OK;
@@ -110,6 +117,7 @@ typedef struct det {
     double fwhm;        /* px, NaN if not measured */
     double flux, flux_err;
     double snr;
+    double conc, conc_err; /* flux within 1 FWHM / flux within 2.5 FWHM, and its error */
     unsigned flags;     /* SEP object | aperture flags */
     const hilal_sepw_object *o;
 } det;
@@ -137,6 +145,43 @@ static int cmp_keyed_asc(const void *a, const void *b)
 {
     double x = ((const keyed *)a)->key, y = ((const keyed *)b)->key;
     return (x > y) - (x < y);
+}
+
+/* The FWHM of the stellar locus among n FWHM values (reordered): stars
+ * pile up at the PSF's FWHM, while cosmic rays and hot pixels spread over
+ * smaller values and galaxies and blends over larger ones, so a plain
+ * median is pulled by whichever is numerous. The locus is the value with
+ * the most neighbours within +-5% (ties go to the larger FWHM: nothing real
+ * is sharper than the PSF); the result is the median of the values within
+ * +-15% of it. NaN for n == 0. */
+static double stellar_fwhm(double *v, size_t n)
+{
+    if (n == 0)
+        return NAN;
+    qsort(v, n, sizeof *v, cmp_double);
+    size_t best = 0, best_count = 0, lo = 0, hi = 0;
+    for (size_t i = 0; i < n; i++) {
+        /* Two pointers over the sorted values: [lo, hi) within +-5%. */
+        while (v[lo] < v[i] / 1.05)
+            lo++;
+        if (hi < i)
+            hi = i;
+        while (hi < n && v[hi] <= v[i] * 1.05)
+            hi++;
+        if (hi - lo >= best_count) {
+            best_count = hi - lo;
+            best = i;
+        }
+    }
+    double c = v[best];
+    size_t a = 0, b = 0;
+    while (a < n && v[a] < c / 1.15)
+        a++;
+    b = a;
+    while (b < n && v[b] <= c * 1.15)
+        b++;
+    size_t m = b - a;
+    return m % 2 ? v[a + m / 2] : 0.5 * (v[a + m / 2 - 1] + v[a + m / 2]);
 }
 
 /* Whether any unusable pixel lies within radius r of (x, y), 0-based. */
@@ -252,18 +297,22 @@ static hilal_status stars_image(const stars_state *s, const hilal_image *img,
             e->x = xw;
             e->y = yw;
         }
+        /* The half-maximum contour lies at ~0.85 r50 (Gaussian); 2 r50 leaves
+         * room for elongated sources. Capped at 15 px: extended objects
+         * (r50 of tens of px) would cost much and are never usable. */
         e->fwhm = hilal_psf_measure_fwhm(sub, NULL, img->nx, img->ny, e->x, e->y,
-                                         fmax(3.0, 3.0 * e->r50));
+                                         fmin(15.0, fmax(3.0, 2.0 * e->r50)));
     }
 
-    /* 3. Median FWHM of clean detections with a peak of at least 10 sigma
-     *    (all measured ones when fewer than 3 qualify), then the aperture. */
+    /* 3. The stellar FWHM from clean, round detections with a peak of at
+     *    least 10 sigma (all measured ones when fewer than 3 qualify). */
     size_t nm = 0;
     for (size_t k = 0; k < nobj; k++) {
         const hilal_sepw_object *o = d[k].o;
         long q = (long)o->ypeak * img->nx + o->xpeak;
         double sig = sqrt(dvar[q]);
-        if (isfinite(d[k].fwhm) && d[k].fwhm > 0.0 && o->flags == 0 && o->peak >= 10.0 * sig)
+        if (isfinite(d[k].fwhm) && d[k].fwhm > 0.0 && o->flags == 0 && o->peak >= 10.0 * sig &&
+            o->a > 0.0 && o->b / o->a >= s->min_axis_ratio)
             tmp[nm++] = d[k].fwhm;
     }
     if (nm < 3) {
@@ -272,11 +321,7 @@ static hilal_status stars_image(const stars_state *s, const hilal_image *img,
             if (isfinite(d[k].fwhm) && d[k].fwhm > 0.0)
                 tmp[nm++] = d[k].fwhm;
     }
-    double med_fwhm = NAN;
-    if (nm > 0) {
-        qsort(tmp, nm, sizeof *tmp, cmp_double);
-        med_fwhm = nm % 2 ? tmp[nm / 2] : 0.5 * (tmp[nm / 2 - 1] + tmp[nm / 2]);
-    }
+    double med_fwhm = stellar_fwhm(tmp, nm);
     double r_ap = isfinite(med_fwhm) ? fmax(2.0, s->aper_fwhm * med_fwhm) : 3.0;
 
     for (size_t k = 0; k < nobj; k++) {
@@ -290,6 +335,24 @@ static hilal_status stars_image(const stars_state *s, const hilal_image *img,
         e->flux_err = sumerr;
         e->flags |= fl;
         e->snr = sumerr > 0.0 ? sum / sumerr : 0.0;
+        /* Concentration: the fraction of the light within 2.5 FWHM that
+         * falls within 1 FWHM. It is the same for every star (the PSF's)
+         * and lower for galaxies, whose cores can be as sharp as a star's
+         * while their wings are not. */
+        e->conc = e->conc_err = NAN;
+        if (isfinite(med_fwhm)) {
+            double s1, e1, s2, e2;
+            unsigned f1 = 0, f2 = 0;
+            st = hilal_sepw_sum_circle(&im, e->x, e->y, fmax(1.0, med_fwhm), &s1, &e1, &f1, err);
+            if (st == HILAL_OK)
+                st = hilal_sepw_sum_circle(&im, e->x, e->y, 2.5 * med_fwhm, &s2, &e2, &f2, err);
+            if (st != HILAL_OK)
+                goto cleanup;
+            if (s1 > 0.0 && s2 > 0.0) {
+                e->conc = s1 / s2;
+                e->conc_err = e->conc * sqrt((e1 / s1) * (e1 / s1) + (e2 / s2) * (e2 / s2));
+            }
+        }
     }
 
     /* 5 (first half). Keep the max_stars detections of highest S/N. */
@@ -373,9 +436,30 @@ static hilal_status stars_image(const stars_state *s, const hilal_image *img,
             }
         }
         t->usable = ok;
-        nusable += (size_t)ok;
     }
     free(byx);
+
+    /* Concentration: the median over the stars usable so far is the
+     * stellar value c0; a usable star must not be less concentrated than
+     * c0 (1 - conc_tol) by more than 3 sigma of its own measurement. */
+    {
+        size_t nc = 0;
+        for (size_t m = 0; m < nkeep; m++)
+            if (list[m].usable && isfinite(d[order[m].idx].conc))
+                tmp[nc++] = d[order[m].idx].conc;
+        if (nc >= 3) {
+            qsort(tmp, nc, sizeof *tmp, cmp_double);
+            double c0 = nc % 2 ? tmp[nc / 2] : 0.5 * (tmp[nc / 2 - 1] + tmp[nc / 2]);
+            for (size_t m = 0; m < nkeep; m++) {
+                const det *e = &d[order[m].idx];
+                if (list[m].usable &&
+                    !(e->conc >= c0 * (1.0 - s->conc_tol) - 3.0 * e->conc_err))
+                    list[m].usable = 0;
+            }
+        }
+        for (size_t m = 0; m < nkeep; m++)
+            nusable += (size_t)list[m].usable;
+    }
 
     /* 5 (second half). Sort the kept stars by decreasing flux. */
     for (size_t m = 0; m < nkeep; m++) {

@@ -45,6 +45,11 @@
  * regions where almost every pixel was filled. */
 #define VAR_FLOOR_REL 1e-6
 
+/* Variances at or above this (ADU^2) mark masked pixels: the background and
+ * align stages write 1e30 there. Such pixels are filled like unusable ones
+ * (their values must never reach a transform). */
+#define VAR_MASKED 1e20
+
 static double now_s(void)
 {
     struct timespec ts;
@@ -764,70 +769,102 @@ static void combine_rows(void *ctx, long lo, long hi, int tid)
     }
 }
 
-/* Marks in near[] the pixels within `radius` (Chebyshev) of a pixel with
- * hot[] set: a sliding-window count along rows, then along columns. */
-static void dilate(const unsigned char *hot, unsigned char *tmp, unsigned char *near, long nx,
-                   long ny, long radius)
+/* Pixels near sources, for the S_corr statistics: tmp[] marks pixels
+ * within `radius` px along their row of an unfilled pixel with
+ * |S_corr| > 5 (a sliding-window count per row); then keep[] = unfilled and
+ * not within `radius` rows of a marked pixel (a sliding window over rows
+ * kept as one running count per column, so memory is walked row by row).
+ * Together: farther than `radius` (Chebyshev) from any such pixel. */
+typedef struct near_job {
+    const zogy *z;
+    long radius;
+    unsigned char *tmp, *keep;
+} near_job;
+
+static void near_rows(void *ctx, long lo, long hi, int tid)
 {
-    for (long y = 0; y < ny; y++) {
-        const unsigned char *h = hot + (size_t)y * (size_t)nx;
-        unsigned char *t = tmp + (size_t)y * (size_t)nx;
-        long cnt = 0;
-        for (long x = 0; x < radius && x < nx; x++)
-            cnt += h[x];
+    (void)tid;
+    const near_job *job = ctx;
+    const zogy *z = job->z;
+    const long nx = z->nx, r = job->radius;
+    for (long y = lo; y < hi; y++) {
+        const size_t row = (size_t)y * (size_t)nx;
+        unsigned char *t = job->tmp + row;
+        long c = 0;
+        for (long x = 0; x < r && x < nx; x++)
+            c += !z->bad[row + x] && fabsf(z->scorr[row + x]) > 5.0f;
         for (long x = 0; x < nx; x++) {
-            if (x + radius < nx)
-                cnt += h[x + radius];
-            if (x - radius - 1 >= 0)
-                cnt -= h[x - radius - 1];
-            t[x] = cnt > 0;
-        }
-    }
-    for (long x = 0; x < nx; x++) {
-        long cnt = 0;
-        for (long y = 0; y < radius && y < ny; y++)
-            cnt += tmp[(size_t)y * (size_t)nx + (size_t)x];
-        for (long y = 0; y < ny; y++) {
-            if (y + radius < ny)
-                cnt += tmp[(size_t)(y + radius) * (size_t)nx + (size_t)x];
-            if (y - radius - 1 >= 0)
-                cnt -= tmp[(size_t)(y - radius - 1) * (size_t)nx + (size_t)x];
-            near[(size_t)y * (size_t)nx + (size_t)x] = cnt > 0;
+            if (x + r < nx)
+                c += !z->bad[row + x + r] && fabsf(z->scorr[row + x + r]) > 5.0f;
+            if (x - r - 1 >= 0)
+                c -= !z->bad[row + x - r - 1] && fabsf(z->scorr[row + x - r - 1]) > 5.0f;
+            t[x] = c > 0;
         }
     }
 }
 
+/* Columns [lo, hi) of the vertical pass. */
+static void near_cols(void *ctx, long lo, long hi, int tid)
+{
+    (void)tid;
+    const near_job *job = ctx;
+    const zogy *z = job->z;
+    const long nx = z->nx, ny = z->ny, r = job->radius, w = hi - lo;
+    long *cnt = calloc((size_t)w, sizeof *cnt);
+    if (cnt == NULL) { /* keep every unfilled pixel of these columns */
+        for (long y = 0; y < ny; y++)
+            for (long x = lo; x < hi; x++)
+                job->keep[(size_t)y * nx + x] = !z->bad[(size_t)y * nx + x];
+        return;
+    }
+    for (long y = 0; y < r && y < ny; y++)
+        for (long x = 0; x < w; x++)
+            cnt[x] += job->tmp[(size_t)y * nx + lo + x];
+    for (long y = 0; y < ny; y++) {
+        if (y + r < ny) {
+            const unsigned char *add = job->tmp + (size_t)(y + r) * nx + lo;
+            for (long x = 0; x < w; x++)
+                cnt[x] += add[x];
+        }
+        if (y - r - 1 >= 0) {
+            const unsigned char *sub = job->tmp + (size_t)(y - r - 1) * nx + lo;
+            for (long x = 0; x < w; x++)
+                cnt[x] -= sub[x];
+        }
+        const size_t row = (size_t)y * nx + lo;
+        for (long x = 0; x < w; x++)
+            job->keep[row + x] = cnt[x] == 0 && !z->bad[row + x];
+    }
+    free(cnt);
+}
+
 /* Median and 1.4826 MAD of S_corr over unfilled pixels farther than
- * `radius` px from any pixel with |S_corr| > 5 (sources, whose wings would
- * bias both). Falls back to all unfilled pixels when fewer than 1000 are
- * left. */
+ * `radius` px from any unfilled pixel with |S_corr| > 5 (sources, whose
+ * wings would bias both). Falls back to all unfilled pixels when fewer
+ * than 1000 are left. */
 static hilal_status scorr_statistics(const zogy *z, long radius, double *med, double *sigma,
                                      hilal_error *err)
 {
     size_t n = (size_t)z->nx * (size_t)z->ny;
-    unsigned char *hot = malloc(n), *tmp = malloc(n), *keep = malloc(n);
+    near_job job = {z, radius, malloc(n), malloc(n)};
     hilal_status st = HILAL_OK;
-    if (hot == NULL || tmp == NULL || keep == NULL) {
+    if (job.tmp == NULL || job.keep == NULL) {
         st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for S_corr statistics");
         goto cleanup;
     }
-    for (size_t i = 0; i < n; i++)
-        hot[i] = !z->bad[i] && fabsf(z->scorr[i]) > 5.0f;
-    dilate(hot, tmp, keep, z->nx, z->ny, radius);
+    parallel_for(z->threads, z->ny, near_rows, &job);
+    parallel_for(z->threads, z->nx, near_cols, &job);
     size_t nkeep = 0;
-    for (size_t i = 0; i < n; i++) {
-        keep[i] = !keep[i] && !z->bad[i];
-        nkeep += keep[i];
-    }
+    for (size_t i = 0; i < n; i++)
+        nkeep += job.keep[i];
     if (nkeep < 1000)
         for (size_t i = 0; i < n; i++)
-            keep[i] = !z->bad[i];
-    if (robust_stats(z->scorr, keep, n, med, sigma) < 0)
+            job.keep[i] = !z->bad[i];
+    if (robust_stats(z->scorr, job.keep, n, med, sigma) < 0)
         st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for S_corr statistics");
 cleanup:
-    free(hot);
-    free(tmp);
-    free(keep);
+    free(job.tmp);
+    free(job.keep);
     return st;
 }
 
@@ -846,6 +883,53 @@ void hilal_zogy_input_init(hilal_zogy_input *in)
     in->pad_margin_px = 8;
     in->source_noise = 1;
     in->astrometric_noise = 1;
+}
+
+/* The difference mask and the fill map, rows [lo, hi): the union of both
+ * masks; a pixel unusable in either image, not finite in either (pixel or
+ * sky) or with a variance >= VAR_MASKED in either is to be filled (INTERP,
+ * plus NODATA when not finite); a usable pixel whose variance is not
+ * positive and finite is flagged NEGVAR. */
+typedef struct mask_job {
+    zogy *z;
+    const hilal_mask_t *msci, *mref;
+    hilal_mask_t *out;
+    long nfilled[MAX_THREADS], nnegvar[MAX_THREADS];
+} mask_job;
+
+static void mask_rows(void *ctx, long lo, long hi, int tid)
+{
+    mask_job *job = ctx;
+    zogy *z = job->z;
+    long nfilled = 0, nnegvar = 0;
+    for (size_t i = (size_t)lo * (size_t)z->nx; i < (size_t)hi * (size_t)z->nx; i++) {
+        hilal_mask_t m = (job->msci ? job->msci[i] : 0) | (job->mref ? job->mref[i] : 0);
+        int finite = 1;
+        for (int w = 0; w < 2; w++)
+            if (!isfinite(z->pix[w][i]) || (z->sky[w] && !isfinite(z->sky[w][i])))
+                finite = 0;
+        if (!finite)
+            m |= HILAL_MASK_NODATA;
+        /* a variance of VAR_MASKED or more marks a masked pixel (the
+         * background stage's convention) */
+        int varmasked = (z->var[0] != NULL && z->var[0][i] >= VAR_MASKED) ||
+                        (z->var[1] != NULL && z->var[1][i] >= VAR_MASKED);
+        z->bad[i] = (m & HILAL_MASK_UNUSABLE) != 0 || varmasked;
+        if (z->bad[i]) {
+            m |= HILAL_MASK_INTERP;
+            nfilled++;
+        } else {
+            for (int w = 0; w < 2; w++)
+                if (z->var[w] != NULL && !(z->var[w][i] > 0 && isfinite(z->var[w][i])) &&
+                    !(m & HILAL_MASK_NEGVAR)) {
+                    m |= HILAL_MASK_NEGVAR;
+                    nnegvar++;
+                }
+        }
+        job->out[i] = m;
+    }
+    job->nfilled[tid] = nfilled;
+    job->nnegvar[tid] = nnegvar;
 }
 
 /* Copies a PSF into doubles normalised to sum 1. */
@@ -948,6 +1032,7 @@ hilal_status hilal_zogy_run(const hilal_zogy_input *in, hilal_diff *out, hilal_z
     psf_d pd = {0, NULL};
     edge_job ej;
     double t0 = now_s();
+    double tstep[8] = {0}; /* wall time at the end of each step, for the debug log */
 
     memset(z, 0, sizeof *z);
     memset(&ej, 0, sizeof ej);
@@ -1008,28 +1093,12 @@ hilal_status hilal_zogy_run(const hilal_zogy_input *in, hilal_diff *out, hilal_z
         st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for the fill map");
         goto cleanup;
     }
+    mask_job mj = {z, sci->mask, ref->mask, out->mask, {0}, {0}};
+    parallel_for(z->threads, z->ny, mask_rows, &mj);
     long nfilled = 0, nnegvar = 0;
-    for (size_t i = 0; i < npix; i++) {
-        hilal_mask_t m = (sci->mask ? sci->mask[i] : 0) | (ref->mask ? ref->mask[i] : 0);
-        int finite = 1;
-        for (int w = 0; w < 2; w++)
-            if (!isfinite(z->pix[w][i]) || (z->sky[w] && !isfinite(z->sky[w][i])))
-                finite = 0;
-        if (!finite)
-            m |= HILAL_MASK_NODATA;
-        z->bad[i] = (m & HILAL_MASK_UNUSABLE) != 0;
-        if (z->bad[i]) {
-            m |= HILAL_MASK_INTERP;
-            nfilled++;
-        } else {
-            for (int w = 0; w < 2; w++)
-                if (z->var[w] != NULL && !(z->var[w][i] > 0 && isfinite(z->var[w][i])) &&
-                    !(m & HILAL_MASK_NEGVAR)) {
-                    m |= HILAL_MASK_NEGVAR;
-                    nnegvar++;
-                }
-        }
-        out->mask[i] = m;
+    for (int t = 0; t < MAX_THREADS; t++) {
+        nfilled += mj.nfilled[t];
+        nnegvar += mj.nnegvar[t];
     }
     if ((size_t)nfilled == npix) {
         st = hilal_error_set(err, HILAL_ERR_DATA,
@@ -1046,6 +1115,7 @@ hilal_status hilal_zogy_run(const hilal_zogy_input *in, hilal_diff *out, hilal_z
     z->f_d = z->fr * z->fn /
              sqrt(z->sigma[0] * z->sigma[0] * z->fr * z->fr + z->sigma[1] * z->sigma[1] * z->fn * z->fn);
 
+    tstep[0] = now_s();
     /* ---- Step 2: kernels and P_D on a small grid ---- */
     if ((st = small_kernels(z, &pd, err)) != HILAL_OK)
         goto cleanup;
@@ -1083,6 +1153,7 @@ hilal_status hilal_zogy_run(const hilal_zogy_input *in, hilal_diff *out, hilal_z
             map[j] = j < n + right ? reflect(j, n) : reflect(j - m, n);
     }
 
+    tstep[1] = now_s();
     /* ---- Step 4: FFTs of N, R, P_n, P_r and the spectral pass ---- */
     if ((st = hilal_fft_plan_get(z->mx, z->my, z->threads, in->rigor, &z->plan, err)) != HILAL_OK)
         goto cleanup;
@@ -1119,6 +1190,7 @@ hilal_status hilal_zogy_run(const hilal_zogy_input *in, hilal_diff *out, hilal_z
         goto cleanup;
     }
 
+    tstep[2] = now_s();
     /* ---- Step 5: D, S and S_N in image space ---- */
     out->f_d = z->f_d;
     z->d = out->d;
@@ -1147,6 +1219,7 @@ hilal_status hilal_zogy_run(const hilal_zogy_input *in, hilal_diff *out, hilal_z
         z->sn = NULL;
     }
 
+    tstep[3] = now_s();
     /* ---- Step 6: source noise, eqs. 26-27 ----
      * V(S_N) + V(S_R) = V_N (x) k_n^2 + V_R (x) k_r^2. The background part
      * sigma^2 sum k^2 of each is the constant F_S (added in step 8); here
@@ -1180,6 +1253,7 @@ hilal_status hilal_zogy_run(const hilal_zogy_input *in, hilal_diff *out, hilal_z
         z->c[q] = NULL;
     }
 
+    tstep[4] = now_s();
     /* ---- Steps 7-8: edge strip, S_corr, flux and its error ---- */
     ej.z = z;
     ej.vsrc = need_src ? z->scorr : NULL;
@@ -1195,6 +1269,7 @@ hilal_status hilal_zogy_run(const hilal_zogy_input *in, hilal_diff *out, hilal_z
         }
     }
     parallel_for(z->threads, z->ny, combine_rows, &ej);
+    tstep[5] = now_s();
 
     /* P_D and the robust S_corr statistics on unfilled pixels away from
      * sources. */
@@ -1211,6 +1286,14 @@ hilal_status hilal_zogy_run(const hilal_zogy_input *in, hilal_diff *out, hilal_z
         if (st != HILAL_OK)
             goto cleanup;
     }
+    tstep[6] = now_s();
+    hilal_log(HILAL_LOG_DEBUG,
+              "ZOGY %ld x %ld (FFT %ld x %ld, %d threads): inputs %.3f s, kernels %.3f s, "
+              "forward FFTs and spectra %.3f s, D and S %.3f s, source noise %.3f s, S_corr and "
+              "flux %.3f s, statistics %.3f s",
+              z->nx, z->ny, z->mx, z->my, z->threads, tstep[0] - t0, tstep[1] - tstep[0],
+              tstep[2] - tstep[1], tstep[3] - tstep[2], tstep[4] - tstep[3], tstep[5] - tstep[4],
+              tstep[6] - tstep[5]);
 
     if (info != NULL) {
         info->sigma_n_adu = z->sigma[0];

@@ -23,14 +23,29 @@
 static const hilal_param vet_params[] = {
     {"footprint_fwhm", HILAL_PARAM_DOUBLE, "1.0", 0.5, 5, "FWHM",
      "radius of the footprint (sharpness, neg_frac, masked_frac), in FWHM of P_D (>= 2 px)"},
-    {"dipole_fwhm", HILAL_PARAM_DOUBLE, "2.0", 0.5, 10, "FWHM",
-     "radius searched for an opposite-sign S_corr lobe, in FWHM of P_D"},
+    {"dipole_fwhm", HILAL_PARAM_DOUBLE, "1.5", 0.5, 10, "FWHM",
+     "radius within which an opposite-sign S_corr extremum makes a dipole, in FWHM of P_D"},
     {"search_radius_px", HILAL_PARAM_DOUBLE, "32", 1, 1024, "px",
      "distances to saturated and masked pixels are searched, and capped, within this radius"},
-    {"sharp_centre", HILAL_PARAM_DOUBLE, "0.5", 0.01, 10, "",
-     "rb factor: centre on the normalised sharpness (0 = PSF-like, 1 = single pixel)"},
+    {"sharp_centre", HILAL_PARAM_DOUBLE, "0.35", 0.01, 10, "",
+     "rb factor: centre on the normalised sharpness (0 = PSF-like, 1 = single pixel) at low S/N"},
     {"sharp_width", HILAL_PARAM_DOUBLE, "0.08", 0.001, 10, "",
-     "rb factor: width on the normalised sharpness"},
+     "rb factor: width on the normalised sharpness at low S/N"},
+    {"sharp_snr", HILAL_PARAM_DOUBLE, "10", 0.1, 1e6, "sigma",
+     "above this |snr| the sharpness centre and width shrink as sharp_snr / |snr|"},
+    {"sharp_floor", HILAL_PARAM_DOUBLE, "0.15", 0.001, 10, "",
+     "smallest sharpness centre (room for PSF-model errors at high S/N)"},
+    {"img_sharp_snr", HILAL_PARAM_DOUBLE, "5", 0, 1e6, "sigma",
+     "the science (brightening) or reference (fading) image's own sharpness counts above this "
+     "peak-pixel S/N"},
+    {"narrow_centre", HILAL_PARAM_DOUBLE, "0.4", 0, 1, "",
+     "rb factor: centre on FWHM(D) / FWHM(P_D) below which a residual is too narrow"},
+    {"narrow_width", HILAL_PARAM_DOUBLE, "0.05", 0.001, 10, "",
+     "rb factor: width on FWHM(D) / FWHM(P_D) for narrowness"},
+    {"narrow_snr", HILAL_PARAM_DOUBLE, "8", 0, 1e6, "sigma",
+     "rb factor: narrowness counts only for |snr| well above this (the FWHM is noise below)"},
+    {"narrow_snr_width", HILAL_PARAM_DOUBLE, "2", 0.001, 1e6, "sigma",
+     "rb factor: width of the |snr| gate of narrowness"},
     {"broad_centre", HILAL_PARAM_DOUBLE, "2.0", 1, 100, "",
      "rb factor: centre on FWHM(D) / FWHM(P_D) (broader residuals are bogus)"},
     {"broad_width", HILAL_PARAM_DOUBLE, "0.15", 0.001, 10, "",
@@ -39,6 +54,10 @@ static const hilal_param vet_params[] = {
      "rb factor: centre on the elongation a/b on D (streaks are bogus)"},
     {"elong_width", HILAL_PARAM_DOUBLE, "0.25", 0.001, 10, "",
      "rb factor: width on the elongation"},
+    {"elong_snr", HILAL_PARAM_DOUBLE, "10", 0, 1e6, "sigma",
+     "rb factor: the elongation counts only for |snr| well above this (it is noise below)"},
+    {"elong_snr_width", HILAL_PARAM_DOUBLE, "2", 0.001, 1e6, "sigma",
+     "rb factor: width of the |snr| gate of the elongation"},
     {"dipole_centre", HILAL_PARAM_DOUBLE, "0.4", 0, 1, "",
      "rb factor: centre on the dipole measure (1 = single-signed, 0 = balanced dipole)"},
     {"dipole_width", HILAL_PARAM_DOUBLE, "0.1", 0.001, 10, "",
@@ -47,7 +66,7 @@ static const hilal_param vet_params[] = {
      "rb factor: an opposite lobe counts only when its |S_corr| is well above this"},
     {"dipole_sigma_width", HILAL_PARAM_DOUBLE, "0.5", 0.001, 100, "sigma",
      "rb factor: width on the opposite lobe's |S_corr|"},
-    {"negfrac_centre", HILAL_PARAM_DOUBLE, "0.5", 0, 1, "",
+    {"negfrac_centre", HILAL_PARAM_DOUBLE, "0.45", 0, 1, "",
      "rb factor: centre on the fraction of opposite-signed pixels of D in the footprint"},
     {"negfrac_width", HILAL_PARAM_DOUBLE, "0.04", 0.001, 10, "",
      "rb factor: width on neg_frac"},
@@ -61,8 +80,6 @@ static const hilal_param vet_params[] = {
      "rb factor: width on the distance to the nearest saturated pixel"},
     {"refdefect_factor", HILAL_PARAM_DOUBLE, "0.2", 0, 1, "",
      "rb is multiplied by this when the reference has a defect at the candidate"},
-    {"ref_sharp_snr", HILAL_PARAM_DOUBLE, "5", 0, 1e6, "sigma",
-     "a sharp reference feature under a fading candidate is a defect above this S/N"},
     {"tile_px", HILAL_PARAM_INT, "128", 16, 65536, "px",
      "side of the tiles in which the noise of S_corr is checked (BAD_TILE flag)"},
     {"tile_tol", HILAL_PARAM_DOUBLE, "0.3", 0.001, 100, "",
@@ -76,10 +93,19 @@ static const size_t vet_fields[NVET] = {
     offsetof(hilal_vet_params, search_radius_px),
     offsetof(hilal_vet_params, sharp_centre),
     offsetof(hilal_vet_params, sharp_width),
+    offsetof(hilal_vet_params, sharp_snr),
+    offsetof(hilal_vet_params, sharp_floor),
+    offsetof(hilal_vet_params, img_sharp_snr),
+    offsetof(hilal_vet_params, narrow_centre),
+    offsetof(hilal_vet_params, narrow_width),
+    offsetof(hilal_vet_params, narrow_snr),
+    offsetof(hilal_vet_params, narrow_snr_width),
     offsetof(hilal_vet_params, broad_centre),
     offsetof(hilal_vet_params, broad_width),
     offsetof(hilal_vet_params, elong_centre),
     offsetof(hilal_vet_params, elong_width),
+    offsetof(hilal_vet_params, elong_snr),
+    offsetof(hilal_vet_params, elong_snr_width),
     offsetof(hilal_vet_params, dipole_centre),
     offsetof(hilal_vet_params, dipole_width),
     offsetof(hilal_vet_params, dipole_sigma),
@@ -91,7 +117,6 @@ static const size_t vet_fields[NVET] = {
     offsetof(hilal_vet_params, sat_radius_px),
     offsetof(hilal_vet_params, sat_width_px),
     offsetof(hilal_vet_params, refdefect_factor),
-    offsetof(hilal_vet_params, ref_sharp_snr),
     offsetof(hilal_vet_params, tile_px),
     offsetof(hilal_vet_params, tile_tol),
 };
@@ -151,6 +176,20 @@ static float median_select(float *a, size_t n)
     return a[k];
 }
 
+/* Whether the 0-based pixel (x, y) is nearer to one of the others than to
+ * (X, Y). */
+static int nearer_other(double x, double y, double X, double Y, const double *others,
+                        size_t nothers)
+{
+    const double d0 = (x - X) * (x - X) + (y - Y) * (y - Y);
+    for (size_t k = 0; k < nothers; k++) {
+        double dx = x - others[2 * k], dy = y - others[2 * k + 1];
+        if (dx * dx + dy * dy < d0)
+            return 1;
+    }
+    return 0;
+}
+
 /* Sharpness of a source at the 0-based position (X, Y): the value of its
  * brightest pixel divided by the value that a PSF of the fitted flux
  * predicts there. The flux is the linear least-squares amplitude
@@ -159,10 +198,12 @@ static float median_select(float *a, size_t n)
  * brightest pixel is sought in the 3x3 pixels around (X, Y): at low S/N the
  * position of a one-pixel event can be off by more than half a pixel. A
  * point source gives ~1, a single hot pixel at least sum(P^2)/P(0)^2. bg is
- * subtracted from img first; masked pixels are skipped. NaN when undefined. */
+ * subtracted from img first; masked pixels, and pixels nearer to one of the
+ * nothers neighbouring sources (0-based x, y pairs), are skipped. NaN when
+ * undefined. */
 static double sharpness_at(const float *img, long nx, long ny, const hilal_mask_t *mask,
                            double X, double Y, double sign, double bg, const hilal_psf *psf,
-                           double r_fp)
+                           double r_fp, const double *others, size_t nothers)
 {
     const long ix = (long)floor(X + 0.5), iy = (long)floor(Y + 0.5);
     if (ix < 0 || iy < 0 || ix >= nx || iy >= ny)
@@ -182,7 +223,7 @@ static double sharpness_at(const float *img, long nx, long ny, const hilal_mask_
             if (mask != NULL && (mask[i] & HILAL_MASK_UNUSABLE) != 0)
                 continue;
             double v = img[i];
-            if (!isfinite(v))
+            if (!isfinite(v) || nearer_other((double)x, (double)y, X, Y, others, nothers))
                 continue;
             double pv = hilal_measure_psf_value(psf, dx, dy);
             sip += sign * (v - bg) * pv;
@@ -242,7 +283,7 @@ hilal_status hilal_vet_psfinfo_get(const hilal_psf *psf_d, double weight_scale,
     const double sigma_w = hilal_measure_weight_sigma(psf_d, weight_scale);
     const double c = psf_d->size / 2;
     double elong;
-    hilal_measure_shape(psf_d->data, psf_d->size, psf_d->size, NULL, c, c, 1.0, sigma_w,
+    hilal_measure_shape(psf_d->data, psf_d->size, psf_d->size, NULL, c, c, 1.0, sigma_w, NULL, 0,
                         &info->fwhm_px, &elong);
     info->sharp_delta = delta_sharpness(psf_d);
     if (!(info->fwhm_px > 0) || !(info->sharp_delta > 0))
@@ -262,39 +303,63 @@ static double falling(double s, double centre, double width)
     return isfinite(s) ? logistic((centre - s) / width) : 0.5;
 }
 
+double hilal_vet_sharp_centre(const hilal_vet_params *p, double snr)
+{
+    double a = fabs(snr);
+    double centre = a > p->sharp_snr ? p->sharp_centre * p->sharp_snr / a : p->sharp_centre;
+    return centre > p->sharp_floor ? centre : p->sharp_floor;
+}
+
 double hilal_vet_score(const hilal_vet_params *p, const hilal_vet_psfinfo *info,
                        const hilal_candidate *c, double factors[HILAL_VET_NFACTORS])
 {
     double f[HILAL_VET_NFACTORS];
+    const double snr = fabs(c->snr);
     /* Sharpness, normalised so that a PSF gives 0 and a single pixel 1:
-     * z = (s - 1) / (s_delta - 1). An unresolved P_D (s_delta < 1.2) cannot
-     * tell the two apart: the factor is then 1. */
-    if (info->sharp_delta >= 1.2)
-        f[0] = falling((c->sharpness - 1.0) / (info->sharp_delta - 1.0), p->sharp_centre,
-                       p->sharp_width);
-    else
-        f[0] = 1.0;
-    /* Residuals broader than P_D (galaxy residuals, bad PSF) and streaks. */
-    f[1] = falling(c->fwhm / info->fwhm_px, p->broad_centre, p->broad_width);
-    f[2] = falling(c->elongation, p->elong_centre, p->elong_width);
+     * z = (s - 1) / (s_delta - 1). Its noise falls as 1/|snr|, so above
+     * sharp_snr the centre and width shrink in proportion (down to
+     * sharp_floor). An unresolved P_D (s_delta < 1.2) cannot tell the two
+     * apart: the factor is then 1. */
+    if (info->sharp_delta >= 1.2) {
+        double centre = hilal_vet_sharp_centre(p, c->snr);
+        f[HILAL_VET_F_SHARP] = falling((c->sharpness - 1.0) / (info->sharp_delta - 1.0), centre,
+                                       p->sharp_width * centre / p->sharp_centre);
+    } else {
+        f[HILAL_VET_F_SHARP] = 1.0;
+    }
+    /* Size on D against P_D: much narrower (cosmic-ray tracks, which the
+     * sharpness misses when their charge is spread over a few pixels) and
+     * much broader (galaxy residuals, PSF errors). The FWHM of a faint
+     * source is mostly noise: narrowness is gated by |snr|. */
+    const double ratio = c->fwhm / info->fwhm_px;
+    f[HILAL_VET_F_NARROW] =
+        isfinite(ratio) ? 1.0 - logistic((p->narrow_centre - ratio) / p->narrow_width) *
+                                    logistic((snr - p->narrow_snr) / p->narrow_snr_width)
+                        : 0.5;
+    f[HILAL_VET_F_BROAD] = falling(ratio, p->broad_centre, p->broad_width);
+    /* Streaks; the elongation of a faint source is mostly noise: gated. */
+    f[HILAL_VET_F_ELONG] =
+        isfinite(c->elongation)
+            ? 1.0 - logistic((c->elongation - p->elong_centre) / p->elong_width) *
+                        logistic((snr - p->elong_snr) / p->elong_snr_width)
+            : 0.5;
     /* Dipole: penalised only when the opposite lobe is itself significant
      * (q = |snr| (1 - dipole) / (1 + dipole), its |S_corr|) AND comparable to
      * the main lobe (dipole measure small). */
     if (isfinite(c->dipole)) {
-        double pk = fabs(c->snr);
-        double q = pk * (1.0 - c->dipole) / (1.0 + c->dipole);
-        f[3] = 1.0 - logistic((q - p->dipole_sigma) / p->dipole_sigma_width) *
-                         logistic((p->dipole_centre - c->dipole) / p->dipole_width);
+        double q = snr * (1.0 - c->dipole) / (1.0 + c->dipole);
+        f[HILAL_VET_F_DIPOLE] = 1.0 - logistic((q - p->dipole_sigma) / p->dipole_sigma_width) *
+                                          logistic((p->dipole_centre - c->dipole) / p->dipole_width);
     } else {
-        f[3] = 0.5;
+        f[HILAL_VET_F_DIPOLE] = 0.5;
     }
-    f[4] = falling(c->neg_frac, p->negfrac_centre, p->negfrac_width);
-    f[5] = falling(c->masked_frac, p->masked_centre, p->masked_width);
+    f[HILAL_VET_F_NEGFRAC] = falling(c->neg_frac, p->negfrac_centre, p->negfrac_width);
+    f[HILAL_VET_F_MASKED] = falling(c->masked_frac, p->masked_centre, p->masked_width);
     /* Distance to saturation: larger is better. */
-    f[6] = isfinite(c->dist_sat_px)
-               ? logistic((c->dist_sat_px - p->sat_radius_px) / p->sat_width_px)
-               : 0.5;
-    f[7] = (c->flags & HILAL_CAND_REF_DEFECT) ? p->refdefect_factor : 1.0;
+    f[HILAL_VET_F_SAT] = isfinite(c->dist_sat_px)
+                             ? logistic((c->dist_sat_px - p->sat_radius_px) / p->sat_width_px)
+                             : 0.5;
+    f[HILAL_VET_F_REFDEFECT] = (c->flags & HILAL_CAND_REF_DEFECT) ? p->refdefect_factor : 1.0;
     double rb = 1.0;
     for (int k = 0; k < HILAL_VET_NFACTORS; k++) {
         rb *= f[k];
@@ -313,14 +378,18 @@ typedef struct vet_ctx {
     hilal_vet_psfinfo info;
     long nx, ny;
     const hilal_mask_t *sci_mask;   /* same grid as diff, or NULL */
+    const hilal_image *sci;         /* science image with its PSF, or NULL */
+    const hilal_psf *sci_psf;
+    double sci_delta;               /* sharpness of a single pixel against sci_psf */
     const hilal_image *ref;         /* aligned reference on the same grid, or NULL */
     const hilal_psf *ref_psf;       /* with data, or NULL */
-    double ref_sharp_delta;
+    double ref_delta;
     double r_fp, r_dip;             /* footprint and dipole radii, px */
     long ntx, nty;                  /* tiles */
     double *tile_std;               /* robust std of S_corr per tile, NaN until computed */
     float *buf;                     /* scratch, tile_px^2 or annulus */
     size_t nbuf;
+    hilal_neighbours nb;            /* the candidates by position */
 } vet_ctx;
 
 /* Robust (1.4826 MAD) standard deviation of S_corr in tile (tx, ty) over
@@ -356,12 +425,70 @@ static double tile_std(vet_ctx *v, long tx, long ty)
     return *slot;
 }
 
-/* Whether the reference has a defect under the candidate: REFDEFECT in the
- * difference mask, or a bad/cosmic/defect bit in the reference mask, within
- * the footprint; or, for a fading candidate, a reference feature sharper
- * than the reference PSF (a cosmic ray or hot pixel in the reference makes
- * a negative sharp residual that looks like a fading source). */
-static int ref_defect(vet_ctx *v, const hilal_candidate *c, double X, double Y)
+/* Normalised sharpness z of the image in which the event is positive (the
+ * science frame for a brightening, the aligned reference for a fading
+ * candidate) at the 0-based position (X, Y), against that image's own PSF.
+ * A cosmic ray or hot pixel is sharp there whatever ZOGY's D made of it
+ * (when the reference PSF is the broader one, D smooths a cosmic ray of
+ * the science frame towards P_D). The local background and noise come from
+ * an annulus r < rho <= 2 r around the footprint radius r (median and
+ * 1.4826 MAD, robust to the source); z is NaN unless the brightest pixel of
+ * the 3x3 under the candidate is at least img_sharp_snr sigma above it (a
+ * faint event's pixels carry no shape information). Pixels nearer to one of
+ * the nothers neighbouring candidates are left out of the fit. */
+static double image_z(vet_ctx *v, const hilal_image *img, const hilal_psf *psf, double delta,
+                      double X, double Y, const double *others, size_t nothers)
+{
+    if (img == NULL || psf == NULL || !(delta >= 1.2))
+        return NAN;
+    const long nx = v->nx, ny = v->ny;
+    const long ix = (long)floor(X + 0.5), iy = (long)floor(Y + 0.5);
+    const float *px = img->pix;
+    const hilal_mask_t *pm = img->mask;
+    double r = v->p->footprint_fwhm * psf->fwhm_px;
+    if (!(r >= 2.0))
+        r = 2.0;
+    const double r2a = r * r, r2b = 4.0 * r2a;
+    const long rb = (long)ceil(2.0 * r);
+    size_t n = 0;
+    for (long y = iy - rb; y <= iy + rb; y++)
+        for (long x = ix - rb; x <= ix + rb; x++) {
+            if (x < 0 || y < 0 || x >= nx || y >= ny)
+                continue;
+            double dx = (double)x - X, dy = (double)y - Y, d2 = dx * dx + dy * dy;
+            size_t i = (size_t)y * (size_t)nx + (size_t)x;
+            if (d2 <= r2a || d2 > r2b || (pm[i] & HILAL_MASK_UNUSABLE) != 0 || !isfinite(px[i]))
+                continue;
+            if (n < v->nbuf)
+                v->buf[n++] = px[i];
+        }
+    if (n < 16)
+        return NAN;
+    const double bg = median_select(v->buf, n);
+    for (size_t k = 0; k < n; k++)
+        v->buf[k] = fabsf(v->buf[k] - (float)bg);
+    const double sigma = 1.4826 * median_select(v->buf, n);
+    if (!(sigma > 0))
+        return NAN;
+    double best = -INFINITY;
+    for (long y = iy - 1; y <= iy + 1; y++)
+        for (long x = ix - 1; x <= ix + 1; x++) {
+            if (x < 0 || y < 0 || x >= nx || y >= ny)
+                continue;
+            size_t i = (size_t)y * (size_t)nx + (size_t)x;
+            if ((pm[i] & HILAL_MASK_UNUSABLE) == 0 && isfinite(px[i]) && px[i] > best)
+                best = px[i];
+        }
+    if (!((best - bg) / sigma >= v->p->img_sharp_snr))
+        return NAN;
+    double s = sharpness_at(px, nx, ny, pm, X, Y, 1.0, bg, psf, r, others, nothers);
+    return (s - 1.0) / (delta - 1.0);
+}
+
+/* Whether the reference mask marks a defect under the candidate: REFDEFECT
+ * in the difference mask, or a bad/cosmic/defect bit in the aligned
+ * reference mask, within the footprint. */
+static int ref_mask_defect(const vet_ctx *v, double X, double Y)
 {
     const long nx = v->nx, ny = v->ny;
     const long r = (long)ceil(v->r_fp);
@@ -380,63 +507,13 @@ static int ref_defect(vet_ctx *v, const hilal_candidate *c, double X, double Y)
             if (v->ref != NULL && (v->ref->mask[i] & refbits) != 0)
                 return 1;
         }
-    if (c->snr >= 0 || v->ref == NULL || v->ref_psf == NULL || !(v->ref_sharp_delta >= 1.2))
-        return 0;
-
-    /* Local background and noise of the reference from an annulus
-     * r_fp < r <= 2 r_fp (median and 1.4826 MAD), robust to the source. */
-    const float *rp = v->ref->pix;
-    const hilal_mask_t *rm = v->ref->mask;
-    const double r2a = v->r_fp * v->r_fp, r2b = 4.0 * r2a;
-    const long rb = (long)ceil(2.0 * v->r_fp);
-    size_t n = 0;
-    for (long y = iy - rb; y <= iy + rb; y++)
-        for (long x = ix - rb; x <= ix + rb; x++) {
-            if (x < 0 || y < 0 || x >= nx || y >= ny)
-                continue;
-            double dx = (double)(x - ix), dy = (double)(y - iy), d2 = dx * dx + dy * dy;
-            size_t i = (size_t)y * (size_t)nx + (size_t)x;
-            if (d2 <= r2a || d2 > r2b || (rm[i] & HILAL_MASK_UNUSABLE) != 0 || !isfinite(rp[i]))
-                continue;
-            if (n < v->nbuf)
-                v->buf[n++] = rp[i];
-        }
-    if (n < 16)
-        return 0;
-    const double bg = median_select(v->buf, n);
-    for (size_t k = 0; k < n; k++)
-        v->buf[k] = fabsf(v->buf[k] - (float)bg);
-    const double sigma = 1.4826 * median_select(v->buf, n);
-    if (!(sigma > 0))
-        return 0;
-
-    /* Brightest reference pixel in the 3x3 under the candidate: is it
-     * significant, and sharper than the reference PSF? */
-    long bx = -1, by = -1;
-    double best = -INFINITY;
-    for (long y = iy - 1; y <= iy + 1; y++)
-        for (long x = ix - 1; x <= ix + 1; x++) {
-            if (x < 0 || y < 0 || x >= nx || y >= ny)
-                continue;
-            size_t i = (size_t)y * (size_t)nx + (size_t)x;
-            if ((rm[i] & HILAL_MASK_UNUSABLE) != 0 || !isfinite(rp[i]))
-                continue;
-            if (rp[i] > best) {
-                best = rp[i];
-                bx = x;
-                by = y;
-            }
-        }
-    if (bx < 0 || (best - bg) / sigma < v->p->ref_sharp_snr)
-        return 0;
-    double s = sharpness_at(rp, nx, ny, rm, (double)bx, (double)by, 1.0, bg, v->ref_psf, v->r_fp);
-    double z = (s - 1.0) / (v->ref_sharp_delta - 1.0);
-    return isfinite(z) && z > v->p->sharp_centre;
+    return 0;
 }
 
-/* All statistics, flags and rb of one candidate. */
-static void vet_one(vet_ctx *v, hilal_candidate *c)
+/* All statistics, flags and rb of candidate k. */
+static void vet_one(vet_ctx *v, hilal_candidate *cands, size_t k)
 {
+    hilal_candidate *c = &cands[k];
     const hilal_diff *diff = v->diff;
     const long nx = v->nx, ny = v->ny;
     const double sign = c->snr < 0 ? -1.0 : 1.0;
@@ -484,17 +561,36 @@ static void vet_one(vet_ctx *v, hilal_candidate *c)
     if (nmask > 0)
         flags |= HILAL_CAND_NEAR_MASK;
 
-    /* 2. Sharpness on D against P_D at the measured position. */
-    c->sharpness = sharpness_at(diff->d, nx, ny, diff->mask, X, Y, sign, 0.0, &diff->psf_d, v->r_fp);
+    /* 2. Sharpness on D against P_D at the measured position, and on the
+     * image where the event is positive against its PSF; the sharper of
+     * the two (on D's scale: s = 1 + z (s_delta(P_D) - 1)) is kept. A
+     * fading candidate whose reference feature is sharp is a reference
+     * defect (a cosmic ray or hot pixel of the reference). */
+    double others[2 * 32];
+    size_t no = hilal_neighbours_find(&v->nb, k, 2.0 * v->r_fp, others, 32);
+    c->sharpness = sharpness_at(diff->d, nx, ny, diff->mask, X, Y, sign, 0.0, &diff->psf_d, v->r_fp,
+                                others, no);
+    {
+        double zi = sign > 0 ? image_z(v, v->sci, v->sci_psf, v->sci_delta, X, Y, others, no)
+                             : image_z(v, v->ref, v->ref_psf, v->ref_delta, X, Y, others, no);
+        double zd = (c->sharpness - 1.0) / (v->info.sharp_delta - 1.0);
+        if (isfinite(zi) && (!isfinite(zd) || zi > zd))
+            c->sharpness = 1.0 + zi * (v->info.sharp_delta - 1.0);
+        if (sign < 0 && isfinite(zi) && zi > hilal_vet_sharp_centre(v->p, c->snr))
+            flags |= HILAL_CAND_REF_DEFECT;
+    }
 
-    /* 3. Dipole: strongest opposite-signed S_corr within r_dip, q, against the
-     * peak p = |snr|: dipole = (p - q) / (p + q), clipped to [0, 1]. */
+    /* 3. Dipole: the strongest opposite-signed extremum of S_corr whose
+     * peak lies within r_dip, q, against the peak p = |snr|:
+     * dipole = (p - q) / (p + q), clipped to [0, 1]. Only extrema count, so
+     * the wing of an unrelated opposite-signed source farther away does
+     * not. */
     {
         const long rd = (long)ceil(v->r_dip);
         double q = 0;
         for (long y = iy - rd; y <= iy + rd; y++)
             for (long x = ix - rd; x <= ix + rd; x++) {
-                if (x < 0 || y < 0 || x >= nx || y >= ny)
+                if (x < 1 || y < 1 || x >= nx - 1 || y >= ny - 1)
                     continue;
                 double dx = (double)x - X, dy = (double)y - Y;
                 if (dx * dx + dy * dy > v->r_dip * v->r_dip)
@@ -503,7 +599,18 @@ static void vet_one(vet_ctx *v, hilal_candidate *c)
                 if (diff->mask != NULL && (diff->mask[i] & HILAL_MASK_UNUSABLE) != 0)
                     continue;
                 double s = -sign * diff->scorr[i];
-                if (isfinite(s) && s > q)
+                if (!(s > q))
+                    continue;
+                int ext = 1;
+                for (long yy = y - 1; yy <= y + 1 && ext; yy++)
+                    for (long xx = x - 1; xx <= x + 1; xx++) {
+                        double w = -sign * diff->scorr[yy * nx + xx];
+                        if ((xx != x || yy != y) && isfinite(w) && w > s) {
+                            ext = 0;
+                            break;
+                        }
+                    }
+                if (ext)
                     q = s;
             }
         double pk = fabs(c->snr);
@@ -546,8 +653,8 @@ static void vet_one(vet_ctx *v, hilal_candidate *c)
             flags |= HILAL_CAND_NEAR_SAT;
     }
 
-    /* 5. Defects of the reference. */
-    if (ref_defect(v, c, X, Y))
+    /* 5. Defects of the reference marked in the masks. */
+    if (ref_mask_defect(v, X, Y))
         flags |= HILAL_CAND_REF_DEFECT;
 
     /* 6. Noise of S_corr in the candidate's tile. */
@@ -564,9 +671,9 @@ static void vet_one(vet_ctx *v, hilal_candidate *c)
     c->flags = flags;
     double f[HILAL_VET_NFACTORS];
     c->rb = hilal_vet_score(v->p, &v->info, c, f);
-    if (f[0] < 0.5)
+    if (f[HILAL_VET_F_SHARP] < 0.5 || f[HILAL_VET_F_NARROW] < 0.5)
         flags |= HILAL_CAND_SHARP;
-    if (f[3] < 0.5)
+    if (f[HILAL_VET_F_DIPOLE] < 0.5)
         flags |= HILAL_CAND_DIPOLE;
     c->flags = flags;
 }
@@ -593,13 +700,21 @@ hilal_status hilal_vet_candidates(const hilal_frame *frame, const hilal_vet_para
     if (frame->sci != NULL && frame->sci->mask != NULL && frame->sci->nx == v.nx &&
         frame->sci->ny == v.ny)
         v.sci_mask = frame->sci->mask;
+    /* The science image and its PSF (for its own sharpness). */
+    if ((frame->products & HILAL_PROD_PSF) && frame->sci != NULL && frame->sci->pix != NULL &&
+        frame->sci->mask != NULL && frame->sci->nx == v.nx && frame->sci->ny == v.ny &&
+        frame->sci_psf.data != NULL) {
+        v.sci = frame->sci;
+        v.sci_psf = &frame->sci_psf;
+        v.sci_delta = delta_sharpness(&frame->sci_psf);
+    }
     /* The reference is on the science grid only once aligned. */
     if ((frame->products & HILAL_PROD_ALIGNED) && frame->ref != NULL && frame->ref->pix != NULL &&
         frame->ref->mask != NULL && frame->ref->nx == v.nx && frame->ref->ny == v.ny) {
         v.ref = frame->ref;
-        if (frame->ref_psf.data != NULL) {
+        if ((frame->products & HILAL_PROD_PSF) && frame->ref_psf.data != NULL) {
             v.ref_psf = &frame->ref_psf;
-            v.ref_sharp_delta = delta_sharpness(&frame->ref_psf);
+            v.ref_delta = delta_sharpness(&frame->ref_psf);
         }
     }
     v.r_fp = p->footprint_fwhm * v.info.fwhm_px;
@@ -611,8 +726,13 @@ hilal_status hilal_vet_candidates(const hilal_frame *frame, const hilal_vet_para
     v.ntx = (v.nx + p->tile_px - 1) / p->tile_px;
     v.nty = (v.ny + p->tile_px - 1) / p->tile_px;
     v.tile_std = malloc((size_t)v.ntx * (size_t)v.nty * sizeof *v.tile_std);
-    /* Scratch for a tile or a reference annulus, whichever is larger. */
-    const long ra = 2 * (long)ceil(2.0 * v.r_fp) + 1;
+    /* Scratch for a tile or an image annulus, whichever is larger. */
+    double rmax = v.r_fp;
+    if (v.sci_psf != NULL && p->footprint_fwhm * v.sci_psf->fwhm_px > rmax)
+        rmax = p->footprint_fwhm * v.sci_psf->fwhm_px;
+    if (v.ref_psf != NULL && p->footprint_fwhm * v.ref_psf->fwhm_px > rmax)
+        rmax = p->footprint_fwhm * v.ref_psf->fwhm_px;
+    const long ra = 2 * (long)ceil(2.0 * rmax) + 1;
     v.nbuf = (size_t)p->tile_px * (size_t)p->tile_px;
     if ((size_t)(ra * ra) > v.nbuf)
         v.nbuf = (size_t)(ra * ra);
@@ -624,9 +744,13 @@ hilal_status hilal_vet_candidates(const hilal_frame *frame, const hilal_vet_para
     for (long i = 0; i < v.ntx * v.nty; i++)
         v.tile_std[i] = NAN;
 
+    st = hilal_neighbours_init(&v.nb, cands, n, err);
+    if (st != HILAL_OK)
+        goto cleanup;
     for (size_t k = 0; k < n; k++)
-        vet_one(&v, &cands[k]);
+        vet_one(&v, cands, k);
 cleanup:
+    hilal_neighbours_clear(&v.nb);
     free(v.tile_std);
     free(v.buf);
     return st;
@@ -651,6 +775,15 @@ static hilal_status vet_init(const hilal_config *cfg, void **state, hilal_error 
     p->weight_scale = DEFAULT_WEIGHT_SCALE;
     if (hilal_config_param(cfg, "measure.weight_scale") != NULL)
         p->weight_scale = hilal_config_get_double(cfg, "measure.weight_scale");
+    if (!(p->sat_radius_px < p->search_radius_px)) {
+        hilal_status st = hilal_error_set(
+            err, HILAL_ERR_CONFIG,
+            "vet.sat_radius_px (%g px) must be smaller than vet.search_radius_px (%g px), beyond "
+            "which distances to saturated pixels are not measured",
+            p->sat_radius_px, p->search_radius_px);
+        free(p);
+        return st;
+    }
     *state = p;
     return HILAL_OK;
 }

@@ -10,8 +10,9 @@
  *      (affine, or quadratic with enough stars), fitted with sigma clipping,
  *      applied before the first guess: reference = guess(A(s)).
  * The reference is resampled through that transform with a Lanczos3 kernel
- * (flux-conserving: scaled by the local pixel-area ratio), its variance and
- * mask propagated. Pairs already on one grid are left untouched. The full
+ * (flux-conserving: scaled by the local pixel-area ratio), its variance
+ * (as the white-noise-equivalent variance of the resampled image) and mask
+ * propagated. Pairs already on one grid are left untouched. The full
  * description, tolerances and measured accuracy are in docs/align.md.
  *
  * Coordinates are FITS 1-based pixels.
@@ -30,7 +31,8 @@ extern "C" {
 /* Settings; the [align] configuration section holds one key per field
  * (same names) with the defaults of hilal_align_opts_default(). */
 typedef struct hilal_align_opts {
-    int order;                   /* highest order of the star-fit correction: 1 affine, 2 quadratic */
+    int order;                   /* highest order of the star-fit correction: 1 affine,
+                                    2 quadratic */
     int order2_min_matches;      /* quadratic terms only with at least this many matches */
     double match_radius_px;      /* final match radius, px */
     double search_radius_px;     /* largest first-guess error searched by the offset vote, px */
@@ -65,7 +67,9 @@ typedef struct hilal_align_info {
     hilal_align_method method;
     int identity;            /* 1: the pair was already on one grid, nothing resampled */
     int nmatch;              /* star matches kept by the clipped fit (0: none used) */
-    int fit_order;           /* order of the correction (-1: no star fit) */
+    int fit_order;           /* order of the correction: 0 shift, 1 affine, 2 quadratic, chosen
+                                by the Bayesian information criterion up to opts.order
+                                (-1: no star fit) */
     double rms_x_px, rms_y_px; /* registration RMS = frame->reg_rms_x_px / reg_rms_y_px */
     double dx_px, dy_px;     /* reference minus science position at the science centre */
     double rotation_deg;     /* rotation of the reference pixel axes relative to the science ones
@@ -75,7 +79,8 @@ typedef struct hilal_align_info {
     long grid_step_px;       /* node spacing used */
     double grid_err_px;      /* largest bilinear error of the grid (at cell centres), px */
     double coverage_frac;    /* fraction of science pixels with reference data */
-    double mean_w2;          /* mean sum of squared kernel weights (variance reduction factor) */
+    double mean_w2;          /* mean sum of squared kernel weights: per-pixel variance of the
+                                resampled noise / var plane (0.798 for random phases) */
     int nref_stars;          /* reference stars carried onto the science grid */
 } hilal_align_info;
 

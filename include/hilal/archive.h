@@ -49,7 +49,7 @@ typedef struct hilal_archive hilal_archive;
 typedef struct hilal_archive_options {
     int cutout_size;           /* side of the stamps, px, odd, 5..255 (default 63) */
     int psf_size;              /* side of the stored PSF boxes, px, odd, 5..255 (default 51) */
-    int compress_level;        /* deflate level (with shuffle) of tables, masks and PSFs, 0..9 (default 4) */
+    int compress_level;        /* deflate level (with shuffle) of mask stamps and PSFs, 0..9 (default 1) */
     int cutout_compress_level; /* deflate level of the float stamps, 0..9 (default 0: see docs/archive.md) */
     int fsync;                 /* also fsync() the file at each commit: survives power loss (default 0) */
 } hilal_archive_options;

@@ -56,17 +56,40 @@ hilal_status hilal_detect_peaks(const hilal_diff *diff, const hilal_detect_param
  * P_D to a sub-pixel position. */
 double hilal_measure_psf_value(const hilal_psf *psf, double u_px, double v_px);
 
+/* Candidates indexed by position, to find the neighbours of one of them
+ * (whose light must not be counted as its own). Fill with
+ * hilal_neighbours_init(), release with hilal_neighbours_clear(). */
+typedef struct hilal_neighbours {
+    const hilal_candidate *cands; /* borrowed */
+    size_t n;
+    size_t *order;                /* indices sorted by y */
+} hilal_neighbours;
+
+hilal_status hilal_neighbours_init(hilal_neighbours *nb, const hilal_candidate *cands, size_t n,
+                                   hilal_error *err);
+
+/* Writes the 0-based positions (x, y pairs) of at most max candidates other
+ * than candidate k that lie within radius_px of it into xy (2 max doubles);
+ * returns how many. */
+size_t hilal_neighbours_find(const hilal_neighbours *nb, size_t k, double radius_px, double *xy,
+                             size_t max);
+
+void hilal_neighbours_clear(hilal_neighbours *nb);
+
 /* Shape of a compact source in img (nx x ny, row-major; mask may be NULL,
  * pixels with a HILAL_MASK_UNUSABLE bit are skipped) around the 0-based
  * position (x0, y0), from second moments with a circular Gaussian weight of
  * sigma_w_px, corrected for the weight assuming a Gaussian profile:
  * C = (M_w^-1 - W^-1)^-1. sign (+1 or -1) multiplies the pixels first (a
- * fading source is measured on -D). *fwhm_px = 2.3548 (det C)^(1/4) and
- * *elongation = a/b = sqrt(c1/c2) of C's eigenvalues; both NaN when the
+ * fading source is measured on -D). Pixels closer to one of the nothers
+ * 0-based positions in others (x, y pairs; may be NULL) than to (x0, y0)
+ * belong to those neighbours and are skipped. *fwhm_px = 2.3548 (det C)^(1/4)
+ * and *elongation = a/b = sqrt(c1/c2) of C's eigenvalues; both NaN when the
  * weighted flux is not positive. Returns the weighted flux. */
 double hilal_measure_shape(const float *img, long nx, long ny, const hilal_mask_t *mask,
                            double x0, double y0, double sign, double sigma_w_px,
-                           double *fwhm_px, double *elongation);
+                           const double *others, size_t nothers, double *fwhm_px,
+                           double *elongation);
 
 /* Gaussian sigma of the moment weight used on D for a given P_D, px:
  * weight_scale times P_D's sigma (from psf->fwhm_px, or from its second
@@ -77,8 +100,9 @@ double hilal_measure_weight_sigma(const hilal_psf *psf_d, double weight_scale);
  * ln|S_corr| on the 3x3 pixels around the peak, flux and flux_err from
  * diff->flux/flux_err at that position (signed, science ADU), magnitude from
  * sci->meta.zeropoint_mag, ra/dec from sci->meta.wcs, FWHM and elongation
- * from hilal_measure_shape() on D with a weight of weight_scale x sigma(P_D),
- * mjd from sci->meta.mjd. sci is needed for its metadata (not its pixels). */
+ * from hilal_measure_shape() on D with a weight of weight_scale x sigma(P_D)
+ * (pixels nearer to another candidate left out), mjd from sci->meta.mjd.
+ * sci is needed for its metadata (not its pixels). */
 hilal_status hilal_measure_candidates(const hilal_diff *diff, const hilal_image *sci,
                                       double weight_scale, hilal_candidate *cands,
                                       size_t ncands, hilal_error *err);
@@ -90,19 +114,25 @@ hilal_status hilal_measure_candidates(const hilal_diff *diff, const hilal_image 
  * docs/vetting.md. */
 typedef struct hilal_vet_params {
     double footprint_fwhm;  /* footprint radius in units of FWHM(P_D) (min 2 px) */
-    double dipole_fwhm;     /* radius searched for an opposite lobe, units of FWHM(P_D) */
+    double dipole_fwhm;     /* radius within which an opposite lobe's extremum is sought,
+                               units of FWHM(P_D) */
     double search_radius_px;/* distances to saturated/masked pixels are capped here */
     double weight_scale;    /* moment weight (as measure.weight_scale) for FWHM(P_D) */
-    double sharp_centre, sharp_width;     /* on the normalised sharpness z */
-    double broad_centre, broad_width;     /* on FWHM(D) / FWHM(P_D) */
+    double sharp_centre, sharp_width;     /* on the normalised sharpness z, at low S/N */
+    double sharp_snr, sharp_floor;        /* above sharp_snr the centre shrinks as 1/|snr| */
+    double img_sharp_snr;   /* peak-pixel S/N above which the science/reference image's own
+                               sharpness counts */
+    double narrow_centre, narrow_width;   /* on FWHM(D) / FWHM(P_D), too narrow */
+    double narrow_snr, narrow_snr_width;  /* |snr| gate of the narrowness factor */
+    double broad_centre, broad_width;     /* on FWHM(D) / FWHM(P_D), too broad */
     double elong_centre, elong_width;     /* on the elongation a/b */
+    double elong_snr, elong_snr_width;    /* |snr| gate of the elongation factor */
     double dipole_centre, dipole_width;   /* on the dipole measure */
     double dipole_sigma, dipole_sigma_width; /* on the opposite lobe's |S_corr| */
     double negfrac_centre, negfrac_width; /* on neg_frac */
     double masked_centre, masked_width;   /* on masked_frac */
     double sat_radius_px, sat_width_px;   /* on dist_sat_px */
     double refdefect_factor;              /* multiplies rb when HILAL_CAND_REF_DEFECT */
-    double ref_sharp_snr;   /* reference peak S/N above which a sharp reference feature counts */
     long tile_px;           /* side of the tiles for the S_corr noise check */
     double tile_tol;        /* flag BAD_TILE when |robust std(S_corr) - 1| exceeds this */
 } hilal_vet_params;
@@ -120,11 +150,28 @@ typedef struct hilal_vet_psfinfo {
 hilal_status hilal_vet_psfinfo_get(const hilal_psf *psf_d, double weight_scale,
                                    hilal_vet_psfinfo *info, hilal_error *err);
 
+/* Centre of the sharpness factor for a candidate of S/N snr:
+ * max(sharp_floor, sharp_centre min(1, sharp_snr / |snr|)). */
+double hilal_vet_sharp_centre(const hilal_vet_params *params, double snr);
+
+/* The factors of rb, in the order hilal_vet_score() reports them. */
+enum hilal_vet_factor {
+    HILAL_VET_F_SHARP = 0,  /* sharper than the PSF (cosmic ray, hot pixel) */
+    HILAL_VET_F_NARROW,     /* FWHM on D much smaller than P_D's (bright enough to tell) */
+    HILAL_VET_F_BROAD,      /* FWHM on D much larger than P_D's */
+    HILAL_VET_F_ELONG,      /* elongated (bright enough to tell) */
+    HILAL_VET_F_DIPOLE,     /* significant opposite-signed lobe */
+    HILAL_VET_F_NEGFRAC,    /* many opposite-signed pixels in the footprint */
+    HILAL_VET_F_MASKED,     /* masked footprint */
+    HILAL_VET_F_SAT,        /* near a saturated pixel */
+    HILAL_VET_F_REFDEFECT,  /* defect in the reference */
+    HILAL_VET_NFACTORS
+};
+
 /* The real/bogus score of a candidate whose statistics and flags are set:
  * a product of logistic factors in [0, 1] (docs/vetting.md). Deterministic.
- * factors (may be NULL) receives the individual factors in the order
- * sharp, broad, elong, dipole, negfrac, masked, sat, refdefect. */
-#define HILAL_VET_NFACTORS 8
+ * factors (may be NULL) receives the individual factors, indexed by
+ * enum hilal_vet_factor. */
 double hilal_vet_score(const hilal_vet_params *params, const hilal_vet_psfinfo *info,
                        const hilal_candidate *cand, double factors[HILAL_VET_NFACTORS]);
 

@@ -2,13 +2,16 @@
 #ifndef HILAL_HILAL_H
 #define HILAL_HILAL_H
 
+#include "hilal/align.h"
 #include "hilal/checksum.h"
 #include "hilal/config.h"
+#include "hilal/detect.h"
 #include "hilal/fits.h"
 #include "hilal/frame.h"
 #include "hilal/image.h"
 #include "hilal/ingest.h"
 #include "hilal/log.h"
+#include "hilal/simulate.h"
 #include "hilal/stage.h"
 #include "hilal/status.h"
 #include "hilal/version.h"

@@ -59,19 +59,20 @@ int hilal_psf_size_for_fwhm(double fwhm_px, double half_size_fwhm, int size_min,
 
 /* FWHM (px) of a compact source in a background-subtracted nx x ny image
  * near (x0, y0), 0-based, looking no farther than rmax_px from it:
- *  1. the peak is the brightest pixel within 1.5 px of (x0, y0), refined by
- *     a parabola through the logarithms of it and its 4 neighbours (exact
- *     for a Gaussian);
- *  2. the image is bilinearly interpolated on an 8 x 8 sub-pixel grid and
- *     the area A above half the peak is counted;
+ *  1. the peak is the maximum of the Lanczos interpolant of the image
+ *     within 0.75 px of the brightest pixel near (x0, y0);
+ *  2. the image is interpolated (Lanczos, a = 5) on an 8 x 8 sub-pixel
+ *     grid and the area A above half the peak, connected to the peak, is
+ *     counted;
  *  3. the FWHM of the pixel-integrated profile is 2 sqrt(A / pi) (exact for
  *     a round profile of any shape);
  *  4. the pixel's own width is removed in quadrature: a square pixel adds
  *     1/12 px^2 to the variance of each axis, so
  *     FWHM^2 = FWHM_pix^2 - 8 ln 2 / 12 (exact for a Gaussian).
  * Works for PSF images and for stars. mask may be NULL; pixels with any
- * HILAL_MASK_UNUSABLE bit and non-finite values count as 0. Returns NaN
- * when there is no positive peak near (x0, y0). */
+ * HILAL_MASK_UNUSABLE bit and non-finite values count as 0. Returns 0 for
+ * a source sharper than a pixel, NaN when there is no positive peak near
+ * (x0, y0) (or rmax_px is not in (0, 1000]). */
 double hilal_psf_measure_fwhm(const float *img, const hilal_mask_t *mask, long nx, long ny,
                               double x0, double y0, double rmax_px);
 
@@ -79,12 +80,12 @@ double hilal_psf_measure_fwhm(const float *img, const hilal_mask_t *mask, long n
  * relative to the central pixel, px (0 for a centred PSF). */
 void hilal_psf_centroid(const hilal_psf *psf, double *dx_px, double *dy_px);
 
-/* Shifts a float image by a sub-pixel amount with a separable Lanczos-3
- * kernel (a = 3, weights renormalised to sum 1): out(u, v) = in(u + sx,
+/* Shifts a float image by a sub-pixel amount with a separable Lanczos
+ * (windowed-sinc) kernel of half-width a = 5 (weights renormalised to sum 1): out(u, v) = in(u + sx,
  * v + sy), 0-based, so a feature at (x, y) in `in` appears at (x - sx,
  * y - sy) in `out`. Samples outside `in` count as 0. |sx|, |sy| <= 8 px.
  * in and out must not overlap. HILAL_ERR_NOMEM / HILAL_ERR_RANGE. */
-hilal_status hilal_psf_shift_lanczos3(const float *in, int nx, int ny, double sx, double sy,
+hilal_status hilal_psf_shift(const float *in, int nx, int ny, double sx, double sy,
                                       float *out, hilal_error *err);
 
 /* What to do when an image has too few usable stars for an empirical PSF. */
@@ -104,7 +105,7 @@ typedef struct hilal_psf_build_params {
     int min_stars;              /* fewer usable stars: fallback (default 5) */
     double min_snr;             /* minimum flux / flux_err of a stacked star (default 20) */
     double clip_sigma;          /* per-pixel rejection threshold, sigma (default 3) */
-    int recentre_iter;          /* refinement passes of the star centres (default 2) */
+    int refine_iter;            /* effective-PSF refinement passes (default 3) */
     hilal_psf_fallback fallback;/* default HILAL_PSF_FALLBACK_MOFFAT */
     double moffat_beta;         /* beta of the Moffat fallback (default 2.5) */
 } hilal_psf_build_params;
@@ -117,37 +118,42 @@ void hilal_psf_build_params_default(hilal_psf_build_params *p);
  * stage). The algorithm (docs/psf.md):
  *  1. side from the median FWHM of the usable stars;
  *  2. the brightest usable stars with flux / flux_err >= min_snr whose
- *     stamp lies inside the image and whose core is unmasked, up to
- *     max_stars;
- *  3. each stamp: local background (clipped median of its outer ring)
- *     removed, shifted with Lanczos-3 so the star centre falls on the
- *     central pixel, divided by its flux;
+ *     padded stamp lies inside the image and whose centre pixel is
+ *     unmasked, up to max_stars;
+ *  3. each stamp: image minus sky map (without a sky map: minus the
+ *     clipped median beyond the PSF radius), shifted (Lanczos) so the
+ *     star's centre falls on the central pixel, divided by its flux within
+ *     2 FWHM;
  *  4. per pixel, sigma-clipped inverse-variance weighted mean of the stamps;
- *  5. the star centres are refined by a least-squares fit of the stack to
- *     each stamp, and steps 3-4 repeated (recentre_iter times);
- *  6. residual background removed, pixels beyond the radius where the
- *     azimuthal mean falls below twice its noise tapered to 0,
- *     normalised to sum 1, shifted so its first moments vanish
- *     (|centroid| < 0.005 px), FWHM measured with hilal_psf_measure_fwhm().
- * With fewer than min_stars candidates, the fallback model (if any) of the
- * median FWHM of all stars with a measured FWHM is made, a warning logged
- * and *used_fallback set to 1 (else 0; used_fallback may be NULL). Fails
- * with HILAL_ERR_DATA, naming img->meta.path and suggesting settings, when
- * there are no stars to take a FWHM from or the fallback is NONE.
+ *  5. refine_iter effective-PSF passes (Anderson & King 2000): every star's
+ *     flux and centre refitted with the current PSF, the residuals shifted
+ *     back, combined like the stamps and added to the PSF;
+ *  6. wings beyond the radius where the PSF becomes noise replaced by a
+ *     fitted Moffat wing (and, without a sky map, a residual constant
+ *     background removed), normalised to sum 1, shifted so its first
+ *     moments vanish (|centroid| < 0.002 px), FWHM measured with
+ *     hilal_psf_measure_fwhm().
+ * With fewer than min_stars candidates, the fallback model (if any) is
+ * made with the median FWHM of the usable stars (of all stars when none is
+ * usable), a warning logged and *used_fallback set to 1 (else 0;
+ * used_fallback may be NULL). Fails with HILAL_ERR_DATA, naming
+ * img->meta.path and suggesting settings, when there are no stars to take
+ * a FWHM from or the fallback is NONE.
  * out is cleared first; on failure it stays empty. */
 hilal_status hilal_psf_build(const hilal_image *img, const hilal_starlist *stars,
                              const hilal_psf_build_params *p, hilal_psf *out,
                              int *used_fallback, hilal_error *err);
 
 /* PSF-fit photometry of one point source at (x, y), FITS 1-based pixels of
- * img: the PSF is shifted (Lanczos-3) to the source's sub-pixel position
- * and img->pix - img->sky (img->pix when sky is NULL) is fitted by
- * flux * PSF + b (b a constant local background) by unweighted linear least
- * squares over the unmasked pixels within size/2 of the source. The error
- * propagates img->var (or img->sky_rms_adu^2 when var is NULL) through the
- * least-squares solution. Because the PSF sums to 1, flux is the source's
- * flux within the PSF stamp, ADU. HILAL_ERR_DATA when the source's pixel is
- * masked or off the image, or fewer than 70% of the fit pixels are usable. */
+ * img: the PSF is shifted (Lanczos) to the source's sub-pixel position
+ * and img->pix - img->sky is fitted by flux * PSF by unweighted linear
+ * least squares over the unmasked pixels within size/2 of the source;
+ * without a sky map (img->sky NULL), img->pix is fitted by flux * PSF + b
+ * with b a constant local background. The error propagates img->var (or
+ * img->sky_rms_adu^2 when var is NULL) through the least-squares solution.
+ * Because the PSF sums to 1, flux is the source's flux within the PSF
+ * stamp, ADU. HILAL_ERR_DATA when the source's pixel is masked or off the
+ * image, or fewer than 70% of the fit pixels are usable. */
 hilal_status hilal_psf_fit_flux(const hilal_image *img, const hilal_psf *psf, double x, double y,
                                 double *flux_adu, double *flux_err_adu, hilal_error *err);
 

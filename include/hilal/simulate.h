@@ -80,11 +80,12 @@ typedef struct hilal_sim_options {
     double galaxy_density;       /* galaxies per 10^6 px [--galaxy-density]; 20 */
 
     long n_transients;           /* transients in the science frame [--n-transients]; -1 = 50 per
-                                    1024^2 px (at least 3) */
+                                    1024^2 px (at least 3 in frames of 128 x 128 px or more) */
     double snr_min, snr_max;     /* transient and variable ideal S/N range, log-uniform
                                     [--snr-range MIN,MAX]; 3, 100 */
     double galaxy_frac;          /* fraction of transients placed on galaxies [--galaxy-frac]; 0.2 */
-    long n_variables;            /* variable stars [--n-variables]; -1 = 10 per 1024^2 (at least 1) */
+    long n_variables;            /* variable stars [--n-variables]; -1 = 10 per 1024^2 (at least 1
+                                    in frames of 128 x 128 px or more) */
     long n_cosmics;              /* cosmic rays in the science frame [--n-cosmics]; -1 = 150 per 1024^2 */
     long n_bad_columns;          /* bad columns in the science frame [--bad-columns]; 2 */
     int no_events;               /* no transients, variables, cosmics or bad columns: a
@@ -202,11 +203,13 @@ double hilal_sim_sky_adu(const hilal_sim_truth *truth, int which, double x, doub
 /* PSF FWHM of a frame at FITS pixel (x, y), px (geometric mean of the axes). */
 double hilal_sim_fwhm_px(const hilal_sim_options *o, int which, double x, double y);
 
-/* Simulates the pair in memory. On success *sci and *ref are new images
- * (pixels in ADU, mask all zero, var and sky NULL, metadata and WCS filled as
- * ingest would fill them from the files, header = the FITS cards) and *truth
- * the injected content; any of the three pointers may be NULL when not
- * wanted. On failure nothing is allocated and the out-pointers are NULL. */
+/* Simulates the pair in memory. On success *sci and *ref are new images as
+ * ingest would make them from the files: pixels in ADU, mask with
+ * HILAL_MASK_SAT where a pixel is >= SATURATE and nothing else (bad columns
+ * and cosmic rays are left for the pipeline to find), var and sky NULL,
+ * metadata and WCS filled, header = the FITS cards. *truth receives the
+ * injected content. Any of the three pointers may be NULL when not wanted.
+ * On failure nothing is allocated and the out-pointers are NULL. */
 hilal_status hilal_sim_make(const hilal_sim_options *o, hilal_image **sci, hilal_image **ref,
                             hilal_sim_truth **truth, hilal_error *err);
 

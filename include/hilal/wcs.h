@@ -56,6 +56,14 @@ hilal_status hilal_wcs_check(struct wcsprm *wcs, long nx, long ny, hilal_error *
  * sky, arcsec/px (from the local Jacobian of pixel -> sky). NaN on failure. */
 double hilal_wcs_pixscale_arcsec(struct wcsprm *wcs, double x, double y);
 
+/* Whether two celestial WCS express sky positions in the same system, so
+ * that the sky coordinates of one can be fed to the other: same kind of
+ * axes (RA/Dec, galactic, ecliptic, ...) and, for equatorial axes, the same
+ * reference system (FK4 versus FK5/ICRS, which differ by far less than a
+ * pixel, are told apart) and equinox. Returns 1 or 0; on 0, why (if not
+ * NULL) describes the difference. */
+int hilal_wcs_same_system(const struct wcsprm *a, const struct wcsprm *b, char *why, int len);
+
 #ifdef __cplusplus
 }
 #endif

@@ -15,11 +15,11 @@
  * Conventions: F_r = 1 and F_n = flux_ratio (a star of flux f in reference
  * ADU has flux flux_ratio * f in science ADU). N = sci->pix - sci->sky,
  * R = ref->pix - ref->sky; sigma_N = sci->sky_rms_adu, sigma_R =
- * ref->sky_rms_adu. Pixels that are masked unusable (HILAL_MASK_UNUSABLE)
- * or not finite in either image are filled with 0 (the sky-subtracted sky
- * level, carrying no noise) in both images before any transform and
- * flagged HILAL_MASK_INTERP in diff.mask; D, S, S_corr and the flux are 0
- * there. The images are extended by mirror reflection to an FFT-friendly
+ * ref->sky_rms_adu. Pixels that are masked unusable (HILAL_MASK_UNUSABLE),
+ * not finite, or have a variance >= 1e20 ADU^2 (the convention for masked
+ * pixels) in either image are filled with 0 (the sky-subtracted sky level,
+ * carrying no noise) in both images before any transform and flagged
+ * HILAL_MASK_INTERP in diff.mask; D, S, S_corr and the flux are 0 there. The images are extended by mirror reflection to an FFT-friendly
  * size, so there is no wrap-around and no zero-padding step at the edges;
  * the variance and flux normalisation of pixels near the edges account
  * exactly for the reflected (hence correlated) noise.

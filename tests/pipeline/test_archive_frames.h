@@ -237,15 +237,16 @@ static inline int tf_make(hilal_frame *f, const char *name, unsigned seed, long 
     return 0;
 }
 
-/* Whether an archived row holds candidate i of frame `seed` (all fields;
- * `edge_expected` says whether the EDGE flag must have been added). */
+/* Whether an archived row holds candidate i of frame `seed` (all fields,
+ * with the EDGE flag added when the S x S stamp is truncated). */
 static inline int tf_row_matches(const hilal_archive_cand *r, unsigned seed, size_t i, long nx,
-                                 long ny, char *why, size_t len)
+                                 long ny, int S, char *why, size_t len)
 {
     hilal_candidate c;
+    int h = S / 2;
     tf_candidate(seed, i, nx, ny, &c);
     long cx = (long)floor(c.x - 0.5), cy = (long)floor(c.y - 0.5);
-    int edge = cx - 31 < 0 || cy - 31 < 0 || cx + 31 >= nx || cy + 31 >= ny;
+    int edge = cx - h < 0 || cy - h < 0 || cx + h >= nx || cy + h >= ny;
     uint32_t flags = c.flags | (edge ? (uint32_t)HILAL_CAND_EDGE : 0u);
 #define TF_EQ(field)                                                                          \
     if (!(r->field == c.field)) {                                                             \
@@ -260,15 +261,15 @@ static inline int tf_row_matches(const hilal_archive_cand *r, unsigned seed, siz
         snprintf(why, len, "flags %u != %u", (unsigned)r->flags, (unsigned)flags);
         return 0;
     }
-    if (r->stamp_x0 != cx - 31 + 1 || r->stamp_y0 != cy - 31 + 1) {
+    if (r->stamp_x0 != cx - h + 1 || r->stamp_y0 != cy - h + 1) {
         snprintf(why, len, "stamp origin (%d, %d) != (%ld, %ld)", (int)r->stamp_x0,
-                 (int)r->stamp_y0, cx - 30, cy - 30);
+                 (int)r->stamp_y0, cx - h + 1, cy - h + 1);
         return 0;
     }
     return 1;
 }
 
-/* Whether a 63 x 63 cutout holds the planes of frame `seed` around the row. */
+/* Whether a cutout holds the planes of frame `seed` around the row. */
 static inline int tf_cutout_matches(const hilal_archive_cutout *cut, const hilal_archive_cand *r,
                                     unsigned seed, long nx, long ny, char *why, size_t len)
 {

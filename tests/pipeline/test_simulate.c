@@ -149,6 +149,19 @@ static void test_determinism_and_counts(void)
     CHECK(snr_ok, "transient/variable S/N in [3, 100], variable diff = F_sci - r F_ref");
     CHECK(on_gal >= 2, "about 20%% of 12 transients on galaxies, got %d", on_gal);
 
+    /* The number of threads does not change anything. */
+    {
+        hilal_sim_options o3 = o;
+        o3.nthreads = 3;
+        hilal_image *s3 = NULL, *r3 = NULL;
+        if (make(&o3, &s3, &r3, NULL))
+            CHECK(memcmp(s1->pix, s3->pix, n * sizeof(float)) == 0 &&
+                      memcmp(r1->pix, r3->pix, n * sizeof(float)) == 0,
+                  "3 threads give the same pixels as 2");
+        hilal_image_free(s3);
+        hilal_image_free(r3);
+    }
+
     /* Another seed gives another field. */
     hilal_image_free(s2);
     hilal_image_free(r2);
@@ -233,6 +246,34 @@ static void test_sky_noise(void)
               k ? "sci" : "ref", avg, sky);
         CHECK(hi - lo > 0.95 * sky * 0.2 * a && hi - lo < 1.05 * sky * 0.2 * a * sqrt(2.0),
               "%s gradient: corner spread %.2f ADU", k ? "sci" : "ref", hi - lo);
+    }
+    /* Low counts (exact Poisson below 30 e-): without read noise and
+     * gradient, the science pixels are whole electrons with mean = variance. */
+    {
+        hilal_sim_options q = o;
+        q.sky_sci_adu = 4.0; /* 6 e- */
+        q.rdnoise_e = 0.0;
+        q.sky_gradient_frac = 0.0;
+        hilal_image *s2 = NULL;
+        if (make(&q, &s2, NULL, NULL)) {
+            double m = 0, v = 0;
+            int whole = 1;
+            size_t np = 512 * 512;
+            for (size_t i = 0; i < np; i++) {
+                double e = s2->pix[i] * q.gain_e_per_adu;
+                whole &= fabs(e - nearbyint(e)) < 1e-3;
+                m += e;
+            }
+            m /= np;
+            for (size_t i = 0; i < np; i++) {
+                double e = s2->pix[i] * q.gain_e_per_adu - m;
+                v += e * e;
+            }
+            v /= np - 1;
+            CHECK(whole && fabs(m - 6.0) < 0.03 && fabs(v / 6.0 - 1) < 0.02,
+                  "Poisson at 6 e-/px: mean %.4f, variance %.4f, whole electrons %d", m, v, whole);
+        }
+        hilal_image_free(s2);
     }
     CHECK(sci->meta.gain_e_per_adu == o.gain_e_per_adu &&
               fabs(ref->meta.gain_e_per_adu - o.gain_e_per_adu * o.ref_depth) < 1e-12 &&
@@ -518,6 +559,9 @@ static void test_saturation(void)
             }
             CHECK(above == 0 && at > 0 && img->meta.saturate_adu == 20000.0,
                   "%s bleed=%d: %zu pixels at SATURATE, none above", k ? "sci" : "ref", bleed, at);
+            CHECK(hilal_image_count_mask(img, HILAL_MASK_SAT) == at &&
+                      hilal_image_count_mask(img, 0xffff) == at,
+                  "%s: the saturated pixels, and only they, are masked SAT", k ? "sci" : "ref");
         }
         int nsat = 0, nrun = 0, ncons = 0;
         for (size_t i = 0; i < t->nstars; i++) {

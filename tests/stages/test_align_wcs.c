@@ -284,6 +284,56 @@ static void test_tpv_sip(void)
     hilal_wcs_free(plain);
 }
 
+/* Celestial systems that cannot be mixed. */
+static struct wcsprm *sys_wcs(const char *ct1, const char *ct2, const char *radesys,
+                              double equinox)
+{
+    char l[8][81];
+    snprintf(l[0], 81, "NAXIS   =                    2");
+    snprintf(l[1], 81, "CTYPE1  = '%s'", ct1);
+    snprintf(l[2], 81, "CTYPE2  = '%s'", ct2);
+    snprintf(l[3], 81, "CRVAL1  =                 10.0");
+    snprintf(l[4], 81, "CRVAL2  =                 20.0");
+    snprintf(l[5], 81, "CDELT1  =          -0.00027778");
+    snprintf(l[6], 81, "CDELT2  =           0.00027778");
+    snprintf(l[7], 81, "RADESYS = '%s'", radesys);
+    const char *lines[12] = {"SIMPLE  =                    T", "BITPIX  =                  -32",
+                             l[0], l[1], l[2], l[3], l[4], l[5], l[6], l[7]};
+    char eq[81];
+    snprintf(eq, sizeof eq, "EQUINOX = %20.1f", equinox);
+    lines[10] = eq;
+    lines[11] = "END";
+    int n;
+    char *h = cards(lines, 12, &n);
+    struct wcsprm *w = NULL;
+    hilal_wcs_from_header(h, n, &w, NULL);
+    free(h);
+    return w;
+}
+
+static void test_systems(void)
+{
+    struct wcsprm *fk5 = sys_wcs("RA---TAN", "DEC--TAN", "FK5", 2000.0);
+    struct wcsprm *icrs = sys_wcs("RA---TAN", "DEC--TAN", "ICRS", 2000.0);
+    struct wcsprm *fk4 = sys_wcs("RA---TAN", "DEC--TAN", "FK4", 1950.0);
+    struct wcsprm *gal = sys_wcs("GLON-TAN", "GLAT-TAN", "FK5", 2000.0);
+    CHECK(fk5 && icrs && fk4 && gal, "system headers parsed");
+    if (fk5 && icrs && fk4 && gal) {
+        char why[256] = "";
+        CHECK(hilal_wcs_same_system(fk5, icrs, why, sizeof why) == 1, "FK5 ~ ICRS: %s", why);
+        CHECK(hilal_wcs_same_system(fk5, fk4, why, sizeof why) == 0 &&
+                  strstr(why, "reference systems"),
+              "FK5 vs FK4: %s", why);
+        CHECK(hilal_wcs_same_system(fk5, gal, why, sizeof why) == 0 &&
+                  strstr(why, "different celestial axes"),
+              "equatorial vs galactic: %s", why);
+    }
+    hilal_wcs_free(fk5);
+    hilal_wcs_free(icrs);
+    hilal_wcs_free(fk4);
+    hilal_wcs_free(gal);
+}
+
 /* A FITS file with a SIP WCS read through the FITS layer. */
 static void test_fits_file(void)
 {
@@ -308,6 +358,7 @@ int main(void)
     test_no_wcs_headers();
     test_real_headers();
     test_tpv_sip();
+    test_systems();
     test_fits_file();
     return hilal_test_finish();
 }

@@ -141,11 +141,11 @@ static void test_shape(void)
     double fw, el;
     float img[11 * 11] = {0};
     img[5 * 11 + 5] = 10;
-    hilal_measure_shape(img, 11, 11, NULL, 5, 5, 1, 2.0, &fw, &el);
+    hilal_measure_shape(img, 11, 11, NULL, 5, 5, 1, 2.0, NULL, 0, &fw, &el);
     CHECK(fabs(fw - 2.3548200450309493 * sqrt(1.0 / 12)) < 1e-6 && el == 1,
           "spike FWHM is the one-pixel floor: %g", fw);
     img[5 * 11 + 5] = -10;
-    hilal_measure_shape(img, 11, 11, NULL, 5, 5, 1, 2.0, &fw, &el);
+    hilal_measure_shape(img, 11, 11, NULL, 5, 5, 1, 2.0, NULL, 0, &fw, &el);
     CHECK(isnan(fw) && isnan(el), "no positive flux: NaN shape");
 }
 

@@ -36,6 +36,8 @@ static char logbuf[8192];
 static void capture(hilal_log_level level, const char *msg, void *user)
 {
     (void)user;
+    if (getenv("PSF_TEST_DEBUG"))
+        fprintf(stderr, "log: %s\n", msg);
     if (level <= HILAL_LOG_WARN && strlen(logbuf) + strlen(msg) + 2 < sizeof logbuf) {
         strcat(logbuf, msg);
         strcat(logbuf, "\n");
@@ -152,10 +154,13 @@ static void test_models(void)
         CHECK_OK(hilal_psf_make_model(&p, HILAL_PSF_GAUSSIAN, size, fw[i], 0, &err), &err);
         double m = hilal_psf_measure_fwhm(p.data, NULL, size, size, size / 2, size / 2, size / 2);
         CHECK(fabs(psf_sum(&p) - 1.0) < 1e-6, "Gaussian model sums to 1");
-        CHECK(fabs(m / fw[i] - 1.0) < 0.01, "Gaussian FWHM %.2f measured %.4f", fw[i], m);
+        /* Exact pixel deconvolution for a Gaussian; interpolation limits
+         * the accuracy when the FWHM approaches 2 px. */
+        double tol_g = fw[i] < 2.5 ? 0.03 : 0.01, tol_m = fw[i] < 2.5 ? 0.05 : 0.02;
+        CHECK(fabs(m / fw[i] - 1.0) < tol_g, "Gaussian FWHM %.2f measured %.4f", fw[i], m);
         CHECK_OK(hilal_psf_make_model(&p, HILAL_PSF_MOFFAT, size, fw[i], 3.0, &err), &err);
         m = hilal_psf_measure_fwhm(p.data, NULL, size, size, size / 2, size / 2, size / 2);
-        CHECK(fabs(m / fw[i] - 1.0) < 0.02, "Moffat FWHM %.2f measured %.4f", fw[i], m);
+        CHECK(fabs(m / fw[i] - 1.0) < tol_m, "Moffat FWHM %.2f measured %.4f", fw[i], m);
         double cx, cy;
         hilal_psf_centroid(&p, &cx, &cy);
         CHECK(fabs(cx) < 1e-6 && fabs(cy) < 1e-6, "model centred (%.2g, %.2g)", cx, cy);
@@ -176,13 +181,15 @@ static void test_models(void)
     CHECK_OK(hilal_psf_make_model(&p, HILAL_PSF_GAUSSIAN, 31, 3.0, 0, &err), &err);
     float *out = malloc(31 * 31 * sizeof *out);
     if (out != NULL) {
-        CHECK_OK(hilal_psf_shift_lanczos3(p.data, 31, 31, 0.3, -0.2, out, &err), &err);
+        CHECK_OK(hilal_psf_shift(p.data, 31, 31, 0.3, -0.2, out, &err), &err);
         hilal_psf q = {31, out, 0, 0};
         double cx, cy, s = 0;
         hilal_psf_centroid(&q, &cx, &cy);
         for (int i = 0; i < 31 * 31; i++)
             s += out[i];
-        CHECK(fabs(cx + 0.3) < 0.003 && fabs(cy - 0.2) < 0.003, "shifted centroid (%.4f, %.4f)",
+        /* A windowed sinc does not reproduce linear ramps exactly: the
+         * centroid moves by the shift to within a few percent of it. */
+        CHECK(fabs(cx + 0.3) < 0.015 && fabs(cy - 0.2) < 0.015, "shifted centroid (%.4f, %.4f)",
               cx, cy);
         CHECK(fabs(s - 1.0) < 1e-4, "shift keeps the flux (%.6f)", s);
         /* Against the model rendered at the shifted position. */
@@ -194,17 +201,19 @@ static void test_models(void)
                 md = fmax(md, fabs(out[i] - ref[i]));
                 pk = fmax(pk, ref[i]);
             }
-            CHECK(md < 0.005 * pk, "Lanczos shift error %.2g of peak", md / pk);
+            CHECK(md < 0.003 * pk, "Lanczos shift error %.2g of peak", md / pk);
             free(ref);
         }
-        CHECK(hilal_psf_shift_lanczos3(p.data, 31, 31, 9.0, 0, out, &err) == HILAL_ERR_RANGE,
+        CHECK(hilal_psf_shift(p.data, 31, 31, 9.0, 0, out, &err) == HILAL_ERR_RANGE,
               "shift beyond 8 px rejected");
         free(out);
     }
     hilal_psf_clear(&p);
 }
 
-/* 2. PSF-fit photometry of stars of known flux. */
+/* 2. PSF-fit photometry of stars of known flux: with a sky map (flux
+ *    only), and without one on an image whose background is off by 5 ADU
+ *    (flux and a constant). */
 static void test_fit_flux(void)
 {
     hilal_error err;
@@ -227,24 +236,39 @@ static void test_fit_flux(void)
     for (long i = 0; i < 200 * 200; i++) {
         double s = img->pix[i];
         img->var[i] = (float)((SKY + s) / GAIN + 6.25);
-        img->pix[i] = (float)(SKY + 5.0 + s + sqrt(img->var[i]) * rng_gauss());
-        img->sky[i] = (float)SKY; /* 5 ADU off: the fitted constant absorbs it */
+        img->pix[i] = (float)(SKY + s + sqrt(img->var[i]) * rng_gauss());
+        img->sky[i] = (float)SKY;
     }
     img->sky_rms_adu = sqrt(SKY / GAIN + 6.25);
-    double chi2 = 0;
-    for (int k = 0; k < 9; k++) {
-        double f, fe;
-        CHECK_OK(hilal_psf_fit_flux(img, &p, xs[k] + 1, ys[k] + 1, &f, &fe, &err), &err);
-        /* The model PSF holds the flux inside its 27 px stamp: all of it. */
-        chi2 += (f - flux) * (f - flux) / (fe * fe);
-        CHECK(fe > 0.0 && fe < 0.02 * flux, "flux error %.1f", fe);
+    for (int pass = 0; pass < 2; pass++) {
+        if (pass == 1) {
+            /* No sky map: the pixels carry a background 5 ADU above SKY
+             * and the fit's constant has to absorb it. */
+            free(img->sky);
+            img->sky = NULL;
+            for (long i = 0; i < 200 * 200; i++)
+                img->pix[i] -= (float)(SKY - 5.0);
+        }
+        double chi2 = 0;
+        for (int k = 0; k < 9; k++) {
+            double f = NAN, fe = NAN;
+            CHECK_OK(hilal_psf_fit_flux(img, &p, xs[k] + 1, ys[k] + 1, &f, &fe, &err), &err);
+            /* The model PSF holds the flux inside its 27 px stamp: all of it. */
+            chi2 += (f - flux) * (f - flux) / (fe * fe);
+            CHECK(fe > 0.0 && fe < 0.02 * flux, "flux error %.1f", fe);
+        }
+        printf("PSF fit (%s): chi2/N of 9 stars = %.2f\n", pass ? "no sky map" : "sky map",
+               chi2 / 9);
+        CHECK(chi2 / 9 < 3.0, "PSF-fit fluxes consistent with their errors (chi2/N %.2f)",
+              chi2 / 9);
     }
-    printf("PSF fit: chi2/N of 9 stars = %.2f\n", chi2 / 9);
-    CHECK(chi2 / 9 < 4.0, "PSF-fit fluxes consistent with their errors (chi2/N %.2f)", chi2 / 9);
     double f, fe;
     img->mask[(long)lround(ys[0]) * 200 + lround(xs[0])] = HILAL_MASK_BAD;
     CHECK(hilal_psf_fit_flux(img, &p, xs[0] + 1, ys[0] + 1, &f, &fe, &err) == HILAL_ERR_DATA,
           "masked centre refused");
+    hilal_error_clear(&err);
+    CHECK(hilal_psf_fit_flux(img, &p, -5.0, 10.0, &f, &fe, &err) == HILAL_ERR_DATA,
+          "position off the image refused");
     hilal_image_free(img);
     hilal_psf_clear(&p);
 }
@@ -259,17 +283,27 @@ static void compare(const char *what, const hilal_psf *got, hilal_psf_model mode
     hilal_psf truth = {0};
     CHECK_OK(hilal_psf_make_model(&truth, model, got->size, fwhm, beta, &err), &err);
     double md = 0.0, pk = 0.0;
+    int imax = 0;
     for (int i = 0; i < got->size * got->size; i++) {
-        md = fmax(md, fabs(got->data[i] - truth.data[i]));
+        if (fabs(got->data[i] - truth.data[i]) > md) {
+            md = fabs(got->data[i] - truth.data[i]);
+            imax = i;
+        }
         pk = fmax(pk, truth.data[i]);
     }
+    printf("%s: worst pixel (%d, %d) from the centre: %.5f vs %.5f\n", what,
+           imax % got->size - got->size / 2, imax / got->size - got->size / 2, got->data[imax],
+           truth.data[imax]);
     double cx, cy;
     hilal_psf_centroid(got, &cx, &cy);
     printf("%s: size %d, %d stars, max residual %.2f%% of peak, FWHM %.3f (true %.2f), "
            "centroid (%.4f, %.4f), sum %.6f\n",
            what, got->size, got->nstars, 100 * md / pk, got->fwhm_px, fwhm, cx, cy, psf_sum(got));
-    CHECK(got->size % 2 == 1 && got->size == hilal_psf_size_for_fwhm(fwhm, 4.0, 11, 63) ,
-          "%s: odd size %d from the FWHM", what, got->size);
+    /* The side comes from the median star FWHM: 2 ceil(4 FWHM) + 1, give or
+     * take one step when 4 FWHM is close to an integer. */
+    int expect = hilal_psf_size_for_fwhm(fwhm, 4.0, 11, 63);
+    CHECK(got->size % 2 == 1 && abs(got->size - expect) <= 2, "%s: odd size %d from the FWHM",
+          what, got->size);
     CHECK(fabs(psf_sum(got) - 1.0) < 1e-5, "%s: sum 1", what);
     CHECK(md < max_resid * pk, "%s: max residual %.2f%% of peak", what, 100 * md / pk);
     CHECK(fabs(got->fwhm_px / fwhm - 1.0) < 0.03, "%s: FWHM %.3f vs %.2f", what, got->fwhm_px,
@@ -293,20 +327,34 @@ static void test_empirical(void)
         compare("Gaussian FWHM 3.2", &f.sci_psf, HILAL_PSF_GAUSSIAN, 3.2, 0, 0.01);
         CHECK(f.ref_psf.size == f.sci_psf.size && f.ref_psf.nstars == f.sci_psf.nstars,
               "reference PSF built too");
+        /* Without a sky map (as on a resampled image that has none): the
+         * per-star ring medians and the fitted constant take the sky's
+         * place. */
+        free(f.sci->sky);
+        f.sci->sky = NULL;
+        hilal_psf_build_params bp;
+        hilal_psf_build_params_default(&bp);
+        hilal_psf nosky = {0};
+        int fb = -1;
+        CHECK_OK(hilal_psf_build(f.sci, &f.sci_stars, &bp, &nosky, &fb, &err), &err);
+        CHECK(fb == 0, "empirical, not the fallback");
+        if (nosky.data != NULL)
+            compare("Gaussian FWHM 3.2, no sky map", &nosky, HILAL_PSF_GAUSSIAN, 3.2, 0, 0.01);
+        hilal_psf_clear(&nosky);
     }
     hilal_frame_clear(&f);
 
     st = run_chain(make_field(600, 150, HILAL_PSF_MOFFAT, 4.0, 3.0, 3e4, 10, 12), NULL, &f, &err);
     CHECK_OK(st, &err);
     if (st == HILAL_OK)
-        compare("Moffat FWHM 4.0 beta 3", &f.sci_psf, HILAL_PSF_MOFFAT, 4.0, 3.0, 0.015);
+        compare("Moffat FWHM 4.0 beta 3", &f.sci_psf, HILAL_PSF_MOFFAT, 4.0, 3.0, 0.01);
     hilal_frame_clear(&f);
 
     /* Undersampled stars: FWHM 2.2 px. */
     st = run_chain(make_field(600, 150, HILAL_PSF_GAUSSIAN, 2.2, 0, 1e4, 0, 13), NULL, &f, &err);
     CHECK_OK(st, &err);
     if (st == HILAL_OK)
-        compare("Gaussian FWHM 2.2", &f.sci_psf, HILAL_PSF_GAUSSIAN, 2.2, 0, 0.02);
+        compare("Gaussian FWHM 2.2", &f.sci_psf, HILAL_PSF_GAUSSIAN, 2.2, 0, 0.015);
     hilal_frame_clear(&f);
 }
 

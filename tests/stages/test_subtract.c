@@ -267,15 +267,16 @@ static void sim_render(sim *s, rng *r)
     make_psf(&c->psf_n, &s->psf_n);
     make_psf(&c->psf_r, &s->psf_r);
     /* source-free pixels: 12 px from every star (within or just outside the
-     * image) and every transient */
+     * image) and 18 px from every transient (the brightest reach S/N ~ 300) */
     s->srcfree = malloc((size_t)(n * n));
     memset(s->srcfree, 1, (size_t)(n * n));
     for (int k = 0; k < s->nstars + s->ntrans; k++) {
         double x = k < s->nstars ? s->sx[k] : (double)s->tx[k - s->nstars];
         double y = k < s->nstars ? s->sy[k] : (double)s->ty[k - s->nstars];
-        for (long yy = lround(y) - 12; yy <= lround(y) + 12; yy++)
-            for (long xx = lround(x) - 12; xx <= lround(x) + 12; xx++)
-                if (xx >= 0 && yy >= 0 && xx < n && yy < n && hypot(xx - x, yy - y) <= 12)
+        long rad = k < s->nstars ? 12 : 18;
+        for (long yy = lround(y) - rad; yy <= lround(y) + rad; yy++)
+            for (long xx = lround(x) - rad; xx <= lround(x) + rad; xx++)
+                if (xx >= 0 && yy >= 0 && xx < n && yy < n && hypot(xx - x, yy - y) <= rad)
                     s->srcfree[yy * n + xx] = 0;
     }
     free(mn);
@@ -428,33 +429,12 @@ static void test_quality(void)
         CHECK(fabs(md.std - 1) < 0.05, "case %d: D std on source-free pixels %.4f", k, md.std);
         CHECK(fabs(d.scorr_mean) < 0.05 && fabs(d.scorr_std - 1) < 0.05,
               "case %d: robust S_corr statistics %.4f +- %.4f", k, d.scorr_mean, d.scorr_std);
-        /* the edge strip (16 px) on its own */
+        /* the edge strip (16 px) on its own (~20000 correlated pixels: the
+         * standard error of the mean is ~0.05) */
         moments mb = stats_where(d.scorr, s.srcfree, d.mask, np, 16, n);
-        CHECK(fabs(mb.std - 1) < 0.07 && fabs(mb.mean) < 0.07,
+        CHECK(fabs(mb.std - 1) < 0.07 && fabs(mb.mean) < 0.15,
               "case %d: S_corr in the 16 px edge strip %.4f +- %.4f (%ld px)", k, mb.mean, mb.std,
               mb.n);
-
-        /* around bright stars (source noise of both images, eqs. 26-27),
-         * away from transients */
-        unsigned char *nearstar = calloc((size_t)np, 1);
-        for (int q = 0; q < s.nstars; q++) {
-            if (s.sflux[q] < 1e4)
-                continue;
-            for (long yy = lround(s.sy[q]) - 4; yy <= lround(s.sy[q]) + 4; yy++)
-                for (long xx = lround(s.sx[q]) - 4; xx <= lround(s.sx[q]) + 4; xx++)
-                    if (xx >= 0 && yy >= 0 && xx < n && yy < n)
-                        nearstar[yy * n + xx] = 1;
-        }
-        for (int t = 0; t < s.ntrans; t++)
-            for (long yy = s.ty[t] - 20; yy <= s.ty[t] + 20; yy++)
-                for (long xx = s.tx[t] - 20; xx <= s.tx[t] + 20; xx++)
-                    if (xx >= 0 && yy >= 0 && xx < n && yy < n)
-                        nearstar[yy * n + xx] = 0;
-        moments ms = stats_where(d.scorr, nearstar, d.mask, np, 0, n);
-        CHECK(ms.n > 1000 && fabs(ms.std - 1) < 0.1 && fabs(ms.mean) < 0.1,
-              "case %d: S_corr within 4 px of bright stars %.4f +- %.4f (%ld px)", k, ms.mean, ms.std,
-              ms.n);
-        free(nearstar);
 
         /* F_D (eq. 15), P_D (eq. 14) */
         double fd = cfg.fn / sqrt(info.sigma_n_adu * info.sigma_n_adu +
@@ -504,6 +484,84 @@ static void test_quality(void)
           nfrac);
     printf("quality: pulls %.3f +- %.3f (%d), median |df/f| %.4f at S/N > 20 (%d)\n", mean, sd,
            npull, med, nfrac);
+}
+
+/* ------------------------------------------------------------------------
+ * Source noise (eqs. 26-27): S_corr at the centres of bright stars
+ * ------------------------------------------------------------------------ */
+
+static void test_source_noise(void)
+{
+    /* 2 x 144 isolated stars of 2e4-1e5 ADU on a grid, sub-pixel offsets;
+     * one S_corr sample per star (its centre pixel), so the samples are
+     * independent: with the source-noise terms they are N(0, 1); without,
+     * the stars' Poisson noise is missing from the denominator. */
+    static double with[400], without[400];
+    int nw = 0;
+    for (int rep = 0; rep < 2; rep++) {
+        sim_cfg cfg;
+        base_cfg(&cfg, 31 + (uint64_t)rep);
+        cfg.psf_n = rep ? (model_psf){1, 3.0, 2.5} : (model_psf){0, 3.8, 0};
+        cfg.psf_r = rep ? (model_psf){0, 4.2, 0} : (model_psf){1, 2.9, 3.0};
+        cfg.fn = rep ? 1.7 : 0.8;
+        cfg.nstars = 0;
+        cfg.ntrans = 0;
+        sim s;
+        memset(&s, 0, sizeof s);
+        s.cfg = cfg;
+        rng r = {cfg.seed, 0, 0};
+        for (int j = 0; j < 12; j++)
+            for (int i = 0; i < 12; i++) {
+                int k = s.nstars++;
+                s.sx[k] = 36 + 40 * i + rng_uniform(&r);
+                s.sy[k] = 36 + 40 * j + rng_uniform(&r);
+                s.sflux[k] = 2e4 * pow(5.0, rng_uniform(&r));
+            }
+        sim_render(&s, &r);
+        hilal_error err = {0};
+        hilal_diff d1 = {0}, d0 = {0};
+        hilal_zogy_input in;
+        hilal_zogy_input_init(&in);
+        in.sci = s.sci;
+        in.ref = s.ref;
+        in.sci_psf = &s.psf_n;
+        in.ref_psf = &s.psf_r;
+        in.flux_ratio = cfg.fn;
+        in.threads = 2;
+        hilal_status st1 = hilal_zogy_run(&in, &d1, NULL, &err);
+        CHECK_OK(st1, &err);
+        in.source_noise = 0;
+        hilal_status st0 = hilal_zogy_run(&in, &d0, NULL, &err);
+        CHECK_OK(st0, &err);
+        if (st1 == HILAL_OK && st0 == HILAL_OK)
+            for (int k = 0; k < s.nstars; k++) {
+                long i = lround(s.sy[k]) * cfg.n + lround(s.sx[k]);
+                with[nw] = d1.scorr[i];
+                without[nw] = d0.scorr[i];
+                nw++;
+            }
+        hilal_diff_clear(&d1);
+        hilal_diff_clear(&d0);
+        sim_free(&s);
+    }
+    double m1 = 0, v1 = 0, m0 = 0, v0 = 0;
+    for (int k = 0; k < nw; k++) {
+        m1 += with[k];
+        m0 += without[k];
+    }
+    m1 /= nw;
+    m0 /= nw;
+    for (int k = 0; k < nw; k++) {
+        v1 += (with[k] - m1) * (with[k] - m1);
+        v0 += (without[k] - m0) * (without[k] - m0);
+    }
+    double sd1 = sqrt(v1 / (nw - 1)), sd0 = sqrt(v0 / (nw - 1));
+    CHECK(nw == 288, "%d star centres", nw);
+    CHECK(fabs(sd1 - 1) < 0.15 && fabs(m1) < 0.25,
+          "source noise: S_corr at bright star centres %.3f +- %.3f", m1, sd1);
+    CHECK(sd0 > 1.5, "without the source-noise terms the same pixels scatter by %.3f", sd0);
+    printf("source noise: S_corr at star centres %.3f +- %.3f (without V(S_N), V(S_R): +- %.3f)\n",
+           m1, sd1, sd0);
 }
 
 /* ------------------------------------------------------------------------
@@ -602,6 +660,11 @@ static void test_masks(void)
     /* an unflagged NaN and an Inf */
     s.ref->pix[50 * n + 50] = NAN;
     s.sci->pix[60 * n + 450] = INFINITY;
+    /* a 3 x 3 patch without mask bits but with the masked-variance value
+     * (1e30) in the reference */
+    for (long y = 400; y < 403; y++)
+        for (long x = 60; x < 63; x++)
+            s.ref->var[y * n + x] = 1e30f;
     /* 60 usable pixels with zero, negative or NaN variance */
     long nneg = 0;
     for (long k = 0; k < 60; k++) {
@@ -639,7 +702,9 @@ static void test_masks(void)
         CHECK((d.mask[50 * n + 50] & (HILAL_MASK_NODATA | HILAL_MASK_INTERP)) &&
                   (d.mask[60 * n + 450] & HILAL_MASK_NODATA),
               "masks: unflagged NaN and Inf found and flagged");
-        CHECK(info.n_filled == 1600 + n + 2, "masks: %ld pixels filled", info.n_filled);
+        CHECK(info.n_filled == 1600 + n + 2 + 9, "masks: %ld pixels filled", info.n_filled);
+        CHECK((d.mask[401 * n + 61] & HILAL_MASK_INTERP) && d.scorr[401 * n + 61] == 0,
+              "masks: a variance of 1e30 marks a pixel to fill");
         CHECK(info.n_negvar == nneg, "masks: %ld of %ld bad-variance pixels counted", info.n_negvar,
               nneg);
         long negflag = 0;
@@ -659,7 +724,8 @@ static void test_masks(void)
                 near[y * n + x] = (nc || nb) && s.srcfree[y * n + x];
             }
         moments mn = stats_where(d.scorr, near, d.mask, n * n, 0, n);
-        CHECK(fabs(mn.std - 1) < 0.1 && fabs(mn.mean) < 0.1,
+        /* (~6000 correlated pixels: standard error of the mean ~0.07) */
+        CHECK(fabs(mn.std - 1) < 0.1 && fabs(mn.mean) < 0.2,
               "masks: S_corr within 8 px of the masked regions %.4f +- %.4f (%ld px)", mn.mean, mn.std,
               mn.n);
         free(near);
@@ -709,6 +775,81 @@ static void test_astrometric(void)
     }
     hilal_diff_clear(&d0);
     hilal_diff_clear(&d1);
+    sim_free(&s);
+}
+
+/* ------------------------------------------------------------------------
+ * A non-square image of odd sizes (odd FFT widths, Hermitian weights)
+ * ------------------------------------------------------------------------ */
+
+static hilal_image *crop_image(const hilal_image *in, long x0, long y0, long nx, long ny)
+{
+    hilal_error err = {0};
+    hilal_image *out = hilal_image_new(nx, ny, &err);
+    hilal_image_alloc_var(out, &err);
+    hilal_image_alloc_sky(out, &err);
+    for (long y = 0; y < ny; y++)
+        for (long x = 0; x < nx; x++) {
+            size_t i = (size_t)(y * nx + x), j = (size_t)((y + y0) * in->nx + x + x0);
+            out->pix[i] = in->pix[j];
+            out->var[i] = in->var[j];
+            out->sky[i] = in->sky[j];
+            out->mask[i] = in->mask[j];
+        }
+    out->sky_rms_adu = in->sky_rms_adu;
+    return out;
+}
+
+static void test_odd_size(void)
+{
+    sim_cfg cfg;
+    base_cfg(&cfg, 2024);
+    cfg.ntrans = 60;
+    sim s;
+    sim_make(&s, &cfg);
+    const long x0 = 61, y0 = 130, nx = 375, ny = 251;
+    hilal_image *sci = crop_image(s.sci, x0, y0, nx, ny), *ref = crop_image(s.ref, x0, y0, nx, ny);
+    unsigned char *free_px = malloc((size_t)(nx * ny));
+    for (long y = 0; y < ny; y++)
+        for (long x = 0; x < nx; x++)
+            free_px[y * nx + x] = s.srcfree[(y + y0) * cfg.n + x + x0];
+    hilal_zogy_input in;
+    hilal_zogy_input_init(&in);
+    in.sci = sci;
+    in.ref = ref;
+    in.sci_psf = &s.psf_n;
+    in.ref_psf = &s.psf_r;
+    in.flux_ratio = cfg.fn;
+    in.threads = 2;
+    hilal_error err = {0};
+    hilal_diff d = {0};
+    hilal_zogy_info info;
+    hilal_status st = hilal_zogy_run(&in, &d, &info, &err);
+    CHECK_OK(st, &err);
+    if (st == HILAL_OK) {
+        CHECK(d.nx == nx && d.ny == ny, "odd size: %ld x %ld products", d.nx, d.ny);
+        CHECK(info.fft_nx >= nx + 2 * info.pad_px && info.fft_ny >= ny + 2 * info.pad_px,
+              "odd size: FFT %ld x %ld holds the padding", info.fft_nx, info.fft_ny);
+        CHECK(count_nonfinite(&d) == 0, "odd size: no NaN/Inf");
+        moments m = stats_where(d.scorr, free_px, d.mask, nx * ny, 0, nx);
+        CHECK(fabs(m.std - 1) < 0.05 && fabs(m.mean) < 0.08, "odd size: S_corr %.4f +- %.4f", m.mean,
+              m.std);
+        int nin = 0, nbad = 0;
+        for (int t = 0; t < s.ntrans; t++) {
+            long x = s.tx[t] - x0, y = s.ty[t] - y0;
+            if (x < 0 || y < 0 || x >= nx || y >= ny)
+                continue;
+            nin++;
+            long i = y * nx + x;
+            if (fabs(d.flux[i] - s.tflux[t]) > 4 * d.flux_err[i])
+                nbad++;
+        }
+        CHECK(nin >= 10 && nbad <= 1, "odd size: %d of %d transient fluxes off by > 4 sigma", nbad, nin);
+    }
+    hilal_diff_clear(&d);
+    hilal_image_free(sci);
+    hilal_image_free(ref);
+    free(free_px);
     sim_free(&s);
 }
 
@@ -857,9 +998,11 @@ static void test_stage(void)
 int main(void)
 {
     test_quality();
+    test_source_noise();
     test_edges();
     test_masks();
     test_astrometric();
+    test_odd_size();
     test_errors();
     test_stage();
     hilal_fft_cleanup();
