@@ -18,9 +18,11 @@ static void help(void)
            "\n"
            "  --frames        also list every frame row with its per-frame records\n"
            "  --config RUN    print the effective configuration of run RUN instead\n"
-           "  --recover       if the last writer of the archive died, clear the flag it\n"
-           "                  left (what the next writer would do) so that tools that do\n"
-           "                  not use SWMR (h5py without swmr=True, h5dump) can open it\n");
+           "  --recover       if the last writer of the archive died, repair what it left\n"
+           "                  (a torn metadata write, HDF5's \"open for writing\" flag,\n"
+           "                  rows of an uncommitted frame), as the next writer would, so\n"
+           "                  that tools without SWMR (h5py without swmr=True, h5dump) can\n"
+           "                  open it\n");
 }
 
 static const char *status_name(int s)
@@ -103,27 +105,12 @@ int hilal_cli_info(int argc, char **argv, hilal_cli *cli)
     hilal_status st = HILAL_OK;
 
     if (recover) {
-        /* Opening for writing recovers; the handle is closed at once. */
-        hilal_archive_options opt;
-        hilal_archive_options_init(&opt);
-        st = hilal_archive_open_read(path, &ar, &err);
-        if (st == HILAL_OK) {
-            hilal_archive_get_summary(ar, &sum, &err);
-            opt.cutout_size = sum.cutout_size;
-            opt.psf_size = sum.psf_size;
-            hilal_archive_free(ar);
-            ar = NULL;
-            st = hilal_archive_open_write(path, &opt, &ar, &err);
-        }
-        if (st == HILAL_OK) {
-            printf("%s: %s\n", path, hilal_archive_recovered(ar)
-                                         ? "recovered after a writer that stopped"
-                                         : "was closed cleanly; nothing to recover");
-            st = hilal_archive_close(ar, &err);
-            ar = NULL;
-        }
+        int recovered = 0;
+        st = hilal_archive_recover(path, &recovered, &err);
         if (st != HILAL_OK)
             goto fail;
+        printf("%s: %s\n", path, recovered ? "recovered after a writer that stopped"
+                                             : "was closed cleanly; nothing to recover");
     }
 
     st = hilal_archive_open_read(path, &ar, &err);

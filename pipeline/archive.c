@@ -1,11 +1,11 @@
 /* The HDF5 candidate archive. Layout and rules: docs/archive.md; API:
  * include/hilal/archive.h. HDF5 errors are translated in h5.c.
  *
- * Crash safety rests on three rules:
+ * Crash safety rests on five rules:
  *  1. The file is written in SWMR mode (HDF5 1.10 file format), whose
- *     metadata flushes keep the file readable at every instant; nothing is
- *     created after the file is first made (SWMR forbids it): frames only
- *     extend chunked datasets.
+ *     ordered metadata flushes keep the file readable at every instant;
+ *     nothing is created after the file is first made (SWMR forbids it):
+ *     frames only extend chunked datasets.
  *  2. A frame's candidates, cutouts, PSFs and header are written and flushed
  *     before its /frames row (status COMMITTED) is written and flushed. A
  *     reader trusts candidate rows only inside the range of a committed
@@ -14,6 +14,11 @@
  *     on the archive itself (released by the kernel when the process dies):
  *     when the lock is free but HDF5's "open for writing" flag is set, the
  *     previous writer died and the flag is cleared (h5.c).
+ *  4. Metadata writes go through a one-record redo journal (h5.c), so a
+ *     metadata block torn by the death of the writer is written again.
+ *  5. No compressed chunk holding committed data is ever rewritten (HDF5
+ *     rewrites a compressed chunk in place when its size is unchanged):
+ *     tables are uncompressed, compressed stacks have one chunk per row.
  */
 #define _GNU_SOURCE /* F_OFD_SETLK: open-file-description locks (Linux >= 3.15) */
 
@@ -921,13 +926,18 @@ hilal_status hilal_archive_open_write(const char *path, const hilal_archive_opti
         o = *opt;
     else
         hilal_archive_options_init(&o);
-    if (o.cutout_size < 5 || o.cutout_size > 255 || o.cutout_size % 2 == 0 || o.psf_size < 5 ||
-        o.psf_size > 255 || o.psf_size % 2 == 0 || o.compress_level < 0 || o.compress_level > 9 ||
-        o.cutout_compress_level < 0 || o.cutout_compress_level > 9)
+    /* Sizes 0 mean "as the existing archive has them" (hilal_archive_recover). */
+    int sizes_from_file = o.cutout_size == 0 && o.psf_size == 0;
+    if (!sizes_from_file &&
+        (o.cutout_size < 5 || o.cutout_size > 255 || o.cutout_size % 2 == 0 || o.psf_size < 5 ||
+         o.psf_size > 255 || o.psf_size % 2 == 0))
         return hilal_error_set(err, HILAL_ERR_RANGE,
-                               "archive %s: cutout size %d and PSF size %d must be odd and in 5..255, "
-                               "compression levels %d and %d in 0..9", path, o.cutout_size,
-                               o.psf_size, o.compress_level, o.cutout_compress_level);
+                               "archive %s: cutout size %d and PSF size %d must be odd and in 5..255",
+                               path, o.cutout_size, o.psf_size);
+    if (o.compress_level < 0 || o.compress_level > 9 || o.cutout_compress_level < 0 ||
+        o.cutout_compress_level > 9)
+        return hilal_error_set(err, HILAL_ERR_RANGE, "archive %s: compression levels %d and %d must be in 0..9",
+                               path, o.compress_level, o.cutout_compress_level);
     if (path == NULL || path[0] == '\0')
         return hilal_error_set(err, HILAL_ERR_CONFIG, "no archive file given; set archive.path (or --archive)");
     ar = handle_new(path);
@@ -937,24 +947,31 @@ hilal_status hilal_archive_open_write(const char *path, const hilal_archive_opti
     ar->opt = o;
 
     if (stat(path, &sb) != 0) {
-        if (errno != ENOENT) {
-            st = hilal_error_set(err, HILAL_ERR_IO, "cannot access archive %s: %s", path, strerror(errno));
+        if (errno != ENOENT || sizes_from_file) {
+            st = hilal_error_set(err, errno == ENOENT ? HILAL_ERR_NOTFOUND : HILAL_ERR_IO,
+                                 "cannot access archive %s: %s", path, strerror(errno));
             goto cleanup;
         }
         st = create_archive(path, &o, err);
         if (st != HILAL_OK)
             goto cleanup;
     }
-    st = check_hdf5(path, err);
+    /* The lock first: then a journal record or an "open for writing" flag
+     * left in the file can only come from a writer that died. */
+    int replayed = 0;
+    st = take_writer_lock(ar, err);
     if (st == HILAL_OK)
-        st = take_writer_lock(ar, err);
+        st = hilal_h5_journal_replay(path, &replayed, err);
+    if (st == HILAL_OK)
+        st = check_hdf5(path, err);
     if (st == HILAL_OK)
         st = hilal_h5_open_swmr_write(path, &ar->recovered, &ar->fid, err);
+    ar->recovered |= replayed;
     if (st == HILAL_OK)
         st = check_root(ar, err);
     if (st != HILAL_OK)
         goto cleanup;
-    if (ar->cutout_size != o.cutout_size || ar->psf_size != o.psf_size) {
+    if (!sizes_from_file && (ar->cutout_size != o.cutout_size || ar->psf_size != o.psf_size)) {
         st = hilal_error_set(err, HILAL_ERR_MISMATCH,
                              "archive %s has %d px cutouts and %d px PSF boxes but %d and %d were "
                              "asked for; set archive.cutout_size=%d and archive.psf_size=%d or use "
@@ -980,24 +997,45 @@ int hilal_archive_recovered(const hilal_archive *ar)
     return ar != NULL && ar->recovered;
 }
 
+hilal_status hilal_archive_recover(const char *path, int *recovered, hilal_error *err)
+{
+    hilal_archive_options opt;
+    hilal_archive *ar = NULL;
+    hilal_archive_options_init(&opt);
+    opt.cutout_size = opt.psf_size = 0; /* as stored */
+    *recovered = 0;
+    hilal_status st = hilal_archive_open_write(path, &opt, &ar, err);
+    if (st != HILAL_OK)
+        return st;
+    *recovered = ar->recovered;
+    return hilal_archive_close(ar, err);
+}
+
 hilal_status hilal_archive_open_read(const char *path, hilal_archive **out, hilal_error *err)
 {
     hilal_status st;
-    hilal_archive *ar;
+    hilal_archive *ar = NULL;
     *out = NULL;
     hilal_h5_quiet();
     st = check_hdf5(path, err);
-    if (st != HILAL_OK)
-        return st;
-    ar = handle_new(path);
-    if (ar == NULL)
-        return hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory");
-    st = hilal_h5_open_swmr_read(path, &ar->fid, err);
+    if (st == HILAL_OK && (ar = handle_new(path)) == NULL)
+        st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory");
+    if (st == HILAL_OK)
+        st = hilal_h5_open_swmr_read(path, &ar->fid, err);
     if (st == HILAL_OK)
         st = check_root(ar, err);
     if (st == HILAL_OK)
         st = open_datasets(ar, err);
     if (st != HILAL_OK) {
+        /* A journal left by a writer that died may hold the write that
+         * makes the file readable again. */
+        char journal[4200];
+        struct stat sb;
+        hilal_h5_journal_path(path, journal, sizeof journal);
+        if (st != HILAL_ERR_NOTFOUND && stat(journal, &sb) == 0 && sb.st_size > 0 &&
+            !writer_active(path))
+            hilal_error_context(err, "the last writer of %s stopped while writing; run "
+                                "`hilal info %s --recover` to repair it", path, path);
         hilal_archive_free(ar);
         return st;
     }

@@ -481,7 +481,8 @@ char *hilal_config_text(const hilal_config *cfg, int with_origin)
                 sb_printf(&b, ", range [%g, %g]", p->min, p->max);
             if (p->unit && p->unit[0])
                 sb_printf(&b, ", unit %s", p->unit);
-            sb_printf(&b, ", default %s)\n", p->def);
+            sb_printf(&b, ", default %s%s)\n", p->def,
+                      p->flags & HILAL_PARAM_EXECUTION ? "; execution setting, not in the configuration hash" : "");
         }
         const char *q = p->type == HILAL_PARAM_STRING && needs_quotes(e->value) ? "\"" : "";
         sb_printf(&b, "%s = %s%s%s", p->key, q, e->value, q);
@@ -503,7 +504,8 @@ void hilal_config_hash(const hilal_config *cfg, char out_hex[65])
     /* Canonical form: "section.key=value\n" for every key, in table order. */
     strbuf b = {0};
     for (size_t i = 0; i < cfg->n; i++)
-        sb_printf(&b, "%s=%s\n", cfg->entries[i].key, cfg->entries[i].value);
+        if (!(cfg->entries[i].param->flags & HILAL_PARAM_EXECUTION))
+            sb_printf(&b, "%s=%s\n", cfg->entries[i].key, cfg->entries[i].value);
     if (b.failed || b.s == NULL) {
         out_hex[0] = '\0';
         free(b.s);

@@ -48,6 +48,7 @@ void hilal_diff_clear(hilal_diff *diff)
     free(diff->flux_err);
     free(diff->mask);
     hilal_psf_clear(&diff->psf_d);
+    free(diff->tiles);
     memset(diff, 0, sizeof *diff);
 }
 

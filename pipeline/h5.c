@@ -3,10 +3,16 @@
 #include "h5.h"
 
 #include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
 #include <stdarg.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 /* ------------------------------------------------------------------------
  * Errors
@@ -113,6 +119,463 @@ cleanup:
     return st;
 }
 
+
+/* ------------------------------------------------------------------------
+ * The journaling file driver
+ *
+ * A POSIX file driver like HDF5's sec2 driver, except that every write of
+ * metadata (any memory type but raw data) goes through a one-record redo
+ * journal next to the file (<file>.journal):
+ *   1. the record (offset, length, bytes, CRC-32) is written to the journal;
+ *   2. the bytes are written in place;
+ *   3. the record is invalidated (its 4-byte magic number is zeroed).
+ * Linux can stop a write() spanning several memory pages between two pages
+ * when the process gets SIGKILL, and HDF5 1.10 writes metadata blocks of
+ * more than a page (extensible-array pages of chunk addresses, object
+ * headers) in place; a block torn that way has a bad checksum and makes the
+ * file unreadable. With the journal, a torn in-place write always has its
+ * complete record, which hilal_h5_journal_replay() writes again before the
+ * file is next opened for writing; a torn record is recognised by its CRC
+ * and ignored (its in-place write had not started). Raw data is not
+ * journaled: the archive writes raw data of committed rows only with
+ * unchanged bytes (see archive.c), so tearing it cannot lose them.
+ * ------------------------------------------------------------------------ */
+
+#define JOURNAL_MAGIC 0x314a4c48u /* "HLJ1" little-endian */
+#define JOURNAL_HEADER 24         /* magic u32, crc u32, offset u64, length u64 */
+#define JOURNAL_MAXADDR (((haddr_t)1 << (8 * sizeof(off_t) - 1)) - 1)
+
+/* CRC-32 (IEEE 802.3 polynomial, reflected, as zlib's crc32()). */
+static uint32_t crc_table[256];
+static pthread_once_t crc_once = PTHREAD_ONCE_INIT;
+
+static void crc_init(void)
+{
+    for (uint32_t n = 0; n < 256; n++) {
+        uint32_t c = n;
+        for (int k = 0; k < 8; k++)
+            c = (c & 1) ? 0xedb88320u ^ (c >> 1) : c >> 1;
+        crc_table[n] = c;
+    }
+}
+
+static uint32_t crc32_update(uint32_t crc, const void *data, size_t len)
+{
+    const unsigned char *p = data;
+    pthread_once(&crc_once, crc_init);
+    crc = ~crc;
+    for (size_t i = 0; i < len; i++)
+        crc = crc_table[(crc ^ p[i]) & 0xffu] ^ (crc >> 8);
+    return ~crc;
+}
+
+static void put_u32(unsigned char *p, uint32_t v)
+{
+    for (int i = 0; i < 4; i++)
+        p[i] = (unsigned char)(v >> (8 * i));
+}
+
+static void put_u64(unsigned char *p, uint64_t v)
+{
+    for (int i = 0; i < 8; i++)
+        p[i] = (unsigned char)(v >> (8 * i));
+}
+
+static uint32_t get_u32(const unsigned char *p)
+{
+    uint32_t v = 0;
+    for (int i = 3; i >= 0; i--)
+        v = (v << 8) | p[i];
+    return v;
+}
+
+static uint64_t get_u64(const unsigned char *p)
+{
+    uint64_t v = 0;
+    for (int i = 7; i >= 0; i--)
+        v = (v << 8) | p[i];
+    return v;
+}
+
+/* Writes all of buf at off (retrying short writes and EINTR). */
+static int pwrite_all(int fd, const void *buf, size_t len, off_t off)
+{
+    const char *p = buf;
+    while (len > 0) {
+        ssize_t n = pwrite(fd, p, len, off);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            return -1;
+        p += n;
+        len -= (size_t)n;
+        off += n;
+    }
+    return 0;
+}
+
+void hilal_h5_journal_path(const char *path, char *out, size_t len)
+{
+    snprintf(out, len, "%s.journal", path);
+}
+
+/* Writes a complete record (header and bytes) at the start of the journal. */
+static int journal_put(int jfd, uint64_t offset, const void *data, size_t len)
+{
+    unsigned char head[JOURNAL_HEADER];
+    put_u32(head, JOURNAL_MAGIC);
+    put_u64(head + 8, offset);
+    put_u64(head + 16, (uint64_t)len);
+    /* The CRC covers offset, length and bytes. */
+    uint32_t crc = crc32_update(0, head + 8, JOURNAL_HEADER - 8);
+    crc = crc32_update(crc, data, len);
+    put_u32(head + 4, crc);
+    if (pwrite_all(jfd, data, len, JOURNAL_HEADER) != 0)
+        return -1;
+    return pwrite_all(jfd, head, JOURNAL_HEADER, 0);
+}
+
+/* Invalidates the record: a 4-byte write within one page, never torn. */
+static int journal_clear(int jfd)
+{
+    static const unsigned char zero[4] = {0, 0, 0, 0};
+    return pwrite_all(jfd, zero, sizeof zero, 0);
+}
+
+hilal_status hilal_h5_journal_write_record(const char *journal, uint64_t offset,
+                                           const void *data, size_t len, hilal_error *err)
+{
+    int jfd = open(journal, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    if (jfd < 0)
+        return hilal_error_set(err, HILAL_ERR_IO, "cannot open %s: %s", journal, strerror(errno));
+    int rc = journal_put(jfd, offset, data, len);
+    int e = errno;
+    close(jfd);
+    if (rc != 0)
+        return hilal_error_set(err, HILAL_ERR_IO, "cannot write %s: %s", journal, strerror(e));
+    return HILAL_OK;
+}
+
+hilal_status hilal_h5_journal_replay(const char *path, int *replayed, hilal_error *err)
+{
+    hilal_status st = HILAL_OK;
+    char journal[4200];
+    unsigned char head[JOURNAL_HEADER];
+    unsigned char *data = NULL;
+    int jfd = -1, fd = -1;
+    *replayed = 0;
+    hilal_h5_journal_path(path, journal, sizeof journal);
+    jfd = open(journal, O_RDWR | O_CLOEXEC);
+    if (jfd < 0) {
+        if (errno != ENOENT)
+            st = hilal_error_set(err, HILAL_ERR_IO, "cannot open %s: %s", journal, strerror(errno));
+        goto cleanup;
+    }
+    ssize_t got = pread(jfd, head, sizeof head, 0);
+    if (got != (ssize_t)sizeof head || get_u32(head) != JOURNAL_MAGIC)
+        goto done; /* empty, invalidated, or torn before its header */
+    uint64_t offset = get_u64(head + 8), len = get_u64(head + 16);
+    if (len > ((uint64_t)1 << 30) || offset > (uint64_t)JOURNAL_MAXADDR)
+        goto done;
+    data = malloc(len > 0 ? (size_t)len : 1);
+    if (data == NULL) {
+        st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory replaying %s", journal);
+        goto cleanup;
+    }
+    if (pread(jfd, data, (size_t)len, JOURNAL_HEADER) != (ssize_t)len)
+        goto done; /* torn: its in-place write never started */
+    uint32_t crc = crc32_update(0, head + 8, JOURNAL_HEADER - 8);
+    crc = crc32_update(crc, data, (size_t)len);
+    if (crc != get_u32(head + 4))
+        goto done;
+    /* A complete record: its in-place write may be torn; write it again. */
+    fd = open(path, O_RDWR | O_CLOEXEC);
+    if (fd < 0 || pwrite_all(fd, data, (size_t)len, (off_t)offset) != 0) {
+        st = hilal_error_set(err, HILAL_ERR_IO, "cannot replay %s into %s: %s", journal, path,
+                             strerror(errno));
+        goto cleanup;
+    }
+    *replayed = 1;
+done:
+    if (journal_clear(jfd) != 0)
+        st = hilal_error_set(err, HILAL_ERR_IO, "cannot clear %s: %s", journal, strerror(errno));
+cleanup:
+    if (fd >= 0)
+        close(fd);
+    if (jfd >= 0)
+        close(jfd);
+    free(data);
+    return st;
+}
+
+/* The driver's file: HDF5's public part first. */
+typedef struct jfile {
+    H5FD_t pub;
+    int fd;
+    int jfd;         /* journal, -1 when read-only */
+    haddr_t eoa, eof;
+    dev_t device;
+    ino_t inode;
+    char journal[4200];
+} jfile;
+
+static herr_t jfail(const char *func, hid_t minor, const char *what)
+{
+    H5Epush2(H5E_DEFAULT, __FILE__, func, __LINE__, H5E_ERR_CLS, H5E_VFL, minor, "%s: %s", what,
+             strerror(errno));
+    return -1;
+}
+
+static H5FD_t *j_open(const char *name, unsigned flags, hid_t fapl, haddr_t maxaddr)
+{
+    (void)fapl;
+    int o = (flags & H5F_ACC_RDWR) ? O_RDWR : O_RDONLY;
+    if (flags & H5F_ACC_TRUNC)
+        o |= O_TRUNC;
+    if (flags & H5F_ACC_CREAT)
+        o |= O_CREAT;
+    if (flags & H5F_ACC_EXCL)
+        o |= O_EXCL;
+    struct stat sb;
+    jfile *f = NULL;
+    if (name == NULL || *name == '\0' || maxaddr == 0 || maxaddr == HADDR_UNDEF) {
+        errno = EINVAL;
+        jfail("j_open", H5E_CANTOPENFILE, "bad file name or address range");
+        return NULL;
+    }
+    int fd = open(name, o | O_CLOEXEC, 0644);
+    if (fd < 0) {
+        jfail("j_open", H5E_CANTOPENFILE, "cannot open the file");
+        return NULL;
+    }
+    if (fstat(fd, &sb) != 0 || (f = calloc(1, sizeof *f)) == NULL) {
+        jfail("j_open", H5E_CANTOPENFILE, "cannot stat the file");
+        close(fd);
+        return NULL;
+    }
+    f->fd = fd;
+    f->jfd = -1;
+    f->eof = (haddr_t)sb.st_size;
+    f->device = sb.st_dev;
+    f->inode = sb.st_ino;
+    if (flags & H5F_ACC_RDWR) {
+        hilal_h5_journal_path(name, f->journal, sizeof f->journal);
+        f->jfd = open(f->journal, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+        if (f->jfd < 0) {
+            jfail("j_open", H5E_CANTOPENFILE, "cannot open the journal next to the file");
+            close(fd);
+            free(f);
+            return NULL;
+        }
+    }
+    return &f->pub;
+}
+
+static herr_t j_close(H5FD_t *file)
+{
+    jfile *f = (jfile *)file;
+    herr_t rc = 0;
+    if (close(f->fd) != 0)
+        rc = jfail("j_close", H5E_CANTCLOSEFILE, "cannot close the file");
+    if (f->jfd >= 0) {
+        /* Every write completed: the journal holds no valid record. */
+        close(f->jfd);
+        if (rc == 0)
+            unlink(f->journal);
+    }
+    free(f);
+    return rc;
+}
+
+static int j_cmp(const H5FD_t *a, const H5FD_t *b)
+{
+    const jfile *x = (const jfile *)a, *y = (const jfile *)b;
+    if (x->device != y->device)
+        return x->device < y->device ? -1 : 1;
+    if (x->inode != y->inode)
+        return x->inode < y->inode ? -1 : 1;
+    return 0;
+}
+
+static herr_t j_query(const H5FD_t *file, unsigned long *flags)
+{
+    (void)file;
+    /* As HDF5's sec2 driver, SWMR included. */
+    *flags = H5FD_FEAT_AGGREGATE_METADATA | H5FD_FEAT_ACCUMULATE_METADATA | H5FD_FEAT_DATA_SIEVE |
+             H5FD_FEAT_AGGREGATE_SMALLDATA | H5FD_FEAT_POSIX_COMPAT_HANDLE |
+             H5FD_FEAT_SUPPORTS_SWMR_IO | H5FD_FEAT_DEFAULT_VFD_COMPATIBLE;
+    return 0;
+}
+
+static haddr_t j_get_eoa(const H5FD_t *file, H5FD_mem_t type)
+{
+    (void)type;
+    return ((const jfile *)file)->eoa;
+}
+
+static herr_t j_set_eoa(H5FD_t *file, H5FD_mem_t type, haddr_t addr)
+{
+    (void)type;
+    ((jfile *)file)->eoa = addr;
+    return 0;
+}
+
+static haddr_t j_get_eof(const H5FD_t *file, H5FD_mem_t type)
+{
+    (void)type;
+    return ((const jfile *)file)->eof;
+}
+
+static herr_t j_get_handle(H5FD_t *file, hid_t fapl, void **handle)
+{
+    (void)fapl;
+    *handle = &((jfile *)file)->fd;
+    return 0;
+}
+
+static herr_t j_read(H5FD_t *file, H5FD_mem_t type, hid_t dxpl, haddr_t addr, size_t size,
+                     void *buf)
+{
+    (void)type;
+    (void)dxpl;
+    jfile *f = (jfile *)file;
+    char *p = buf;
+    while (size > 0) {
+        ssize_t n = pread(f->fd, p, size, (off_t)addr);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0)
+            return jfail("j_read", H5E_READERROR, "cannot read the file");
+        if (n == 0) {
+            /* Past the end of the file: zeros, as sec2 gives. */
+            memset(p, 0, size);
+            break;
+        }
+        p += n;
+        size -= (size_t)n;
+        addr += (haddr_t)n;
+    }
+    return 0;
+}
+
+static herr_t j_write(H5FD_t *file, H5FD_mem_t type, hid_t dxpl, haddr_t addr, size_t size,
+                      const void *buf)
+{
+    (void)dxpl;
+    jfile *f = (jfile *)file;
+    int journaled = type != H5FD_MEM_DRAW && f->jfd >= 0;
+    if (journaled && journal_put(f->jfd, (uint64_t)addr, buf, size) != 0)
+        return jfail("j_write", H5E_WRITEERROR, "cannot write the journal");
+    if (pwrite_all(f->fd, buf, size, (off_t)addr) != 0)
+        return jfail("j_write", H5E_WRITEERROR, "cannot write the file");
+    if (journaled && journal_clear(f->jfd) != 0)
+        return jfail("j_write", H5E_WRITEERROR, "cannot clear the journal");
+    if (addr + size > f->eof)
+        f->eof = addr + size;
+    return 0;
+}
+
+static herr_t j_flush(H5FD_t *file, hid_t dxpl, hbool_t closing)
+{
+    (void)file;
+    (void)dxpl;
+    (void)closing;
+    return 0;
+}
+
+static herr_t j_truncate(H5FD_t *file, hid_t dxpl, hbool_t closing)
+{
+    (void)dxpl;
+    (void)closing;
+    jfile *f = (jfile *)file;
+    if (f->eoa != f->eof) {
+        if (ftruncate(f->fd, (off_t)f->eoa) != 0)
+            return jfail("j_truncate", H5E_SEEKERROR, "cannot set the file size");
+        f->eof = f->eoa;
+    }
+    return 0;
+}
+
+static herr_t j_lock(H5FD_t *file, hbool_t rw)
+{
+    jfile *f = (jfile *)file;
+    if (flock(f->fd, (rw ? LOCK_EX : LOCK_SH) | LOCK_NB) != 0) {
+        if (errno == ENOSYS)
+            return 0; /* file system without flock(): as HDF5 when told to ignore it */
+        return jfail("j_lock", H5E_CANTLOCKFILE, "unable to lock file");
+    }
+    return 0;
+}
+
+static herr_t j_unlock(H5FD_t *file)
+{
+    jfile *f = (jfile *)file;
+    if (flock(f->fd, LOCK_UN) != 0 && errno != ENOSYS)
+        return jfail("j_unlock", H5E_CANTUNLOCKFILE, "unable to unlock file");
+    return 0;
+}
+
+static const H5FD_class_t journal_class = {
+    "hilal_journal",      /* name */
+    JOURNAL_MAXADDR,      /* maxaddr */
+    H5F_CLOSE_WEAK,       /* fc_degree */
+    NULL,                 /* terminate */
+    NULL,                 /* sb_size */
+    NULL,                 /* sb_encode */
+    NULL,                 /* sb_decode */
+    0,                    /* fapl_size */
+    NULL,                 /* fapl_get */
+    NULL,                 /* fapl_copy */
+    NULL,                 /* fapl_free */
+    0,                    /* dxpl_size */
+    NULL,                 /* dxpl_copy */
+    NULL,                 /* dxpl_free */
+    j_open,               /* open */
+    j_close,              /* close */
+    j_cmp,                /* cmp */
+    j_query,              /* query */
+    NULL,                 /* get_type_map */
+    NULL,                 /* alloc */
+    NULL,                 /* free */
+    j_get_eoa,            /* get_eoa */
+    j_set_eoa,            /* set_eoa */
+    j_get_eof,            /* get_eof */
+    j_get_handle,         /* get_handle */
+    j_read,               /* read */
+    j_write,              /* write */
+    j_flush,              /* flush */
+    j_truncate,           /* truncate */
+    j_lock,               /* lock */
+    j_unlock,             /* unlock */
+    H5FD_FLMAP_DICHOTOMY, /* fl_map */
+};
+
+static hid_t journal_driver_id = H5I_INVALID_HID;
+static pthread_mutex_t journal_driver_lock = PTHREAD_MUTEX_INITIALIZER;
+
+hid_t hilal_h5_journal_driver(void)
+{
+    pthread_mutex_lock(&journal_driver_lock);
+    if (journal_driver_id < 0 || H5Iget_type(journal_driver_id) != H5I_VFL)
+        journal_driver_id = H5FDregister(&journal_class);
+    hid_t id = journal_driver_id;
+    pthread_mutex_unlock(&journal_driver_lock);
+    return id;
+}
+
+/* A file-access property list for a writer: hilal_h5_fapl(1) with the
+ * journaling driver. */
+static hid_t writer_fapl(void)
+{
+    hid_t fapl = hilal_h5_fapl(1);
+    hid_t driver = hilal_h5_journal_driver();
+    if (fapl >= 0 && (driver < 0 || H5Pset_driver(fapl, driver, NULL) < 0)) {
+        H5Pclose(fapl);
+        return H5I_INVALID_HID;
+    }
+    return fapl;
+}
+
 /* Clears the superblock status flags of a file whose writer died, like
  * `h5clear -s --increment` (HDF5 1.10 tools/src/h5clear/h5clear.c): the
  * three file-access properties used there are registered in every
@@ -124,7 +587,7 @@ cleanup:
 static hilal_status clear_status_flags(const char *path, hilal_error *err)
 {
     hilal_status st = HILAL_OK;
-    hid_t fapl = hilal_h5_fapl(1), fid = H5I_INVALID_HID;
+    hid_t fapl = writer_fapl(), fid = H5I_INVALID_HID;
     hbool_t yes = 1;
     if (fapl < 0) {
         st = hilal_h5_error(err, "cannot make a file-access property list");
@@ -166,17 +629,24 @@ hilal_status hilal_h5_open_swmr_write(const char *path, int *recovered, hid_t *f
                                       hilal_error *err)
 {
     hilal_status st = HILAL_OK;
-    hid_t fapl = hilal_h5_fapl(1);
+    hid_t fapl = writer_fapl();
     char detail[1024];
+    int replayed = 0;
     *fid = H5I_INVALID_HID;
     *recovered = 0;
     if (fapl < 0) {
-        st = hilal_h5_error(err, "cannot make a file-access property list");
+        st = hilal_h5_error(err, "cannot make a file-access property list with the journaling driver");
         goto cleanup;
     }
-    *fid = H5Fopen(path, H5F_ACC_RDWR | H5F_ACC_SWMR_WRITE, fapl);
-    if (*fid >= 0)
+    /* First repair a metadata write that a dead writer may have torn. */
+    st = hilal_h5_journal_replay(path, &replayed, err);
+    if (st != HILAL_OK)
         goto cleanup;
+    *fid = H5Fopen(path, H5F_ACC_RDWR | H5F_ACC_SWMR_WRITE, fapl);
+    if (*fid >= 0) {
+        *recovered = replayed;
+        goto cleanup;
+    }
     hilal_h5_stack_text(detail, sizeof detail);
     if (strstr(detail, "unable to lock file") != NULL || strstr(detail, "unable to lock the file") != NULL) {
         /* HDF5 readers hold a shared flock() while open (unless opened with

@@ -10,6 +10,7 @@
 #define HILAL_H5_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 #include <hdf5.h>
 
@@ -47,13 +48,37 @@ hid_t hilal_h5_fapl(int locking);
 /* Creates a new file (fails if it exists) with hilal_h5_fapl(). */
 hilal_status hilal_h5_create(const char *path, hid_t *fid, hilal_error *err);
 
+/* The journaling file driver used by writers (registered on first use;
+ * H5I_INVALID_HID on failure). Like HDF5's sec2 driver, except that each
+ * metadata write first goes to a one-record redo journal <file>.journal
+ * (removed when the file is closed cleanly), so that a write torn by the
+ * death of the process can be completed by hilal_h5_journal_replay(). */
+hid_t hilal_h5_journal_driver(void);
+
+/* "<path>.journal" into out. */
+void hilal_h5_journal_path(const char *path, char *out, size_t len);
+
+/* Writes again the journaled metadata write of a writer that died, if the
+ * journal of path holds a complete record (*replayed = 1), and clears the
+ * journal. Harmless when there is no journal or no valid record. Only while
+ * no writer has the file open. */
+hilal_status hilal_h5_journal_replay(const char *path, int *replayed, hilal_error *err);
+
+/* Writes a complete journal record (for tests that simulate a torn write).
+ * Record layout, little-endian: magic "HLJ1" (u32 0x314a4c48), CRC-32 of
+ * the rest (u32), file offset (u64), length (u64), then the bytes. */
+hilal_status hilal_h5_journal_write_record(const char *journal, uint64_t offset,
+                                           const void *data, size_t len, hilal_error *err);
+
 /* Opens an existing file for SWMR writing. When the open fails because the
  * superblock still says "open for writing" (a writer died without closing
  * the file) the status flags are cleared the way `h5clear -s --increment`
  * does (clear the flags, skip the EOF check, set EOA to max(EOA, EOF) + 1 MiB
  * so that no space past the stored EOA is reused) and the file is opened
- * again; *recovered is then 1. THE CALLER MUST KNOW THAT NO OTHER WRITER IS
- * ALIVE (the archive holds a lock for that). */
+ * again. Before anything, a torn metadata write is repaired from the
+ * journal. *recovered is 1 when either was needed. The file is opened with
+ * the journaling driver. THE CALLER MUST KNOW THAT NO OTHER WRITER IS ALIVE
+ * (the archive holds a lock for that). */
 hilal_status hilal_h5_open_swmr_write(const char *path, int *recovered, hid_t *fid,
                                       hilal_error *err);
 

@@ -35,9 +35,10 @@ static const hilal_stage *const registry[] = {
 /* Parameters that belong to no single stage. */
 static const hilal_param pipeline_params[] = {
     {"threads", HILAL_PARAM_INT, "0", 0, 256, "",
-     "threads for FFTs and pixel loops within one frame (0 = one per core)"},
+     "threads for FFTs and pixel loops within one frame (0 = one per core)", HILAL_PARAM_EXECUTION},
     {"workers", HILAL_PARAM_INT, "1", 1, 256, "",
-     "frames processed concurrently by `hilal night` (each holds one frame's products)"},
+     "frames processed concurrently by `hilal night` (each holds one frame's products)",
+     HILAL_PARAM_EXECUTION},
     {"edge_margin", HILAL_PARAM_INT, "8", 0, 512, "px",
      "pixels at the image border flagged EDGE; no candidates are reported there"},
 };

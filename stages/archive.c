@@ -17,7 +17,8 @@
 
 static const hilal_param archive_params[] = {
     {"path", HILAL_PARAM_STRING, "", 0, 0, "",
-     "HDF5 archive file to append to (created if missing); `hilal run --archive` sets it"},
+     "HDF5 archive file to append to (created if missing); `hilal run --archive` sets it",
+     HILAL_PARAM_EXECUTION},
     {"cutout_size", HILAL_PARAM_INT, "63", 5, 255, "px",
      "side of the cutout stamps (odd); fixed when the archive is created"},
     {"psf_size", HILAL_PARAM_INT, "51", 5, 255, "px",
@@ -27,7 +28,7 @@ static const hilal_param archive_params[] = {
     {"cutout_compress", HILAL_PARAM_INT, "0", 0, 9, "",
      "deflate level (with shuffle) of the float stamps; 0 = none (fastest: noise compresses little)"},
     {"fsync", HILAL_PARAM_BOOL, "false", 0, 0, "",
-     "fsync the archive at each commit so committed frames also survive a power loss"},
+     "also fsync() the archive at each commit (committed data on the disk, not full power-loss safety)"},
 };
 
 typedef struct archive_state {

@@ -22,7 +22,6 @@
  *  8. S_corr (eq. 25), flux and its error (eqs. 41-43), robust statistics.
  */
 #include <math.h>
-#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -32,8 +31,9 @@
 #include "hilal/log.h"
 #include "hilal/stage.h"
 #include "hilal/zogy.h"
+#include "parallel.h"
 
-#define MAX_THREADS 64
+#define MAX_THREADS HILAL_PARALLEL_MAX_THREADS
 
 /* Fraction of the energy (sum of squares) of a kernel that may fall outside
  * its radius: the S kernels are truncated there for the variance and edge
@@ -55,56 +55,6 @@ static double now_s(void)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-/* ------------------------------------------------------------------------
- * A small parallel for: splits [0, n) into contiguous chunks, one per thread.
- * ------------------------------------------------------------------------ */
-
-typedef void (*range_fn)(void *ctx, long lo, long hi, int tid);
-
-typedef struct range_job {
-    range_fn fn;
-    void *ctx;
-    long lo, hi;
-    int tid;
-} range_job;
-
-static void *range_thread(void *arg)
-{
-    range_job *j = arg;
-    j->fn(j->ctx, j->lo, j->hi, j->tid);
-    return NULL;
-}
-
-/* Runs fn over [0, n) on up to nthreads threads (the calling thread takes the
- * first chunk). If a thread cannot be started its chunk runs inline. */
-static void parallel_for(int nthreads, long n, range_fn fn, void *ctx)
-{
-    if (n <= 0)
-        return;
-    if (nthreads > MAX_THREADS)
-        nthreads = MAX_THREADS;
-    if (nthreads > n)
-        nthreads = (int)n;
-    if (nthreads <= 1) {
-        fn(ctx, 0, n, 0);
-        return;
-    }
-    pthread_t th[MAX_THREADS];
-    range_job jobs[MAX_THREADS];
-    int started[MAX_THREADS] = {0};
-    for (int t = 0; t < nthreads; t++)
-        jobs[t] = (range_job){fn, ctx, n * t / nthreads, n * (t + 1) / nthreads, t};
-    for (int t = 1; t < nthreads; t++)
-        started[t] = pthread_create(&th[t], NULL, range_thread, &jobs[t]) == 0;
-    fn(ctx, jobs[0].lo, jobs[0].hi, 0);
-    for (int t = 1; t < nthreads; t++) {
-        if (started[t])
-            pthread_join(th[t], NULL);
-        else
-            fn(ctx, jobs[t].lo, jobs[t].hi, t);
-    }
 }
 
 /* ------------------------------------------------------------------------
@@ -200,9 +150,12 @@ typedef struct psf_d {
 } psf_d;
 
 typedef struct zogy {
-    /* inputs */
-    long nx, ny;
+    /* inputs: the images are fnx x fny (row stride fnx); the products are
+     * computed for the window of nx x ny pixels starting at (ox, oy) */
+    long fnx, fny;
+    long ox, oy, nx, ny;
     const float *pix[2], *sky[2], *var[2];  /* [0] science N, [1] reference R */
+    const hilal_mask_t *msk[2];              /* masks (may be NULL) */
     double sigma[2];                         /* sigma_N, sigma_R, ADU */
     double fn, fr;                           /* F_n, F_r = 1 */
     double sx, sy;                           /* registration RMS, px */
@@ -218,9 +171,13 @@ typedef struct zogy {
 
     /* big grid */
     long mx, my, mxc;                        /* FFT size and half-spectrum width */
-    long *ixmap, *iymap;                     /* padded index -> image index */
+    long *ixmap, *iymap;                     /* padded index -> image column / row */
     const hilal_fft_plan *plan;
-    unsigned char *bad;                      /* 1 where the pixel was filled */
+    /* The extent: the image pixels the padded grid reads, [ex0, ex0 + enx) x
+     * [ey0, ey0 + eny) (the window plus the padding, within the image). */
+    long ex0, ey0, enx, eny;
+    unsigned char *bad;                      /* 1 where the pixel was filled; extent, stride enx */
+    const unsigned char *wbad;               /* bad at the window origin (stride enx) */
     float *rbuf;
     hilal_fft_complex *c[4];
 
@@ -229,26 +186,33 @@ typedef struct zogy {
     double f_s;                              /* F_S (eq. 41) */
     double f_d;                              /* F_D (eq. 15) */
 
-    /* outputs (borrowed from the hilal_diff) */
+    /* outputs (borrowed from the hilal_diff), window-sized */
     float *d, *s, *scorr, *flux, *flux_err;
     hilal_mask_t *mask;
-    float *sn;                               /* S_N, image size (astrometric term only) */
+    float *sn;                               /* S_N, window size (astrometric term only) */
 } zogy;
 
-/* The variance of pixel i of image w used for the noise terms, ADU^2: a
- * filled pixel carries no noise (0); a usable pixel its variance plane value,
- * or sigma^2 without a plane or where the plane is not positive and finite.
- * With the source noise off, sigma^2 everywhere (background only). */
-static double pixel_var(const zogy *z, int w, size_t i)
+/* Index into the extent-sized fill map of image pixel (X, Y). */
+static size_t ext_index(const zogy *z, long X, long Y)
+{
+    return (size_t)(Y - z->ey0) * (size_t)z->enx + (size_t)(X - z->ex0);
+}
+
+/* The variance of image pixel (X, Y) of image w used for the noise terms,
+ * ADU^2: a filled pixel carries no noise (0); a usable pixel its variance
+ * plane value, or sigma^2 without a plane or where the plane is not positive
+ * and finite. With the source noise off, sigma^2 everywhere (background
+ * only). */
+static double pixel_var(const zogy *z, int w, long X, long Y)
 {
     double s2 = z->sigma[w] * z->sigma[w];
     if (!z->use_src)
         return s2;
-    if (z->bad[i])
+    if (z->bad[ext_index(z, X, Y)])
         return 0.0;
     if (z->var[w] == NULL)
         return s2;
-    double v = z->var[w][i];
+    double v = z->var[w][(size_t)Y * (size_t)z->fnx + (size_t)X];
     return (v > 0 && isfinite(v)) ? v : s2;
 }
 
@@ -467,7 +431,8 @@ typedef struct pad_job {
 /* Fills padded rows [lo, hi) of z->rbuf with the image plane `which`:
  * N or R with filled pixels at 0, or the variance in excess of the
  * background, pixel_var - sigma^2, of N or R. Row y of the padded array is
- * image row iymap[y], column x image column ixmap[x] (mirror). */
+ * image row iymap[y], column x image column ixmap[x] (the image itself
+ * around the window, mirrored beyond the image edges). */
 static void pad_rows(void *ctx, long lo, long hi, int tid)
 {
     (void)tid;
@@ -477,30 +442,29 @@ static void pad_rows(void *ctx, long lo, long hi, int tid)
     int excess = job->which == PLANE_EXN || job->which == PLANE_EXR;
     double s2 = z->sigma[w] * z->sigma[w];
     for (long y = lo; y < hi; y++) {
-        size_t src = (size_t)z->iymap[y] * (size_t)z->nx;
+        const long Y = z->iymap[y];
+        const size_t src = (size_t)Y * (size_t)z->fnx;
+        const unsigned char *brow = z->bad + (size_t)(Y - z->ey0) * (size_t)z->enx - z->ex0;
         float *dst = z->rbuf + (size_t)y * (size_t)z->mx;
-        /* the image row itself */
-        for (long x = 0; x < z->nx; x++) {
-            size_t i = src + (size_t)x;
+        for (long x = 0; x < z->mx; x++) {
+            const long X = z->ixmap[x];
+            const size_t i = src + (size_t)X;
             float v;
             if (excess)
-                v = (float)(pixel_var(z, w, i) - s2);
-            else if (z->bad[i])
+                v = (float)(pixel_var(z, w, X, Y) - s2);
+            else if (brow[X])
                 v = 0.0f;
             else
                 v = z->pix[w][i] - (z->sky[w] ? z->sky[w][i] : 0.0f);
             dst[x] = v;
         }
-        /* the reflected columns, copied from the row just written */
-        for (long x = z->nx; x < z->mx; x++)
-            dst[x] = dst[z->ixmap[x]];
     }
 }
 
 static void pad_plane(zogy *z, enum plane which)
 {
     pad_job job = {z, which};
-    parallel_for(z->threads, z->my, pad_rows, &job);
+    hilal_parallel_for(z->threads, z->my, pad_rows, &job);
 }
 
 /* Places a (2h+1)^2 kernel (optionally squared) centred at the origin of
@@ -623,7 +587,7 @@ static void crop_rows(void *ctx, long lo, long hi, int tid)
 static void crop(zogy *z, float *dst)
 {
     crop_job job = {z, dst};
-    parallel_for(z->threads, z->ny, crop_rows, &job);
+    hilal_parallel_for(z->threads, z->ny, crop_rows, &job);
 }
 
 /* ------------------------------------------------------------------------
@@ -664,13 +628,13 @@ typedef struct edge_job {
     float *vsrc; /* source-noise variance from the FFT (scorr used as scratch), or NULL */
 } edge_job;
 
-/* For a pixel (x0, y0) within h of an edge, S was computed on the mirrored
- * image, so an image pixel may enter it through several reflected copies:
- * S(x0) = sum_a W_n(a) N(a) - sum_a W_r(a) R(a) with the folded kernels
- * W(a) = sum over the copies p of a of k(x0 - p). Its exact variance is
- * sum_a W_n(a)^2 V_N(a) + W_r(a)^2 V_R(a) (eqs. 26-27 with the folded
- * kernels) and a point source centred at x0 gives S = alpha F_S,loc with
- * F_S,loc = F_n sum_a W_n(a) P_n(a - x0) (eq. 41 in real space).
+/* For an image pixel (X0, Y0) within h of an image edge, S was computed on
+ * the mirrored image, so an image pixel may enter it through several
+ * reflected copies: S(X0) = sum_a W_n(a) N(a) - sum_a W_r(a) R(a) with the
+ * folded kernels W(a) = sum over the copies p of a of k(X0 - p). Its exact
+ * variance is sum_a W_n(a)^2 V_N(a) + W_r(a)^2 V_R(a) (eqs. 26-27 with the
+ * folded kernels) and a point source centred at X0 gives S = alpha F_S,loc
+ * with F_S,loc = F_n sum_a W_n(a) P_n(a - X0) (eq. 41 in real space).
  * Returns V (background and source noise) and F_S,loc. */
 static void edge_pixel(const zogy *z, double *wn, double *wr, long x0, long y0, double *var,
                        double *fs_loc)
@@ -680,16 +644,16 @@ static void edge_pixel(const zogy *z, double *wn, double *wr, long x0, long y0, 
     long amin = wd, amax = -1, bmin = wd, bmax = -1;
     long ax[2 * 512 + 1];
     for (int ux = -h; ux <= h; ux++) {
-        long a = reflect(x0 - ux, z->nx) - x0 + H;
+        long a = reflect(x0 - ux, z->fnx) - x0 + H;
         ax[ux + h] = a;
         if (a < amin)
             amin = a;
         if (a > amax)
             amax = a;
     }
-    /* Fold the kernels: image pixel a = mirror(x0 - u) receives k(u). */
+    /* Fold the kernels: image pixel a = mirror(X0 - u) receives k(u). */
     for (int uy = -h; uy <= h; uy++) {
-        long b = reflect(y0 - uy, z->ny) - y0 + H;
+        long b = reflect(y0 - uy, z->fny) - y0 + H;
         if (b < bmin)
             bmin = b;
         if (b > bmax)
@@ -712,9 +676,8 @@ static void edge_pixel(const zogy *z, double *wn, double *wr, long x0, long y0, 
             if (cn == 0 && cr == 0)
                 continue;
             long x = x0 + a - H;
-            size_t i = (size_t)y * (size_t)z->nx + (size_t)x;
-            vn += cn * cn * pixel_var(z, 0, i);
-            vr += cr * cr * pixel_var(z, 1, i);
+            vn += cn * cn * pixel_var(z, 0, x, y);
+            vr += cr * cr * pixel_var(z, 1, x, y);
             long dx = x - x0, dy = y - y0;
             if (labs(dx) <= pc && labs(dy) <= pc)
                 fs += cn * pn->v[(dy + pc) * pn->size + dx + pc];
@@ -726,24 +689,27 @@ static void edge_pixel(const zogy *z, double *wn, double *wr, long x0, long y0, 
     *fs_loc = z->fn * fs;
 }
 
-/* Final pass over rows [lo, hi): V(S) = F_S (background) + V(S_N) + V(S_R)
- * (source, from the FFT or, in the edge strip, folded sums) + V_ast;
- * S_corr = S / sqrt(V(S)) (eq. 25); flux = F_n S / F_S and flux_err =
- * F_n sqrt(V(S)) / F_S (eqs. 41-43); zeros at filled pixels. */
+/* First pass over window rows [lo, hi): V(S) = F_S (background) + V(S_N) +
+ * V(S_R) (source, from the FFT or, in the edge strip of the image, folded
+ * sums) + V_ast. Leaves V(S) in flux_err, the flux conversion F_n / F_S
+ * (F_S,loc in the edge strip, eq. 42) in flux, and S_corr = S / sqrt(V(S))
+ * (eq. 25) in scorr; D, S and S_corr are zeroed at filled pixels. */
 static void combine_rows(void *ctx, long lo, long hi, int tid)
 {
     edge_job *job = ctx;
     zogy *z = job->z;
-    const long nx = z->nx, ny = z->ny;
+    const long nx = z->nx;
     const long h = z->h;
     const double fs = z->f_s, floor_v = VAR_FLOOR_REL * z->f_s;
     for (long y = lo; y < hi; y++) {
-        int yedge = y < h || y >= ny - h;
+        const long Y = z->oy + y;
+        int yedge = Y < h || Y >= z->fny - h;
         for (long x = 0; x < nx; x++) {
+            const long X = z->ox + x;
             size_t i = (size_t)y * (size_t)nx + (size_t)x;
             double v, fsl = fs;
-            if (yedge || x < h || x >= nx - h) {
-                edge_pixel(z, job->wn[tid], job->wr[tid], x, y, &v, &fsl);
+            if (yedge || X < h || X >= z->fnx - h) {
+                edge_pixel(z, job->wn[tid], job->wr[tid], X, Y, &v, &fsl);
                 /* a pathological folded kernel: keep the interior normalisation */
                 if (!(fsl > 0.1 * fs))
                     fsl = fs;
@@ -754,50 +720,96 @@ static void combine_rows(void *ctx, long lo, long hi, int tid)
                 v += (double)z->flux_err[i];
             if (!(v > floor_v))
                 v = floor_v;
-            double sd = sqrt(v);
-            z->flux_err[i] = (float)(z->fn * sd / fsl);
-            if (z->bad[i]) {
+            z->flux_err[i] = (float)v;
+            z->flux[i] = (float)(z->fn / fsl);
+            if (z->wbad[(size_t)y * (size_t)z->enx + (size_t)x]) {
                 z->d[i] = 0;
                 z->s[i] = 0;
                 z->scorr[i] = 0;
-                z->flux[i] = 0;
             } else {
-                z->scorr[i] = (float)(z->s[i] / sd);
-                z->flux[i] = (float)(z->fn * z->s[i] / fsl);
+                z->scorr[i] = (float)(z->s[i] / sqrt(v));
             }
         }
     }
 }
 
-/* Pixels near sources, for the S_corr statistics: tmp[] marks pixels
- * within `radius` px along their row of an unfilled pixel with
- * |S_corr| > 5 (a sliding-window count per row); then keep[] = unfilled and
- * not within `radius` rows of a marked pixel (a sliding window over rows
- * kept as one running count per column, so memory is walked row by row).
- * Together: farther than `radius` (Chebyshev) from any such pixel. */
+/* Second pass: the background term of V(S) scaled by the measured noise
+ * (V' = V + (kappa - 1) F_S, kappa = 1 without calibration), then S_corr =
+ * S / sqrt(V'), flux = F_n S / F_S and flux_err = F_n sqrt(V') / F_S
+ * (eqs. 41-43); zeros at filled pixels (flux_err keeps its value). */
+typedef struct final_job {
+    zogy *z;
+    double kappa;
+} final_job;
+
+static void final_rows(void *ctx, long lo, long hi, int tid)
+{
+    (void)tid;
+    const final_job *job = ctx;
+    zogy *z = job->z;
+    const long nx = z->nx;
+    const double add = (job->kappa - 1.0) * z->f_s, floor_v = VAR_FLOOR_REL * z->f_s;
+    for (long y = lo; y < hi; y++)
+        for (long x = 0; x < nx; x++) {
+            size_t i = (size_t)y * (size_t)nx + (size_t)x;
+            double v = (double)z->flux_err[i] + add;
+            if (!(v > floor_v))
+                v = floor_v;
+            double sd = sqrt(v), g = z->flux[i];
+            z->flux_err[i] = (float)(g * sd);
+            if (z->wbad[(size_t)y * (size_t)z->enx + (size_t)x]) {
+                z->scorr[i] = 0;
+                z->flux[i] = 0;
+            } else {
+                z->scorr[i] = (float)(z->s[i] / sd);
+                z->flux[i] = (float)(g * z->s[i]);
+            }
+        }
+}
+
+/* Pixels near sources, for the S_corr statistics, on an nx x ny region of
+ * values v (row stride vstride) with a fill map bad (row stride bstride;
+ * NULL: nothing filled): tmp[] marks pixels within `radius` px along their
+ * row of an unfilled pixel with |S_corr| > 5 (a sliding-window count per
+ * row); then keep[] = unfilled and not within `radius` rows of a marked
+ * pixel (a sliding window over rows kept as one running count per column,
+ * so memory is walked row by row). Together: farther than `radius`
+ * (Chebyshev) from any such pixel. tmp and keep are nx x ny, compact. */
 typedef struct near_job {
-    const zogy *z;
+    const float *v;
+    long vstride;
+    const unsigned char *bad;
+    long bstride;
+    long nx, ny;
     long radius;
     unsigned char *tmp, *keep;
 } near_job;
+
+static int near_bad(const near_job *job, long x, long y)
+{
+    return job->bad != NULL && job->bad[(size_t)y * (size_t)job->bstride + (size_t)x];
+}
+
+static int near_source(const near_job *job, long x, long y)
+{
+    return !near_bad(job, x, y) && fabsf(job->v[(size_t)y * (size_t)job->vstride + (size_t)x]) > 5.0f;
+}
 
 static void near_rows(void *ctx, long lo, long hi, int tid)
 {
     (void)tid;
     const near_job *job = ctx;
-    const zogy *z = job->z;
-    const long nx = z->nx, r = job->radius;
+    const long nx = job->nx, r = job->radius;
     for (long y = lo; y < hi; y++) {
-        const size_t row = (size_t)y * (size_t)nx;
-        unsigned char *t = job->tmp + row;
+        unsigned char *t = job->tmp + (size_t)y * (size_t)nx;
         long c = 0;
         for (long x = 0; x < r && x < nx; x++)
-            c += !z->bad[row + x] && fabsf(z->scorr[row + x]) > 5.0f;
+            c += near_source(job, x, y);
         for (long x = 0; x < nx; x++) {
             if (x + r < nx)
-                c += !z->bad[row + x + r] && fabsf(z->scorr[row + x + r]) > 5.0f;
+                c += near_source(job, x + r, y);
             if (x - r - 1 >= 0)
-                c -= !z->bad[row + x - r - 1] && fabsf(z->scorr[row + x - r - 1]) > 5.0f;
+                c -= near_source(job, x - r - 1, y);
             t[x] = c > 0;
         }
     }
@@ -808,13 +820,12 @@ static void near_cols(void *ctx, long lo, long hi, int tid)
 {
     (void)tid;
     const near_job *job = ctx;
-    const zogy *z = job->z;
-    const long nx = z->nx, ny = z->ny, r = job->radius, w = hi - lo;
+    const long nx = job->nx, ny = job->ny, r = job->radius, w = hi - lo;
     long *cnt = calloc((size_t)w, sizeof *cnt);
     if (cnt == NULL) { /* keep every unfilled pixel of these columns */
         for (long y = 0; y < ny; y++)
             for (long x = lo; x < hi; x++)
-                job->keep[(size_t)y * nx + x] = !z->bad[(size_t)y * nx + x];
+                job->keep[(size_t)y * nx + x] = !near_bad(job, x, y);
         return;
     }
     for (long y = 0; y < r && y < ny; y++)
@@ -833,39 +844,73 @@ static void near_cols(void *ctx, long lo, long hi, int tid)
         }
         const size_t row = (size_t)y * nx + lo;
         for (long x = 0; x < w; x++)
-            job->keep[row + x] = cnt[x] == 0 && !z->bad[row + x];
+            job->keep[row + x] = cnt[x] == 0 && !near_bad(job, lo + x, y);
     }
     free(cnt);
 }
 
-/* Median and 1.4826 MAD of S_corr over unfilled pixels farther than
- * `radius` px from any unfilled pixel with |S_corr| > 5 (sources, whose
- * wings would bias both). Falls back to all unfilled pixels when fewer
- * than 1000 are left. */
-static hilal_status scorr_statistics(const zogy *z, long radius, double *med, double *sigma,
-                                     hilal_error *err)
+/* Median and 1.4826 MAD of S_corr over the unfilled pixels of the region
+ * of near_job farther than `radius` px from any unfilled pixel with
+ * |S_corr| > 5 (sources, whose wings would bias both). Falls back to all
+ * unfilled pixels when fewer than min(1000, a quarter of the region) are
+ * left. *nused = values used (may be NULL). */
+static hilal_status region_statistics(near_job *job, int threads, double *med, double *sigma,
+                                      long *nused, hilal_error *err)
 {
-    size_t n = (size_t)z->nx * (size_t)z->ny;
-    near_job job = {z, radius, malloc(n), malloc(n)};
+    size_t n = (size_t)job->nx * (size_t)job->ny;
     hilal_status st = HILAL_OK;
-    if (job.tmp == NULL || job.keep == NULL) {
+    float *vals = NULL;
+    *med = NAN;
+    *sigma = NAN;
+    if (nused != NULL)
+        *nused = 0;
+    job->tmp = malloc(n);
+    job->keep = malloc(n);
+    if (job->tmp == NULL || job->keep == NULL) {
         st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for S_corr statistics");
         goto cleanup;
     }
-    parallel_for(z->threads, z->ny, near_rows, &job);
-    parallel_for(z->threads, z->nx, near_cols, &job);
+    hilal_parallel_for(threads, job->ny, near_rows, job);
+    hilal_parallel_for(threads, job->nx, near_cols, job);
     size_t nkeep = 0;
     for (size_t i = 0; i < n; i++)
-        nkeep += job.keep[i];
-    if (nkeep < 1000)
-        for (size_t i = 0; i < n; i++)
-            job.keep[i] = !z->bad[i];
-    if (robust_stats(z->scorr, job.keep, n, med, sigma) < 0)
+        nkeep += job->keep[i];
+    size_t need = n / 4 < 1000 ? n / 4 : 1000;
+    if (nkeep < need)
+        for (long y = 0; y < job->ny; y++)
+            for (long x = 0; x < job->nx; x++)
+                job->keep[(size_t)y * job->nx + x] = !near_bad(job, x, y);
+    /* gather the kept values, at most ~2 million on a regular stride */
+    size_t stride = n / 2000000 + 1, m = 0;
+    vals = malloc(sizeof *vals * (n / stride + 1));
+    if (vals == NULL) {
         st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for S_corr statistics");
+        goto cleanup;
+    }
+    for (size_t i = 0; i < n; i += stride) {
+        if (!job->keep[i])
+            continue;
+        long y = (long)(i / (size_t)job->nx), x = (long)(i % (size_t)job->nx);
+        vals[m++] = job->v[(size_t)y * (size_t)job->vstride + (size_t)x];
+    }
+    if (robust_stats(vals, NULL, m, med, sigma) < 0)
+        st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for S_corr statistics");
+    if (nused != NULL)
+        *nused = (long)m;
 cleanup:
-    free(job.tmp);
-    free(job.keep);
+    free(vals);
+    free(job->tmp);
+    free(job->keep);
+    job->tmp = job->keep = NULL;
     return st;
+}
+
+/* The statistics of S_corr over the window of a run. */
+static hilal_status scorr_statistics(const zogy *z, long radius, double *med, double *sigma,
+                                     hilal_error *err)
+{
+    near_job job = {z->scorr, z->nx, z->wbad, z->enx, z->nx, z->ny, radius, NULL, NULL};
+    return region_statistics(&job, z->threads, med, sigma, NULL, err);
 }
 
 /* ------------------------------------------------------------------------
@@ -883,51 +928,79 @@ void hilal_zogy_input_init(hilal_zogy_input *in)
     in->pad_margin_px = 8;
     in->source_noise = 1;
     in->astrometric_noise = 1;
+    in->noise_calibration = 0;
+    in->calib_max_factor = 2.0;
+    in->win_x0 = in->win_y0 = in->win_nx = in->win_ny = 0;
+    in->min_fft_nx = in->min_fft_ny = 0;
+    in->allow_all_filled = 0;
 }
 
-/* The difference mask and the fill map, rows [lo, hi): the union of both
- * masks; a pixel unusable in either image, not finite in either (pixel or
- * sky) or with a variance >= VAR_MASKED in either is to be filled (INTERP,
+/* The difference-mask value of image pixel (X, Y): the union of both masks;
+ * a pixel unusable in either image, not finite in either (pixel or sky) or
+ * with a variance >= VAR_MASKED in either is to be filled (*bad = 1; INTERP,
  * plus NODATA when not finite); a usable pixel whose variance is not
- * positive and finite is flagged NEGVAR. */
+ * positive and finite is flagged NEGVAR (*negvar = 1). */
+static hilal_mask_t pixel_mask(const zogy *z, const hilal_mask_t *msci, const hilal_mask_t *mref,
+                               long X, long Y, int *bad, int *negvar)
+{
+    const size_t i = (size_t)Y * (size_t)z->fnx + (size_t)X;
+    hilal_mask_t m = (msci ? msci[i] : 0) | (mref ? mref[i] : 0);
+    int finite = 1;
+    for (int w = 0; w < 2; w++)
+        if (!isfinite(z->pix[w][i]) || (z->sky[w] && !isfinite(z->sky[w][i])))
+            finite = 0;
+    if (!finite)
+        m |= HILAL_MASK_NODATA;
+    /* a variance of VAR_MASKED or more marks a masked pixel (the background
+     * stage's convention) */
+    int varmasked = (z->var[0] != NULL && z->var[0][i] >= VAR_MASKED) ||
+                    (z->var[1] != NULL && z->var[1][i] >= VAR_MASKED);
+    *bad = (m & HILAL_MASK_UNUSABLE) != 0 || varmasked;
+    *negvar = 0;
+    if (*bad) {
+        m |= HILAL_MASK_INTERP;
+    } else {
+        for (int w = 0; w < 2; w++)
+            if (z->var[w] != NULL && !(z->var[w][i] > 0 && isfinite(z->var[w][i])))
+                *negvar = 1;
+        if (*negvar)
+            m |= HILAL_MASK_NEGVAR;
+    }
+    return m;
+}
+
+/* The fill map over the extent and the difference mask over the window,
+ * extent rows [lo, hi). Counts filled pixels (extent and window) and NEGVAR
+ * pixels (window). */
 typedef struct mask_job {
     zogy *z;
     const hilal_mask_t *msci, *mref;
     hilal_mask_t *out;
-    long nfilled[MAX_THREADS], nnegvar[MAX_THREADS];
+    long nfilled_ext[MAX_THREADS], nfilled[MAX_THREADS], nnegvar[MAX_THREADS];
 } mask_job;
 
 static void mask_rows(void *ctx, long lo, long hi, int tid)
 {
     mask_job *job = ctx;
     zogy *z = job->z;
-    long nfilled = 0, nnegvar = 0;
-    for (size_t i = (size_t)lo * (size_t)z->nx; i < (size_t)hi * (size_t)z->nx; i++) {
-        hilal_mask_t m = (job->msci ? job->msci[i] : 0) | (job->mref ? job->mref[i] : 0);
-        int finite = 1;
-        for (int w = 0; w < 2; w++)
-            if (!isfinite(z->pix[w][i]) || (z->sky[w] && !isfinite(z->sky[w][i])))
-                finite = 0;
-        if (!finite)
-            m |= HILAL_MASK_NODATA;
-        /* a variance of VAR_MASKED or more marks a masked pixel (the
-         * background stage's convention) */
-        int varmasked = (z->var[0] != NULL && z->var[0][i] >= VAR_MASKED) ||
-                        (z->var[1] != NULL && z->var[1][i] >= VAR_MASKED);
-        z->bad[i] = (m & HILAL_MASK_UNUSABLE) != 0 || varmasked;
-        if (z->bad[i]) {
-            m |= HILAL_MASK_INTERP;
-            nfilled++;
-        } else {
-            for (int w = 0; w < 2; w++)
-                if (z->var[w] != NULL && !(z->var[w][i] > 0 && isfinite(z->var[w][i])) &&
-                    !(m & HILAL_MASK_NEGVAR)) {
-                    m |= HILAL_MASK_NEGVAR;
-                    nnegvar++;
-                }
+    long nfe = 0, nfilled = 0, nnegvar = 0;
+    for (long ey = lo; ey < hi; ey++) {
+        const long Y = z->ey0 + ey, y = Y - z->oy;
+        const int yin = y >= 0 && y < z->ny;
+        for (long ex = 0; ex < z->enx; ex++) {
+            const long X = z->ex0 + ex, x = X - z->ox;
+            int bad, negvar;
+            hilal_mask_t m = pixel_mask(z, job->msci, job->mref, X, Y, &bad, &negvar);
+            z->bad[(size_t)ey * (size_t)z->enx + (size_t)ex] = (unsigned char)bad;
+            nfe += bad;
+            if (yin && x >= 0 && x < z->nx) {
+                job->out[(size_t)y * (size_t)z->nx + (size_t)x] = m;
+                nfilled += bad;
+                nnegvar += negvar;
+            }
         }
-        job->out[i] = m;
     }
+    job->nfilled_ext[tid] = nfe;
     job->nfilled[tid] = nfilled;
     job->nnegvar[tid] = nnegvar;
 }
@@ -964,7 +1037,7 @@ static hilal_status load_psf(const hilal_psf *p, const char *which, psf_d *out, 
 }
 
 /* Background RMS: the image's sky_rms_adu, else 1.4826 MAD of its usable
- * sky-subtracted pixels. */
+ * sky-subtracted pixels in the window. */
 static hilal_status background_sigma(const zogy *z, int w, const hilal_image *img,
                                      double *sigma, int *estimated, hilal_error *err)
 {
@@ -981,16 +1054,26 @@ static hilal_status background_sigma(const zogy *z, int w, const hilal_image *im
         free(keep);
         return hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory estimating the sky RMS");
     }
-    for (size_t i = 0; i < n; i++) {
-        keep[i] = !z->bad[i];
-        v[i] = z->pix[w][i] - (z->sky[w] ? z->sky[w][i] : 0.0f);
-    }
+    for (long y = 0; y < z->ny; y++)
+        for (long x = 0; x < z->nx; x++) {
+            const long X = z->ox + x, Y = z->oy + y;
+            const size_t i = (size_t)y * (size_t)z->nx + (size_t)x;
+            const size_t f = (size_t)Y * (size_t)z->fnx + (size_t)X;
+            int bad, negvar;
+            (void)pixel_mask(z, z->msk[0], z->msk[1], X, Y, &bad, &negvar);
+            keep[i] = !bad;
+            v[i] = z->pix[w][f] - (z->sky[w] ? z->sky[w][f] : 0.0f);
+        }
     double med;
     long m = robust_stats(v, keep, n, &med, sigma);
     free(v);
     free(keep);
     if (m < 0)
         return hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory estimating the sky RMS");
+    if (m == 0)
+        return hilal_error_set(err, HILAL_ERR_DATA,
+                               "no pixel is usable in both the science and the reference image "
+                               "(all masked or NaN); check the alignment and the masks");
     if (!(*sigma > 0))
         return hilal_error_set(err, HILAL_ERR_DATA,
                                "the %s image has no measured background RMS and its pixels give "
@@ -1060,14 +1143,34 @@ hilal_status hilal_zogy_run(const hilal_zogy_input *in, hilal_diff *out, hilal_z
                              in->flux_ratio);
         goto cleanup;
     }
-    z->nx = sci->nx;
-    z->ny = sci->ny;
+    /* The window of the products: the whole image unless one is given. */
+    z->fnx = sci->nx;
+    z->fny = sci->ny;
+    if (in->win_nx > 0 || in->win_ny > 0) {
+        if (in->win_x0 < 0 || in->win_y0 < 0 || in->win_nx < 1 || in->win_ny < 1 ||
+            in->win_x0 + in->win_nx > z->fnx || in->win_y0 + in->win_ny > z->fny) {
+            st = hilal_error_set(err, HILAL_ERR_RANGE,
+                                 "the window %ld x %ld px at (%ld, %ld) does not lie inside the "
+                                 "%ld x %ld px image",
+                                 in->win_nx, in->win_ny, in->win_x0, in->win_y0, z->fnx, z->fny);
+            goto cleanup;
+        }
+        z->ox = in->win_x0;
+        z->oy = in->win_y0;
+        z->nx = in->win_nx;
+        z->ny = in->win_ny;
+    } else {
+        z->ox = z->oy = 0;
+        z->nx = z->fnx;
+        z->ny = z->fny;
+    }
     const size_t npix = (size_t)z->nx * (size_t)z->ny;
     const hilal_image *img[2] = {sci, ref};
     for (int w = 0; w < 2; w++) {
         z->pix[w] = img[w]->pix;
         z->sky[w] = img[w]->sky;
         z->var[w] = img[w]->var;
+        z->msk[w] = img[w]->mask;
     }
     z->fn = in->flux_ratio;
     z->fr = 1.0;
@@ -1082,30 +1185,6 @@ hilal_status hilal_zogy_run(const hilal_zogy_input *in, hilal_diff *out, hilal_z
         (st = load_psf(in->ref_psf, "reference", &z->psf[1], err)) != HILAL_OK)
         goto cleanup;
 
-    /* The difference mask (union of both masks) and the pixels to fill:
-     * unusable in either image or not finite in either. */
-    if ((st = alloc_diff(out, z->nx, z->ny,
-                         z->psf[0].size > z->psf[1].size ? z->psf[0].size : z->psf[1].size,
-                         err)) != HILAL_OK)
-        goto cleanup;
-    z->bad = malloc(npix);
-    if (z->bad == NULL) {
-        st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for the fill map");
-        goto cleanup;
-    }
-    mask_job mj = {z, sci->mask, ref->mask, out->mask, {0}, {0}};
-    parallel_for(z->threads, z->ny, mask_rows, &mj);
-    long nfilled = 0, nnegvar = 0;
-    for (int t = 0; t < MAX_THREADS; t++) {
-        nfilled += mj.nfilled[t];
-        nnegvar += mj.nnegvar[t];
-    }
-    if ((size_t)nfilled == npix) {
-        st = hilal_error_set(err, HILAL_ERR_DATA,
-                             "no pixel is usable in both the science and the reference image "
-                             "(all masked or NaN); check the alignment and the masks");
-        goto cleanup;
-    }
     int est[2];
     for (int w = 0; w < 2; w++)
         if ((st = background_sigma(z, w, img[w], &z->sigma[w], &est[w], err)) != HILAL_OK)
@@ -1127,7 +1206,7 @@ hilal_status hilal_zogy_run(const hilal_zogy_input *in, hilal_diff *out, hilal_z
         goto cleanup;
     }
 
-    /* ---- Step 3: padded size and mirror maps ---- */
+    /* ---- Step 3: padded size, maps and the fill map ---- */
     int phalf = (z->psf[0].size > z->psf[1].size ? z->psf[0].size : z->psf[1].size) / 2;
     int pad = z->h > z->hd ? z->h : z->hd;
     if (phalf > pad)
@@ -1135,6 +1214,11 @@ hilal_status hilal_zogy_run(const hilal_zogy_input *in, hilal_diff *out, hilal_z
     pad += in->pad_margin_px > 0 ? in->pad_margin_px : 0;
     z->mx = hilal_fft_good_size(z->nx + 2 * (long)pad);
     z->my = hilal_fft_good_size(z->ny + 2 * (long)pad);
+    /* a larger transform on request (windows of one frame sharing a plan) */
+    if (in->min_fft_nx > z->mx)
+        z->mx = hilal_fft_good_size(in->min_fft_nx);
+    if (in->min_fft_ny > z->my)
+        z->my = hilal_fft_good_size(in->min_fft_ny);
     z->mxc = z->mx / 2 + 1;
     z->ixmap = malloc(sizeof *z->ixmap * (size_t)z->mx);
     z->iymap = malloc(sizeof *z->iymap * (size_t)z->my);
@@ -1142,15 +1226,64 @@ hilal_status hilal_zogy_run(const hilal_zogy_input *in, hilal_diff *out, hilal_z
         st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for the padding maps");
         goto cleanup;
     }
-    /* Padded index j < n is the image itself; the rest is split between a
-     * reflection beyond the far edge (j = n, n+1, ...) and, wrapping around,
-     * one before the near edge (j = m-1, m-2, ... standing for -1, -2, ...). */
+    /* Padded index j < n is the window itself; the rest is split between the
+     * pixels beyond its far edge (j = n, n+1, ...) and, wrapping around, those
+     * before its near edge (j = m-1, m-2, ... standing for -1, -2, ...). They
+     * are image pixels where the image extends that far (a window inside the
+     * image), and the image reflected about its edge beyond it (... 1 0 | 0 1
+     * ...). Every padded pixel lies in the extent [e0, e0 + ne). */
     for (int axis = 0; axis < 2; axis++) {
         long n = axis == 0 ? z->nx : z->ny, m = axis == 0 ? z->mx : z->my;
+        long o = axis == 0 ? z->ox : z->oy, full = axis == 0 ? z->fnx : z->fny;
         long *map = axis == 0 ? z->ixmap : z->iymap;
         long right = (m - n) / 2;
-        for (long j = 0; j < m; j++)
-            map[j] = j < n + right ? reflect(j, n) : reflect(j - m, n);
+        long lo = full, hi = -1;
+        for (long j = 0; j < m; j++) {
+            map[j] = reflect(j < n + right ? o + j : o + j - m, full);
+            if (map[j] < lo)
+                lo = map[j];
+            if (map[j] > hi)
+                hi = map[j];
+        }
+        if (axis == 0) {
+            z->ex0 = lo;
+            z->enx = hi - lo + 1;
+        } else {
+            z->ey0 = lo;
+            z->eny = hi - lo + 1;
+        }
+    }
+
+    /* The difference mask (union of both masks) and the pixels to fill:
+     * unusable in either image or not finite in either. */
+    if ((st = alloc_diff(out, z->nx, z->ny,
+                         z->psf[0].size > z->psf[1].size ? z->psf[0].size : z->psf[1].size,
+                         err)) != HILAL_OK)
+        goto cleanup;
+    z->bad = malloc((size_t)z->enx * (size_t)z->eny);
+    if (z->bad == NULL) {
+        st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for the fill map");
+        goto cleanup;
+    }
+    z->wbad = z->bad + ext_index(z, z->ox, z->oy);
+    mask_job mj;
+    memset(&mj, 0, sizeof mj);
+    mj.z = z;
+    mj.msci = sci->mask;
+    mj.mref = ref->mask;
+    mj.out = out->mask;
+    hilal_parallel_for(z->threads, z->eny, mask_rows, &mj);
+    long nfilled = 0, nfilled_ext = 0, nnegvar = 0;
+    for (int t = 0; t < MAX_THREADS; t++) {
+        nfilled += mj.nfilled[t];
+        nfilled_ext += mj.nfilled_ext[t];
+        nnegvar += mj.nnegvar[t];
+    }
+    if ((size_t)nfilled == npix && !in->allow_all_filled) {
+        st = hilal_error_set(err, HILAL_ERR_DATA,
+                             "no pixel is usable in both the science and the reference image "
+                             "(all masked or NaN); check the alignment and the masks");
+        goto cleanup;
     }
 
     tstep[1] = now_s();
@@ -1177,7 +1310,7 @@ hilal_status hilal_zogy_run(const hilal_zogy_input *in, hilal_diff *out, hilal_z
     embed_psf(z, &z->psf[1]);
     if ((st = hilal_fft_r2c(z->plan, z->rbuf, z->c[3], err)) != HILAL_OK)
         goto cleanup;
-    parallel_for(z->threads, z->my, spectral_rows, z);
+    hilal_parallel_for(z->threads, z->my, spectral_rows, z);
     double fs_sum = 0;
     for (int t = 0; t < MAX_THREADS; t++)
         fs_sum += z->fs_part[t];
@@ -1214,7 +1347,7 @@ hilal_status hilal_zogy_run(const hilal_zogy_input *in, hilal_diff *out, hilal_z
         if ((st = hilal_fft_c2r(z->plan, z->c[0], z->rbuf, err)) != HILAL_OK)
             goto cleanup;
         crop(z, z->sn);
-        parallel_for(z->threads, z->ny, astrometric_rows, z);
+        hilal_parallel_for(z->threads, z->ny, astrometric_rows, z);
         free(z->sn);
         z->sn = NULL;
     }
@@ -1226,7 +1359,7 @@ hilal_status hilal_zogy_run(const hilal_zogy_input *in, hilal_diff *out, hilal_z
      * only the excess V - sigma^2 is convolved. It is non-zero where there
      * are sources, filled pixels (-sigma^2: no noise there) or a background
      * that differs from its global RMS. */
-    int need_src = z->use_src && (z->var[0] != NULL || z->var[1] != NULL || nfilled > 0);
+    int need_src = z->use_src && (z->var[0] != NULL || z->var[1] != NULL || nfilled_ext > 0);
     if (need_src) {
         pad_plane(z, PLANE_EXN);
         if ((st = hilal_fft_r2c(z->plan, z->rbuf, z->c[0], err)) != HILAL_OK)
@@ -1240,7 +1373,7 @@ hilal_status hilal_zogy_run(const hilal_zogy_input *in, hilal_diff *out, hilal_z
         embed_kernel(z, z->k[1], 1);
         if ((st = hilal_fft_r2c(z->plan, z->rbuf, z->c[3], err)) != HILAL_OK)
             goto cleanup;
-        parallel_for(z->threads, z->my, variance_rows, z);
+        hilal_parallel_for(z->threads, z->my, variance_rows, z);
         if ((st = hilal_fft_c2r(z->plan, z->c[0], z->rbuf, err)) != HILAL_OK)
             goto cleanup;
         crop(z, z->scorr); /* scorr holds the source variance until step 8 */
@@ -1268,23 +1401,64 @@ hilal_status hilal_zogy_run(const hilal_zogy_input *in, hilal_diff *out, hilal_z
             }
         }
     }
-    parallel_for(z->threads, z->ny, combine_rows, &ej);
+    hilal_parallel_for(z->threads, z->ny, combine_rows, &ej);
     tstep[5] = now_s();
 
-    /* P_D and the robust S_corr statistics on unfilled pixels away from
-     * sources. */
+    /* P_D, and the robust S_corr statistics on unfilled pixels away from
+     * sources under the noise model. */
     for (int i = 0; i < pd.size * pd.size; i++)
         out->psf_d.data[i] = (float)pd.v[i];
     out->psf_d.fwhm_px = stamp_fwhm(pd.v, pd.size);
     out->psf_d.nstars = 0;
+    double model_med = NAN, model_std = NAN, kappa = 1.0;
+    long radius;
     {
         double fw = isfinite(out->psf_d.fwhm_px) ? out->psf_d.fwhm_px : 3.0;
-        long radius = (long)ceil(2.0 * fw);
+        radius = (long)ceil(2.0 * fw);
         if (radius < 3)
             radius = 3;
+    }
+    if ((size_t)nfilled < npix) {
+        st = scorr_statistics(z, radius, &model_med, &model_std, err);
+        if (st != HILAL_OK)
+            goto cleanup;
+    }
+    /* Noise calibration: real images carry noise the white-noise model of
+     * ZOGY does not describe (flat-field structure fixed on the detector,
+     * which does not cancel between frames taken at different pointings,
+     * unresolved sources, noise correlated by earlier resampling). Its power
+     * adds to the background variance of S; measured as the variance of
+     * S_corr on source-free pixels, model_std^2 = kappa (in units of F_S,
+     * where the background dominates), it enters V(S) as an extra background
+     * term (kappa - 1) F_S, so that S_corr has unit variance again while the
+     * source-noise terms keep their meaning. Only done when the factor is
+     * within [1/calib_max_factor, calib_max_factor]: a larger one means
+     * something is wrong (PSFs, flux ratio) and must stay visible. */
+    int calibrated = 0;
+    if (in->noise_calibration && isfinite(model_std) && model_std > 0) {
+        double f = in->calib_max_factor > 1 ? in->calib_max_factor : 1.0;
+        if (model_std <= f && model_std >= 1.0 / f) {
+            kappa = model_std * model_std;
+            calibrated = 1;
+        } else {
+            hilal_log(HILAL_LOG_WARN,
+                      "subtract: S_corr has a standard deviation of %.3f under the noise model "
+                      "in the %ld x %ld px window at (%ld, %ld); outside the calibration range "
+                      "[%.3g, %.3g], left uncalibrated",
+                      model_std, z->nx, z->ny, z->ox, z->oy, 1.0 / f, f);
+        }
+    }
+    {
+        final_job fj = {z, kappa};
+        hilal_parallel_for(z->threads, z->ny, final_rows, &fj);
+    }
+    if (calibrated && (size_t)nfilled < npix) {
         st = scorr_statistics(z, radius, &out->scorr_mean, &out->scorr_std, err);
         if (st != HILAL_OK)
             goto cleanup;
+    } else {
+        out->scorr_mean = (size_t)nfilled < npix ? model_med : 0.0;
+        out->scorr_std = (size_t)nfilled < npix ? model_std : 0.0;
     }
     tstep[6] = now_s();
     hilal_log(HILAL_LOG_DEBUG,
@@ -1309,6 +1483,9 @@ hilal_status hilal_zogy_run(const hilal_zogy_input *in, hilal_diff *out, hilal_z
         info->n_filled = nfilled;
         info->n_negvar = nnegvar;
         info->threads = z->threads;
+        info->scorr_std_model = model_std;
+        info->scorr_median_model = model_med;
+        info->noise_scale = sqrt(kappa);
         info->seconds = now_s() - t0;
     }
 cleanup:
@@ -1334,16 +1511,175 @@ cleanup:
 }
 
 /* ------------------------------------------------------------------------
+ * P_D and kernel correlations of PSF pairs (for tiled runs)
+ * ------------------------------------------------------------------------ */
+
+hilal_status hilal_zogy_psf_d(const hilal_psf *sci_psf, const hilal_psf *ref_psf, double sigma_n,
+                              double sigma_r, double flux_ratio, hilal_psf *out, hilal_error *err)
+{
+    hilal_status st = HILAL_OK;
+    zogy zs;
+    zogy *z = &zs;
+    psf_d pd = {0, NULL};
+    memset(z, 0, sizeof *z);
+    hilal_psf_clear(out);
+    if (!(sigma_n > 0 && sigma_r > 0 && isfinite(sigma_n) && isfinite(sigma_r) &&
+          flux_ratio > 0 && isfinite(flux_ratio))) {
+        st = hilal_error_set(err, HILAL_ERR_RANGE,
+                             "P_D needs positive noise levels and flux ratio (got sigma_n = %g, "
+                             "sigma_r = %g, F_n = %g)",
+                             sigma_n, sigma_r, flux_ratio);
+        goto cleanup;
+    }
+    if ((st = load_psf(sci_psf, "science", &z->psf[0], err)) != HILAL_OK ||
+        (st = load_psf(ref_psf, "reference", &z->psf[1], err)) != HILAL_OK)
+        goto cleanup;
+    z->sigma[0] = sigma_n;
+    z->sigma[1] = sigma_r;
+    z->fn = flux_ratio;
+    z->fr = 1.0;
+    /* eq. 15 */
+    z->f_d = z->fr * z->fn / sqrt(sigma_n * sigma_n * z->fr * z->fr + sigma_r * sigma_r * z->fn * z->fn);
+    if ((st = small_kernels(z, &pd, err)) != HILAL_OK)
+        goto cleanup;
+    out->data = malloc(sizeof *out->data * (size_t)pd.size * (size_t)pd.size);
+    if (out->data == NULL) {
+        st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for P_D");
+        goto cleanup;
+    }
+    out->size = pd.size;
+    for (int i = 0; i < pd.size * pd.size; i++)
+        out->data[i] = (float)pd.v[i];
+    out->fwhm_px = stamp_fwhm(pd.v, pd.size);
+    out->nstars = 0;
+cleanup:
+    for (int w = 0; w < 2; w++) {
+        free(z->psf[w].v);
+        free(z->k[w]);
+    }
+    free(pd.v);
+    return st;
+}
+
+hilal_status hilal_zogy_correlation(const hilal_psf *sci_a, const hilal_psf *ref_a,
+                                    const hilal_psf *sci_b, const hilal_psf *ref_b, double sigma_n,
+                                    double sigma_r, double flux_ratio_a, double flux_ratio_b,
+                                    double *rho_s, double *rho_d, hilal_error *err)
+{
+    hilal_status st = HILAL_OK;
+    psf_d p[4] = {{0, NULL}, {0, NULL}, {0, NULL}, {0, NULL}};
+    float *r = NULL;
+    hilal_fft_complex *c[4] = {NULL, NULL, NULL, NULL};
+    const hilal_fft_plan *plan = NULL;
+    *rho_s = *rho_d = NAN;
+    if (!(sigma_n > 0 && sigma_r > 0 && flux_ratio_a > 0 && flux_ratio_b > 0)) {
+        st = hilal_error_set(err, HILAL_ERR_RANGE,
+                             "kernel correlation needs positive noise levels and flux ratios");
+        goto cleanup;
+    }
+    if ((st = load_psf(sci_a, "science", &p[0], err)) != HILAL_OK ||
+        (st = load_psf(ref_a, "reference", &p[1], err)) != HILAL_OK ||
+        (st = load_psf(sci_b, "science", &p[2], err)) != HILAL_OK ||
+        (st = load_psf(ref_b, "reference", &p[3], err)) != HILAL_OK)
+        goto cleanup;
+    int smax = 0;
+    for (int q = 0; q < 4; q++)
+        if (p[q].size > smax)
+            smax = p[q].size;
+    /* The same small grid as the kernels of a run (step 2). */
+    long L = hilal_fft_good_size(4 * smax > 64 ? 4 * smax : 64), Lc = L / 2 + 1;
+    if ((st = hilal_fft_plan_get(L, L, 1, HILAL_FFT_ESTIMATE, &plan, err)) != HILAL_OK)
+        goto cleanup;
+    r = hilal_fft_alloc_real(L, L, err);
+    for (int q = 0; q < 4; q++)
+        c[q] = hilal_fft_alloc_complex(L, L, err);
+    if (r == NULL || c[0] == NULL || c[1] == NULL || c[2] == NULL || c[3] == NULL) {
+        st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for the kernel correlation");
+        goto cleanup;
+    }
+    for (int q = 0; q < 4; q++) {
+        embed_stamp(r, L, p[q].v, p[q].size);
+        if ((st = hilal_fft_r2c(plan, r, c[q], err)) != HILAL_OK)
+            goto cleanup;
+    }
+    /* With F_r = 1, per frequency (eqs. 13, 28-29):
+     *   den = sigma_n^2 |P_r|^2 + sigma_r^2 F_n^2 |P_n|^2,
+     *   k_n = F_n |P_r|^2 conj(P_n) / den,  k_r = F_n^2 |P_n|^2 conj(P_r) / den,
+     *   D filters: P_r / sqrt(den) on N and F_n P_n / sqrt(den) on R.
+     * For the same N and R, Cov(S_a, S_b) = sum over frequencies of
+     * sigma_n^2 Re(conj(k_n,a) k_n,b) + sigma_r^2 Re(conj(k_r,a) k_r,b)
+     * (Parseval; the background noise), and likewise for D. */
+    const double s2n = sigma_n * sigma_n, s2r = sigma_r * sigma_r;
+    double cs = 0, va = 0, vb = 0, cd = 0, da = 0, db = 0;
+    const int nyq = (L % 2) == 0;
+    for (long v = 0; v < L; v++)
+        for (long u = 0; u < Lc; u++) {
+            size_t i = (size_t)v * (size_t)Lc + (size_t)u;
+            double wgt = (u == 0 || (nyq && u == Lc - 1)) ? 1.0 : 2.0;
+            double kn[2][2], kr[2][2], dn[2][2], dr[2][2];
+            int ok = 1;
+            for (int t = 0; t < 2; t++) {
+                const float *pn = c[2 * t][i], *pr = c[2 * t + 1][i];
+                double f = t == 0 ? flux_ratio_a : flux_ratio_b;
+                double an = (double)pn[0] * pn[0] + (double)pn[1] * pn[1];
+                double ar = (double)pr[0] * pr[0] + (double)pr[1] * pr[1];
+                double den = s2n * ar + s2r * f * f * an;
+                if (!(den > 1e-300)) {
+                    ok = 0;
+                    break;
+                }
+                double sq = sqrt(den);
+                kn[t][0] = f * ar * pn[0] / den;
+                kn[t][1] = -f * ar * pn[1] / den;
+                kr[t][0] = f * f * an * pr[0] / den;
+                kr[t][1] = -f * f * an * pr[1] / den;
+                dn[t][0] = pr[0] / sq;
+                dn[t][1] = pr[1] / sq;
+                dr[t][0] = f * pn[0] / sq;
+                dr[t][1] = f * pn[1] / sq;
+            }
+            if (!ok)
+                continue;
+            cs += wgt * (s2n * (kn[0][0] * kn[1][0] + kn[0][1] * kn[1][1]) +
+                         s2r * (kr[0][0] * kr[1][0] + kr[0][1] * kr[1][1]));
+            va += wgt * (s2n * (kn[0][0] * kn[0][0] + kn[0][1] * kn[0][1]) +
+                         s2r * (kr[0][0] * kr[0][0] + kr[0][1] * kr[0][1]));
+            vb += wgt * (s2n * (kn[1][0] * kn[1][0] + kn[1][1] * kn[1][1]) +
+                         s2r * (kr[1][0] * kr[1][0] + kr[1][1] * kr[1][1]));
+            cd += wgt * (s2n * (dn[0][0] * dn[1][0] + dn[0][1] * dn[1][1]) +
+                         s2r * (dr[0][0] * dr[1][0] + dr[0][1] * dr[1][1]));
+            da += wgt * (s2n * (dn[0][0] * dn[0][0] + dn[0][1] * dn[0][1]) +
+                         s2r * (dr[0][0] * dr[0][0] + dr[0][1] * dr[0][1]));
+            db += wgt * (s2n * (dn[1][0] * dn[1][0] + dn[1][1] * dn[1][1]) +
+                         s2r * (dr[1][0] * dr[1][0] + dr[1][1] * dr[1][1]));
+        }
+    if (!(va > 0 && vb > 0 && da > 0 && db > 0)) {
+        st = hilal_error_set(err, HILAL_ERR_DATA,
+                             "the PSFs give no sensitivity to point sources; check the PSFs");
+        goto cleanup;
+    }
+    *rho_s = cs / sqrt(va * vb);
+    *rho_d = cd / sqrt(da * db);
+cleanup:
+    for (int q = 0; q < 4; q++) {
+        free(p[q].v);
+        hilal_fft_free(c[q]);
+    }
+    hilal_fft_free(r);
+    return st;
+}
+
+/* ------------------------------------------------------------------------
  * The stage
  * ------------------------------------------------------------------------ */
 
 static const hilal_param subtract_params[] = {
     {"fft_rigor", HILAL_PARAM_STRING, "estimate", 0, 0, "",
      "FFTW planning: estimate (instant), measure (seconds once per size, then ~2x faster FFTs) "
-     "or patient"},
+     "or patient", HILAL_PARAM_EXECUTION},
     {"fft_wisdom", HILAL_PARAM_STRING, "", 0, 0, "",
      "file FFTW plans are loaded from at start and saved to at the end (\"\" = none); makes "
-     "measure plans instant after the first run"},
+     "measure plans instant after the first run", HILAL_PARAM_EXECUTION},
     {"pad_margin", HILAL_PARAM_INT, "8", 0, 512, "px",
      "mirror padding beyond the larger of the kernel radius and the PSF half-size"},
     {"source_noise", HILAL_PARAM_BOOL, "true", 0, 0, "",

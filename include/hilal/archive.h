@@ -11,8 +11,10 @@
  *   hilal_archive_append_frame() commits one frame at a time. Each commit is
  *   flushed to the operating system before the call returns: a writer
  *   killed at any moment (even with SIGKILL) never leaves the file
- *   unreadable and never loses a committed frame; the next writer clears the
- *   flags it left and drops the rows of the frame it did not commit.
+ *   unreadable and never loses a committed frame; the next writer repairs
+ *   a metadata write it left torn (from the journal ARCHIVE.journal that a
+ *   writer keeps next to the archive), clears the flags it left and drops
+ *   the rows of the frame it did not commit.
  *   Running the same frame (same input SHA-256 and HDU) again in the same
  *   run replaces its rows: the older rows are kept but marked superseded.
  *   One writer at a time: a second writer gets HILAL_ERR_IO.
@@ -51,7 +53,7 @@ typedef struct hilal_archive_options {
     int psf_size;              /* side of the stored PSF boxes, px, odd, 5..255 (default 51) */
     int compress_level;        /* deflate level (with shuffle) of mask stamps and PSFs, 0..9 (default 1) */
     int cutout_compress_level; /* deflate level of the float stamps, 0..9 (default 0: see docs/archive.md) */
-    int fsync;                 /* also fsync() the file at each commit: survives power loss (default 0) */
+    int fsync;                 /* also fsync() the file at each commit (default 0; see docs/archive.md) */
 } hilal_archive_options;
 
 /* Fills the defaults above. */
@@ -169,7 +171,8 @@ const hilal_archive_column *hilal_archive_columns(const char *table, size_t *n);
 /* Opens path for appending, creating it (atomically: a complete empty
  * archive appears at path or nothing does) when it does not exist. opt may
  * be NULL for the defaults; cutout_size and psf_size must match those of an
- * existing archive (HILAL_ERR_MISMATCH otherwise). When the previous writer
+ * existing archive (HILAL_ERR_MISMATCH otherwise; both 0: take them from an
+ * existing archive, which must then exist). When the previous writer
  * died, its flags are cleared, rows of uncommitted frames are dropped and
  * hilal_archive_recovered() returns 1. On error *out is NULL. */
 hilal_status hilal_archive_open_write(const char *path, const hilal_archive_options *opt,
@@ -177,6 +180,13 @@ hilal_status hilal_archive_open_write(const char *path, const hilal_archive_opti
 
 /* 1 when opening had to recover from a writer that died. */
 int hilal_archive_recovered(const hilal_archive *ar);
+
+/* Opens the archive for writing and closes it again: what the next writer
+ * would do after a writer died (repair a torn metadata write from the
+ * journal, clear HDF5's "open for writing" flag, drop uncommitted rows), so
+ * that tools without SWMR can read it. *recovered says whether anything had
+ * to be done. HILAL_ERR_IO while another process is writing it. */
+hilal_status hilal_archive_recover(const char *path, int *recovered, hilal_error *err);
 
 /* Finds or adds the run of this configuration: the same configuration hash
  * and software version give the same run id. Records the configuration

@@ -43,7 +43,15 @@ typedef struct hilal_param {
     double min, max;        /* inclusive range for INT and DOUBLE */
     const char *unit;       /* "px", "sigma", "ADU", "" when dimensionless */
     const char *help;       /* one line */
+    unsigned flags;         /* hilal_param_flag bits; 0 for ordinary parameters */
 } hilal_param;
+
+enum hilal_param_flag {
+    /* An execution setting (threads, output path, ...) that cannot change
+     * results: left out of hilal_config_hash(), so that a night resumed with
+     * other settings of this kind is still "the same configuration". */
+    HILAL_PARAM_EXECUTION = 1u << 0
+};
 
 typedef struct hilal_param_section {
     const char *name;           /* section name, e.g. "detect" */
@@ -95,7 +103,8 @@ const hilal_param *hilal_config_param(const hilal_config *cfg, const char *key);
 char *hilal_config_text(const hilal_config *cfg, int with_origin);
 
 /* Hex SHA-256 of the canonical effective configuration (values only, no
- * comments), used to recognise "the same configuration" across runs. */
+ * comments, execution settings left out), used to recognise "the same
+ * configuration" across runs. */
 void hilal_config_hash(const hilal_config *cfg, char out_hex[65]);
 
 /* The closest declared key to an unknown one (edit distance), or NULL. */

@@ -69,6 +69,29 @@ typedef struct hilal_psf {
     int nstars;             /* stars that went into it (0 for a model) */
 } hilal_psf;
 
+/* What the subtraction measured in one tile of the science frame
+ * (docs/zogy.md, "Tiles"). The cores of the tiles partition the frame; ZOGY
+ * ran on the core widened by half the blending band on each side. A frame
+ * subtracted in one piece has one tile covering it. */
+typedef struct hilal_diff_tile {
+    long x0, y0, nx, ny;        /* core, 0-based science pixels */
+    long wx0, wy0, wnx, wny;    /* window ZOGY ran on, 0-based science pixels */
+    double fwhm_sci_px, fwhm_ref_px, fwhm_d_px; /* PSF FWHMs used (science, reference, P_D) */
+    int nstars_sci, nstars_ref; /* stars in those PSFs (0 for an analytic model) */
+    int psf_whole_frame;        /* 1: too few stars in the tile, the whole-frame PSFs were used */
+    double flux_ratio;          /* F_n used in the tile */
+    double flux_ratio_tile;     /* F_n measured from the stars of the tile alone (NaN: too few) */
+    int flux_ratio_nstars;      /* stars behind flux_ratio_tile */
+    double reg_rms_x_px, reg_rms_y_px; /* registration RMS of the stars of the tile (NaN: < 3) */
+    int reg_nmatch;             /* matched star pairs behind them */
+    double scorr_std_model;     /* std of S_corr in the window under the white-noise model */
+    double noise_scale;         /* calibration factor applied to the background noise of S (1: none) */
+    double scorr_median, scorr_std; /* median and 1.4826 MAD of the final S_corr in the core,
+                                       away from sources and masked pixels */
+    int bad;                    /* scorr_std outside the accepted range: candidates here get
+                                   HILAL_CAND_BAD_TILE */
+} hilal_diff_tile;
+
 /* ZOGY products on the science grid (Zackay, Ofek & Gal-Yam 2016). */
 typedef struct hilal_diff {
     long nx, ny;
@@ -81,6 +104,9 @@ typedef struct hilal_diff {
     hilal_psf psf_d;        /* P_D (eq. 14) */
     double f_d;             /* F_D, flux normalisation of D (eq. 15) */
     double scorr_mean, scorr_std; /* robust statistics of S_corr on unmasked, source-free pixels */
+    long ntiles_x, ntiles_y; /* tile grid (1 x 1 for a frame subtracted in one piece) */
+    hilal_diff_tile *tiles;  /* ntiles_x * ntiles_y records, row-major (ty * ntiles_x + tx),
+                                owned; NULL when the subtraction did not record tiles */
 } hilal_diff;
 
 /* Candidate flags (bits; values are part of the archive format). */

@@ -3,6 +3,7 @@
 #define HILAL_HILAL_H
 
 #include "hilal/align.h"
+#include "hilal/archive.h"
 #include "hilal/checksum.h"
 #include "hilal/config.h"
 #include "hilal/detect.h"

@@ -68,6 +68,30 @@ typedef struct hilal_zogy_input {
     /* Include the astrometric noise (eqs. 30-31). Default 1 (it vanishes
      * anyway when reg_rms_x_px = reg_rms_y_px = 0). */
     int astrometric_noise;
+    /* Noise calibration (docs/zogy.md): when the standard deviation s of
+     * S_corr on source-free pixels of the window differs from 1 under the
+     * white-noise model (noise the model does not describe: flat-field
+     * structure fixed on the detector, unresolved sources, correlated noise),
+     * the background term of V(S) becomes s^2 F_S instead of F_S, so S_corr
+     * has unit variance again. Only applied when 1/calib_max_factor <= s <=
+     * calib_max_factor (default 2); else left as it is, with a warning.
+     * Default 0 (off: ZOGY as published). */
+    int noise_calibration;
+    double calib_max_factor;
+    /* Window: compute the products only for the win_nx x win_ny pixels
+     * starting at (win_x0, win_y0), 0-based, of the images; the products
+     * then have that size. Image pixels around the window are used as data
+     * as far as the kernels reach (mirror reflection only at the image
+     * edges), so windows that overlap give the same values as a whole-image
+     * run with the same PSFs, up to round-off. win_nx = win_ny = 0 (default):
+     * the whole image. */
+    long win_x0, win_y0, win_nx, win_ny;
+    /* Smallest FFT size, px (0 = none, the default): windows of one frame can
+     * share one FFTW plan this way. */
+    long min_fft_nx, min_fft_ny;
+    /* 1: a window in which every pixel is filled is not an error (all
+     * products 0 there). Default 0: HILAL_ERR_DATA. */
+    int allow_all_filled;
 } hilal_zogy_input;
 
 /* Fills *in with the defaults above and NULL images/PSFs. */
@@ -85,6 +109,9 @@ typedef struct hilal_zogy_info {
     long n_filled;                   /* pixels filled (unusable in either image) */
     long n_negvar;                   /* usable pixels whose variance was not positive/finite */
     int threads;                     /* threads used */
+    double scorr_median_model;       /* median of S_corr under the noise model (before calibration) */
+    double scorr_std_model;          /* its 1.4826 MAD: the model's noise error factor */
+    double noise_scale;              /* sqrt(kappa): the calibration factor applied (1: none) */
     double seconds;                  /* wall time */
 } hilal_zogy_info;
 
@@ -105,7 +132,8 @@ typedef struct hilal_zogy_info {
  * out->psf_d  P_D (eq. 14), odd size (the larger PSF size), sum 1
  * out->f_d    F_D (eq. 15)
  * out->scorr_mean, scorr_std  median and 1.4826 * MAD of S_corr on
- *             unfilled pixels
+ *             unfilled pixels away from sources (after the noise
+ *             calibration, when on)
  * No output value is NaN or Inf.
  *
  * Errors: HILAL_ERR_MISMATCH (grids differ), HILAL_ERR_DATA (missing or

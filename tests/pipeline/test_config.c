@@ -147,6 +147,16 @@ int main(void)
     hilal_config *reg = hilal_registry_config_new(&err);
     CHECK(reg != NULL, "registry defaults valid: %s", err.msg);
     CHECK(reg && hilal_config_get_int(reg, "pipeline.edge_margin") == 8, "pipeline section present");
+    /* Execution settings do not change the configuration hash; science settings do. */
+    char r1[65], r2[65], r3[65];
+    hilal_config_hash(reg, r1);
+    hilal_config_set(reg, "pipeline.threads", "7", "test", &err);
+    hilal_config_set(reg, "archive.path", "/elsewhere/night.h5", "test", &err);
+    hilal_config_hash(reg, r2);
+    hilal_config_set(reg, "pipeline.edge_margin", "9", "test", &err);
+    hilal_config_hash(reg, r3);
+    CHECK(strcmp(r1, r2) == 0, "threads and archive path are execution settings");
+    CHECK(strcmp(r1, r3) != 0, "edge margin is part of the hash");
     hilal_config_free(reg);
     return hilal_test_finish();
 }
