@@ -14,6 +14,7 @@
 #include <stdio.h>
 
 #include "hilal/hilal.h"
+#include "hilal/night.h"
 
 /* Exit codes (documented in README and `hilal --help`). */
 enum hilal_exit {
@@ -58,5 +59,50 @@ int hilal_cli_run(int argc, char **argv, hilal_cli *cli);
 int hilal_cli_query(int argc, char **argv, hilal_cli *cli);
 int hilal_cli_cutout(int argc, char **argv, hilal_cli *cli);
 int hilal_cli_info(int argc, char **argv, hilal_cli *cli);
+int hilal_cli_alert(int argc, char **argv, hilal_cli *cli);
+int hilal_cli_night(int argc, char **argv, hilal_cli *cli);
+int hilal_cli_reprocess(int argc, char **argv, hilal_cli *cli);
+
+/* The driver `hilal night` and `hilal reprocess` share (cli/cmd_night.c):
+ * sets the execution settings (archive.path, pipeline.workers when
+ * workers > 0, night.report when report is not NULL, pipeline.threads =
+ * cores / workers when 0), joins MPI when started by mpirun (allow_mpi),
+ * lists the tasks with make_tasks (on rank 0), loads the reference library
+ * refdir (may be NULL), runs the night, writes the report and prints the
+ * summary. Returns the exit code. */
+typedef hilal_status (*hilal_cli_tasks_fn)(void *user, hilal_night_task **tasks, size_t *n,
+                                           hilal_error *err);
+int hilal_cli_night_execute(hilal_cli *cli, const char *cmd, hilal_cli_tasks_fn make_tasks,
+                            void *user, const char *refdir, const char *archive, int workers,
+                            int retry_failed, const char *report, int allow_mpi);
+
+/* Parses --workers N (1..256); prints a usage error and returns -1 if bad. */
+int hilal_cli_parse_workers(const char *cmd, const char *text, int *out);
+
+/* One frame's inputs as `hilal run` and `hilal subtract` take them
+ * (cli/frame_opts.c). Start from {0}. */
+typedef struct hilal_cli_frame_opts {
+    const char *sci, *ref;  /* science and reference paths (CFITSIO syntax allowed) */
+    const char *frame_id;   /* --frame-id; NULL: the science file's name */
+    int sci_hdu, ref_hdu;   /* --sci-hdu, --ref-hdu; 0: first image HDU with data */
+} hilal_cli_frame_opts;
+
+/* Takes --frame-id ID, --sci-hdu N or --ref-hdu N at argv[*i] into o. The
+ * caller has checked that a value follows; *i is advanced past it. Returns
+ * 1 if consumed, 0 if argv[*i] is none of these, -1 on a bad HDU number
+ * (usage error printed: exit with HILAL_EXIT_USAGE). cmd names the
+ * subcommand in messages. */
+int hilal_cli_frame_option(const char *cmd, char **argv, int *i, hilal_cli_frame_opts *o);
+
+/* Initialises *frame from o (paths, HDUs, frame_id, by default the science
+ * file's name without directories, cut to what the frame holds) and makes
+ * the runner of the given stages (NULL, 0: the whole chain of the
+ * configuration). Returns HILAL_EXIT_OK; otherwise the exit code, with the
+ * error printed (a path longer than the frame holds: HILAL_EXIT_USAGE), and
+ * *runner NULL. Either way the caller ends with hilal_frame_clear(frame)
+ * and hilal_runner_free(*runner). */
+int hilal_cli_frame_start(hilal_cli *cli, const char *cmd, const hilal_stage *const *stages,
+                          size_t nstages, const hilal_cli_frame_opts *o, hilal_runner **runner,
+                          hilal_frame *frame);
 
 #endif

@@ -8,6 +8,7 @@
 #include "cli.h"
 #include "hilal/fits.h"
 #include "hilal/ingest.h"
+#include "hilal/stats.h"
 
 static void inspect_usage(FILE *out)
 {
@@ -33,36 +34,6 @@ static void inspect_usage(FILE *out)
             "(5: unreadable file, 3: configuration error, 2: usage error).\n");
 }
 
-/* k-th smallest of v[0..n-1] (0-based), reordering v: Hoare's selection
- * with Wirth's partition scheme (N. Wirth, Algorithms + Data Structures =
- * Programs, 1976, sec. 2.3.4), O(n) on average. */
-static float select_kth(float *v, size_t n, size_t kth)
-{
-    long lo = 0, hi = (long)n - 1, k = (long)kth;
-    while (lo < hi) {
-        float pivot = v[k];
-        long i = lo, j = hi;
-        do {
-            while (v[i] < pivot)
-                i++;
-            while (pivot < v[j])
-                j--;
-            if (i <= j) {
-                float t = v[i];
-                v[i] = v[j];
-                v[j] = t;
-                i++;
-                j--;
-            }
-        } while (i <= j);
-        if (j < k)
-            lo = i;
-        if (k < i)
-            hi = j;
-    }
-    return v[k];
-}
-
 /* Min, median and max of the pixels whose mask is 0. Returns their count. */
 static size_t pixel_stats(const hilal_image *img, double *mn, double *med, double *mx)
 {
@@ -83,16 +54,7 @@ static size_t pixel_stats(const hilal_image *img, double *mn, double *med, doubl
         *mn = lo;
         *mx = hi;
         /* Median: the middle value, or the mean of the two middle values. */
-        double upper = select_kth(v, k, k / 2);
-        if (k % 2 == 0) {
-            /* The lower middle is the largest value left of k/2 after selection. */
-            float lower = v[0];
-            for (size_t i = 1; i < k / 2; i++)
-                lower = v[i] > lower ? v[i] : lower;
-            *med = 0.5 * (upper + lower);
-        } else {
-            *med = upper;
-        }
+        *med = hilal_median_float(v, k);
     }
     free(v);
     return k;

@@ -1,8 +1,6 @@
 /* hilal run: one science frame against its reference, through every stage,
  * candidates into an HDF5 archive. */
-#include <libgen.h>
 #include <stdio.h>
-#include <stdlib.h>
 #include <string.h>
 
 #include "cli.h"
@@ -24,18 +22,6 @@ static void help(void)
            "  --frame-id ID     name of the frame in messages (default: science file name)\n"
            "\n"
            "Exit codes: 0 done, 2 usage, 3 configuration, 4 the frame failed, 5 could not run.\n");
-}
-
-static int parse_hdu(const char *opt, const char *text, int *out)
-{
-    char *end = NULL;
-    long v = strtol(text, &end, 10);
-    if (end == text || *end != '\0' || v < 1 || v > 100000) {
-        fprintf(stderr, "hilal run: usage error: %s '%s' is not an HDU number (1 = primary)\n", opt, text);
-        return -1;
-    }
-    *out = (int)v;
-    return 0;
 }
 
 static void print_summary(const hilal_frame *f, const hilal_runner *runner)
@@ -72,8 +58,8 @@ static void print_summary(const hilal_frame *f, const hilal_runner *runner)
 
 int hilal_cli_run(int argc, char **argv, hilal_cli *cli)
 {
-    const char *sci = NULL, *ref = NULL, *archive = NULL, *frame_id = NULL;
-    int sci_hdu = 0, ref_hdu = 0;
+    hilal_cli_frame_opts in = {0};
+    const char *archive = NULL;
     for (int i = 1; i < argc; i++) {
         int used = hilal_cli_config_option(cli, argc, argv, &i);
         if (used < 0)
@@ -89,26 +75,23 @@ int hilal_cli_run(int argc, char **argv, hilal_cli *cli)
             fprintf(stderr, "hilal run: usage error: '%s' is unknown or needs a value; see `hilal run --help`\n", a);
             return HILAL_EXIT_USAGE;
         }
+        used = hilal_cli_frame_option("run", argv, &i, &in);
+        if (used < 0)
+            return HILAL_EXIT_USAGE;
+        if (used > 0)
+            continue;
         if (!strcmp(a, "--science"))
-            sci = argv[++i];
+            in.sci = argv[++i];
         else if (!strcmp(a, "--reference"))
-            ref = argv[++i];
+            in.ref = argv[++i];
         else if (!strcmp(a, "--archive"))
             archive = argv[++i];
-        else if (!strcmp(a, "--frame-id"))
-            frame_id = argv[++i];
-        else if (!strcmp(a, "--sci-hdu")) {
-            if (parse_hdu(a, argv[++i], &sci_hdu) != 0)
-                return HILAL_EXIT_USAGE;
-        } else if (!strcmp(a, "--ref-hdu")) {
-            if (parse_hdu(a, argv[++i], &ref_hdu) != 0)
-                return HILAL_EXIT_USAGE;
-        } else {
+        else {
             fprintf(stderr, "hilal run: usage error: unknown option '%s'; see `hilal run --help`\n", a);
             return HILAL_EXIT_USAGE;
         }
     }
-    if (sci == NULL || ref == NULL || archive == NULL) {
+    if (in.sci == NULL || in.ref == NULL || archive == NULL) {
         fprintf(stderr, "hilal run: usage error: --science, --reference and --archive are required; see `hilal run --help`\n");
         return HILAL_EXIT_USAGE;
     }
@@ -119,26 +102,11 @@ int hilal_cli_run(int argc, char **argv, hilal_cli *cli)
     }
 
     hilal_runner *runner = NULL;
-    hilal_status st = hilal_runner_new(cli->cfg, NULL, 0, &runner, &err);
-    if (st != HILAL_OK) {
-        hilal_cli_report(&err);
-        return hilal_cli_exit_code(st);
-    }
     hilal_frame frame;
-    hilal_frame_init(&frame);
-    snprintf(frame.sci_path, sizeof frame.sci_path, "%s", sci);
-    snprintf(frame.ref_path, sizeof frame.ref_path, "%s", ref);
-    frame.sci_hdu = sci_hdu;
-    frame.ref_hdu = ref_hdu;
-    if (frame_id != NULL) {
-        snprintf(frame.frame_id, sizeof frame.frame_id, "%s", frame_id);
-    } else {
-        char tmp[1024];
-        snprintf(tmp, sizeof tmp, "%s", sci);
-        snprintf(frame.frame_id, sizeof frame.frame_id, "%s", basename(tmp));
-    }
-    int rc = HILAL_EXIT_OK;
-    st = hilal_runner_run(runner, &frame, &err);
+    int rc = hilal_cli_frame_start(cli, "run", NULL, 0, &in, &runner, &frame);
+    if (rc != HILAL_EXIT_OK)
+        goto cleanup;
+    hilal_status st = hilal_runner_run(runner, &frame, &err);
     if (st != HILAL_OK) {
         hilal_cli_report(&err);
         rc = HILAL_EXIT_FRAMES_FAILED;
@@ -146,6 +114,7 @@ int hilal_cli_run(int argc, char **argv, hilal_cli *cli)
         print_summary(&frame, runner);
         printf("  archive: %s\n", archive);
     }
+cleanup:
     hilal_frame_clear(&frame);
     hilal_runner_free(runner);
     return rc;

@@ -1,10 +1,8 @@
 /* hilal subtract: one science image against its reference through ingest,
  * background, stars, align, psf, fluxscale and subtract (ZOGY), the
  * difference products written to a multi-extension FITS file. */
-#include <libgen.h>
 #include <math.h>
 #include <stdio.h>
-#include <stdlib.h>
 #include <string.h>
 
 #include "cli.h"
@@ -44,19 +42,6 @@ static void help(void)
            "\n"
            "Exit codes: 0 done, 2 usage, 3 configuration, 4 the subtraction failed,\n"
            "5 could not run (unreadable input, unwritable output).\n");
-}
-
-static int parse_hdu(const char *opt, const char *text, int *out)
-{
-    char *end = NULL;
-    long v = strtol(text, &end, 10);
-    if (end == text || *end != '\0' || v < 1 || v > 100000) {
-        fprintf(stderr, "hilal subtract: usage error: %s '%s' is not an HDU number (1 = primary)\n",
-                opt, text);
-        return -1;
-    }
-    *out = (int)v;
-    return 0;
 }
 
 /* The SHA-256 ingest recorded, else that of the file (the path without
@@ -210,8 +195,8 @@ cleanup:
 
 int hilal_cli_subtract(int argc, char **argv, hilal_cli *cli)
 {
-    const char *sci = NULL, *ref = NULL, *out = NULL, *frame_id = NULL;
-    int sci_hdu = 0, ref_hdu = 0;
+    hilal_cli_frame_opts in = {0};
+    const char *out = NULL;
     for (int i = 1; i < argc; i++) {
         int used = hilal_cli_config_option(cli, argc, argv, &i);
         if (used < 0)
@@ -224,10 +209,10 @@ int hilal_cli_subtract(int argc, char **argv, hilal_cli *cli)
             return HILAL_EXIT_OK;
         }
         if (a[0] != '-' || a[1] == '\0') {
-            if (sci == NULL) {
-                sci = a;
-            } else if (ref == NULL) {
-                ref = a;
+            if (in.sci == NULL) {
+                in.sci = a;
+            } else if (in.ref == NULL) {
+                in.ref = a;
             } else {
                 fprintf(stderr, "hilal subtract: usage error: unexpected argument '%s'; see `hilal subtract --help`\n", a);
                 return HILAL_EXIT_USAGE;
@@ -238,22 +223,19 @@ int hilal_cli_subtract(int argc, char **argv, hilal_cli *cli)
             fprintf(stderr, "hilal subtract: usage error: '%s' is unknown or needs a value; see `hilal subtract --help`\n", a);
             return HILAL_EXIT_USAGE;
         }
+        used = hilal_cli_frame_option("subtract", argv, &i, &in);
+        if (used < 0)
+            return HILAL_EXIT_USAGE;
+        if (used > 0)
+            continue;
         if (!strcmp(a, "-o") || !strcmp(a, "--output")) {
             out = argv[++i];
-        } else if (!strcmp(a, "--frame-id")) {
-            frame_id = argv[++i];
-        } else if (!strcmp(a, "--sci-hdu")) {
-            if (parse_hdu(a, argv[++i], &sci_hdu) != 0)
-                return HILAL_EXIT_USAGE;
-        } else if (!strcmp(a, "--ref-hdu")) {
-            if (parse_hdu(a, argv[++i], &ref_hdu) != 0)
-                return HILAL_EXIT_USAGE;
         } else {
             fprintf(stderr, "hilal subtract: usage error: unknown option '%s'; see `hilal subtract --help`\n", a);
             return HILAL_EXIT_USAGE;
         }
     }
-    if (sci == NULL || ref == NULL || out == NULL) {
+    if (in.sci == NULL || in.ref == NULL || out == NULL) {
         fprintf(stderr, "hilal subtract: usage error: a science image, a reference image and -o OUT.fits are required; see `hilal subtract --help`\n");
         return HILAL_EXIT_USAGE;
     }
@@ -271,26 +253,11 @@ int hilal_cli_subtract(int argc, char **argv, hilal_cli *cli)
     }
     hilal_error err = {0};
     hilal_runner *runner = NULL;
-    hilal_status st = hilal_runner_new(cli->cfg, stages, NCHAIN, &runner, &err);
-    if (st != HILAL_OK) {
-        hilal_cli_report(&err);
-        return hilal_cli_exit_code(st);
-    }
     hilal_frame frame;
-    hilal_frame_init(&frame);
-    snprintf(frame.sci_path, sizeof frame.sci_path, "%s", sci);
-    snprintf(frame.ref_path, sizeof frame.ref_path, "%s", ref);
-    frame.sci_hdu = sci_hdu;
-    frame.ref_hdu = ref_hdu;
-    if (frame_id != NULL) {
-        snprintf(frame.frame_id, sizeof frame.frame_id, "%s", frame_id);
-    } else {
-        char tmp[1024];
-        snprintf(tmp, sizeof tmp, "%s", sci);
-        snprintf(frame.frame_id, sizeof frame.frame_id, "%s", basename(tmp));
-    }
-    int rc = HILAL_EXIT_OK;
-    st = hilal_runner_run(runner, &frame, &err);
+    int rc = hilal_cli_frame_start(cli, "subtract", stages, NCHAIN, &in, &runner, &frame);
+    if (rc != HILAL_EXIT_OK)
+        goto cleanup;
+    hilal_status st = hilal_runner_run(runner, &frame, &err);
     if (st != HILAL_OK) {
         hilal_cli_report(&err);
         /* unreadable inputs are "could not run"; a failure in the science

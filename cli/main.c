@@ -23,6 +23,9 @@ static const command commands[] = {
     {"query", hilal_cli_query, "list an archive's candidates, filtered, as a table, CSV, JSON or FITS"},
     {"cutout", hilal_cli_cutout, "write a candidate's stamps as FITS and a PNG triplet"},
     {"info", hilal_cli_info, "show an archive's schema, runs, frames and candidate counts"},
+    {"alert", hilal_cli_alert, "replay or re-send an archive's alerts (VOEvent/Avro to a directory, command, Kafka)"},
+    {"night", hilal_cli_night, "a night's frames against a reference library, in parallel, into one archive"},
+    {"reprocess", hilal_cli_reprocess, "re-run the frames of an archive under another configuration"},
 };
 #define NCOMMANDS (sizeof commands / sizeof commands[0])
 

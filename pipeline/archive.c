@@ -35,10 +35,13 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "associate.h"
 #include "h5.h"
 #include "hilal/checksum.h"
 #include "hilal/log.h"
+#include "hilal/stats.h"
 #include "hilal/version.h"
+#include "hilal/wcs.h"
 
 #define FORMAT_NAME "Hilal candidate archive"
 
@@ -67,6 +70,7 @@ static const char *const psf_names[3] = {"science", "reference", "difference"};
 #define CC(f, t, unit, help) C_(hilal_archive_cand, f, t, unit, help)
 #define FC(f, t, unit, help) C_(hilal_archive_frame, f, t, unit, help)
 #define RC(f, t, unit, help) C_(hilal_archive_run, f, t, unit, help)
+#define OC(f, t, unit, help) C_(hilal_archive_object, f, t, unit, help)
 
 static const hilal_archive_column cand_columns[] = {
     CC(cand_id, I64, "", "unique id: 1-based row number in /candidates and /cutouts"),
@@ -96,6 +100,30 @@ static const hilal_archive_column cand_columns[] = {
     CC(stamp_x0, I32, "pix", "FITS 1-based science x of the first stamp column"),
     CC(stamp_y0, I32, "pix", "FITS 1-based science y of the first stamp row"),
     CC(valid, U8, "", "1 = current (frame committed and not superseded)"),
+    /* Schema 2 */
+    CC(object_id, I64, "", "object (/objects) the candidate was associated with; 0: none"),
+    CC(prev_cand_id, I64, "", "previous detection of the object (cand_id), 0 for the first"),
+    CC(pos_err_arcsec, F64, "arcsec", "1-sigma position error: FWHM / 2.3548 / |snr| x pixel scale"),
+};
+/* Columns of /candidates in a schema-1 archive: all up to `valid`. */
+#define NCAND_COLS_V1 27
+
+static const hilal_archive_column object_columns[] = {
+    OC(object_id, I64, "", "object id: 1-based row number in /objects"),
+    OC(ra, F64, "deg", "inverse-variance weighted mean right ascension"),
+    OC(dec, F64, "deg", "inverse-variance weighted mean declination"),
+    OC(pos_err_arcsec, F64, "arcsec", "1-sigma error of the mean position"),
+    OC(ndet, I32, "", "detections (candidates of current frames)"),
+    OC(npos, I32, "", "brightening detections (snr > 0)"),
+    OC(nneg, I32, "", "fading detections (snr < 0)"),
+    OC(first_mjd, F64, "d", "MJD of the first detection"),
+    OC(last_mjd, F64, "d", "MJD of the last detection"),
+    OC(first_cand_id, I64, "", "cand_id of the first detection"),
+    OC(last_cand_id, I64, "", "cand_id of the last detection (head of the prev_cand_id chain)"),
+    OC(sum_w, F64, "arcsec-2", "sum of the weights 1/pos_err^2"),
+    OC(sum_wx, F64, "arcsec-2", "weighted sum of the unit vectors, x"),
+    OC(sum_wy, F64, "arcsec-2", "weighted sum of the unit vectors, y"),
+    OC(sum_wz, F64, "arcsec-2", "weighted sum of the unit vectors, z"),
 };
 
 static const hilal_archive_column frame_columns[] = {
@@ -174,6 +202,10 @@ const hilal_archive_column *hilal_archive_columns(const char *table, size_t *n)
         *n = NCOLS(run_columns);
         return run_columns;
     }
+    if (strcmp(table, "objects") == 0) {
+        *n = NCOLS(object_columns);
+        return object_columns;
+    }
     *n = 0;
     return NULL;
 }
@@ -193,7 +225,8 @@ struct hilal_archive {
     hid_t d_cand, d_frames, d_runs, d_text;
     hid_t d_cut[HILAL_ARCHIVE_NFLOAT_PLANES], d_mask;
     hid_t d_psf[3];
-    hid_t t_cand, t_frame, t_run;     /* memory types of the row structs */
+    hid_t d_objects, d_objects_applied; /* schema 2 */
+    hid_t t_cand, t_frame, t_run, t_object; /* memory types of the row structs */
     hid_t t_valid, t_status;          /* memory types of partial rows */
 
     int schema_version, cutout_size, psf_size;
@@ -207,6 +240,15 @@ struct hilal_archive {
     hilal_archive_run *runs;
     size_t nruns;
     int64_t cand_end, text_end;
+
+    /* Writer state of the objects (schema 2): the catalogue, whether it
+     * must be rebuilt from /candidates before the next frame (a frame
+     * failed half-way), and the objects a frame touched. */
+    hilal_assoc *assoc;
+    int assoc_dirty;
+    int64_t *touched;
+    size_t ntouched, touched_cap;
+    size_t objects_stored;       /* rows in /objects */
 };
 
 /* Partial rows used to flip validity without rewriting whole rows. */
@@ -220,6 +262,7 @@ void hilal_archive_options_init(hilal_archive_options *opt)
     opt->compress_level = 1;
     opt->cutout_compress_level = 0;
     opt->fsync = 0;
+    opt->assoc_radius_arcsec = 1.0;
 }
 
 void hilal_archive_filter_init(hilal_archive_filter *q)
@@ -307,12 +350,15 @@ static const char *astropy_type(hilal_archive_col_type t)
 
 static hilal_status make_mem_types(hilal_archive *ar, hilal_error *err)
 {
-    ar->t_cand = make_type(cand_columns, NCOLS(cand_columns), sizeof(hilal_archive_cand), 0);
+    size_t ncand_cols = ar->schema_version >= 2 ? NCOLS(cand_columns) : NCAND_COLS_V1;
+    ar->t_cand = make_type(cand_columns, ncand_cols, sizeof(hilal_archive_cand), 0);
+    ar->t_object = make_type(object_columns, NCOLS(object_columns), sizeof(hilal_archive_object), 0);
     ar->t_frame = make_type(frame_columns, NCOLS(frame_columns), sizeof(hilal_archive_frame), 0);
     ar->t_run = make_type(run_columns, NCOLS(run_columns), sizeof(hilal_archive_run), 0);
     ar->t_valid = H5Tcreate(H5T_COMPOUND, sizeof(valid_row));
     ar->t_status = H5Tcreate(H5T_COMPOUND, sizeof(status_row));
-    if (ar->t_cand < 0 || ar->t_frame < 0 || ar->t_run < 0 || ar->t_valid < 0 || ar->t_status < 0 ||
+    if (ar->t_cand < 0 || ar->t_frame < 0 || ar->t_run < 0 || ar->t_object < 0 || ar->t_valid < 0 ||
+        ar->t_status < 0 ||
         H5Tinsert(ar->t_valid, "valid", offsetof(valid_row, valid), H5T_NATIVE_UINT8) < 0 ||
         H5Tinsert(ar->t_status, "status", offsetof(status_row, status), H5T_NATIVE_INT32) < 0 ||
         H5Tinsert(ar->t_status, "valid", offsetof(status_row, valid), H5T_NATIVE_UINT8) < 0)
@@ -453,6 +499,15 @@ static hilal_status create_contents(hid_t fid, const hilal_archive_options *opt,
         st = create_table(fid, "runs", run_columns, NCOLS(run_columns), sizeof(hilal_archive_run),
                           16, 0, "one row per configuration and software version", err);
     if (st == HILAL_OK)
+        st = create_table(fid, "objects", object_columns, NCOLS(object_columns),
+                          sizeof(hilal_archive_object), 256, 0,
+                          "one row per object: candidates associated across frames (updated in place)",
+                          err);
+    if (st == HILAL_OK)
+        st = create_rows_dataset(fid, "objects_applied", H5T_STD_I64LE, 1, 0, 1, 0, NULL,
+                                 "one value: the number of /frames rows whose candidates /objects "
+                                 "reflects (a writer rebuilds /objects when it differs)", NULL, err);
+    if (st == HILAL_OK)
         st = create_rows_dataset(fid, "text", H5T_STD_U8LE, 1, 0, 65536, 0, NULL,
                                  "UTF-8 text referenced by offset/length from /runs and /frames",
                                  NULL, err);
@@ -530,11 +585,12 @@ static hilal_archive *handle_new(const char *path)
     snprintf(ar->path, sizeof ar->path, "%s", path);
     ar->lock_fd = -1;
     ar->fid = ar->d_cand = ar->d_frames = ar->d_runs = ar->d_text = ar->d_mask = H5I_INVALID_HID;
+    ar->d_objects = ar->d_objects_applied = H5I_INVALID_HID;
     for (int p = 0; p < HILAL_ARCHIVE_NFLOAT_PLANES; p++)
         ar->d_cut[p] = H5I_INVALID_HID;
     for (int p = 0; p < 3; p++)
         ar->d_psf[p] = H5I_INVALID_HID;
-    ar->t_cand = ar->t_frame = ar->t_run = ar->t_valid = ar->t_status = H5I_INVALID_HID;
+    ar->t_cand = ar->t_frame = ar->t_run = ar->t_object = ar->t_valid = ar->t_status = H5I_INVALID_HID;
     pthread_mutex_init(&ar->mutex, NULL);
     hilal_archive_options_init(&ar->opt);
     return ar;
@@ -544,13 +600,15 @@ static void handle_close_hdf5(hilal_archive *ar)
 {
     hid_t *ids[] = {&ar->d_cand, &ar->d_frames, &ar->d_runs, &ar->d_text, &ar->d_mask,
                     &ar->d_cut[0], &ar->d_cut[1], &ar->d_cut[2], &ar->d_cut[3], &ar->d_cut[4],
-                    &ar->d_psf[0], &ar->d_psf[1], &ar->d_psf[2]};
+                    &ar->d_psf[0], &ar->d_psf[1], &ar->d_psf[2], &ar->d_objects,
+                    &ar->d_objects_applied};
     for (size_t i = 0; i < sizeof ids / sizeof ids[0]; i++)
         if (*ids[i] >= 0) {
             H5Dclose(*ids[i]);
             *ids[i] = H5I_INVALID_HID;
         }
-    hid_t *types[] = {&ar->t_cand, &ar->t_frame, &ar->t_run, &ar->t_valid, &ar->t_status};
+    hid_t *types[] = {&ar->t_cand, &ar->t_frame, &ar->t_run, &ar->t_object, &ar->t_valid,
+                      &ar->t_status};
     for (size_t i = 0; i < sizeof types / sizeof types[0]; i++)
         if (*types[i] >= 0) {
             H5Tclose(*types[i]);
@@ -622,6 +680,15 @@ static hilal_status open_datasets(hilal_archive *ar, hilal_error *err)
         ar->d_psf[2] < 0) {
         st = hilal_h5_fail(err, HILAL_ERR_FORMAT, "%s lacks datasets of a Hilal archive", ar->path);
         goto cleanup;
+    }
+    if (ar->schema_version >= 2) {
+        ar->d_objects = H5Dopen2(ar->fid, "objects", H5P_DEFAULT);
+        ar->d_objects_applied = H5Dopen2(ar->fid, "objects_applied", H5P_DEFAULT);
+        if (ar->d_objects < 0 || ar->d_objects_applied < 0) {
+            st = hilal_h5_fail(err, HILAL_ERR_FORMAT, "%s (schema %d) lacks /objects", ar->path,
+                               ar->schema_version);
+            goto cleanup;
+        }
     }
     st = make_mem_types(ar, err);
 cleanup:
@@ -756,6 +823,283 @@ static hilal_status write_frame_status(hilal_archive *ar, size_t row, int32_t st
         ar->frames[row].valid = s.valid;
     }
     return st;
+}
+
+/* ------------------------------------------------------------------------
+ * Objects (schema 2): the writer keeps the catalogue in memory (associate.c)
+ * and mirrors the rows a frame touched into /objects after the frame's
+ * commit; /objects_applied says how many /frames rows /objects reflects.
+ * Whenever that is not the number of frame rows (a writer died between a
+ * commit and the object update) the next writer rebuilds /objects from the
+ * committed candidates, whose object_id and prev_cand_id are written with
+ * them before the commit.
+ * ------------------------------------------------------------------------ */
+
+/* Fields a schema-1 archive does not have. */
+static void fix_v1_rows(const hilal_archive *ar, hilal_archive_cand *rows, size_t n)
+{
+    if (ar->schema_version >= 2)
+        return;
+    for (size_t i = 0; i < n; i++) {
+        rows[i].object_id = 0;
+        rows[i].prev_cand_id = 0;
+        rows[i].pos_err_arcsec = NAN;
+    }
+}
+
+static hilal_status touch_object(hilal_archive *ar, int64_t id, hilal_error *err)
+{
+    for (size_t i = 0; i < ar->ntouched; i++)
+        if (ar->touched[i] == id)
+            return HILAL_OK;
+    if (ar->ntouched == ar->touched_cap) {
+        size_t cap = ar->touched_cap * 2 + 64;
+        int64_t *t = realloc(ar->touched, cap * sizeof *t);
+        if (t == NULL)
+            return hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory");
+        ar->touched = t;
+        ar->touched_cap = cap;
+    }
+    ar->touched[ar->ntouched++] = id;
+    return HILAL_OK;
+}
+
+static int cmp_i64(const void *a, const void *b)
+{
+    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+    return x < y ? -1 : (x > y);
+}
+
+static hilal_status write_objects_applied(hilal_archive *ar, int64_t value, hilal_error *err)
+{
+    return hilal_h5_write_rows(ar->d_objects_applied, H5T_NATIVE_INT64, 0, 1, &value, err);
+}
+
+/* Writes the touched objects' rows (runs of consecutive ids in one call). */
+static hilal_status write_touched_objects(hilal_archive *ar, hilal_error *err)
+{
+    hilal_status st = HILAL_OK;
+    qsort(ar->touched, ar->ntouched, sizeof *ar->touched, cmp_i64);
+    hilal_archive_object *buf = NULL;
+    size_t cap = 0;
+    for (size_t i = 0; i < ar->ntouched && st == HILAL_OK;) {
+        size_t j = i + 1;
+        while (j < ar->ntouched && ar->touched[j] == ar->touched[j - 1] + 1)
+            j++;
+        if (j - i > cap) {
+            free(buf);
+            cap = j - i;
+            buf = malloc(cap * sizeof *buf);
+            if (buf == NULL) {
+                st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory");
+                break;
+            }
+        }
+        for (size_t k = i; k < j; k++)
+            buf[k - i] = *hilal_assoc_get(ar->assoc, ar->touched[k]);
+        st = hilal_h5_write_rows(ar->d_objects, ar->t_object, (hsize_t)(ar->touched[i] - 1), j - i,
+                                 buf, err);
+        i = j;
+    }
+    free(buf);
+    if (st == HILAL_OK && hilal_assoc_count(ar->assoc) > ar->objects_stored)
+        ar->objects_stored = hilal_assoc_count(ar->assoc);
+    return st;
+}
+
+/* A candidate row of the writer is current when its frame row is
+ * COMMITTED (statuses are kept exact by the writer). */
+static int writer_row_current(const hilal_archive *ar, const hilal_archive_cand *c)
+{
+    return c->frame_row >= 0 && (size_t)c->frame_row < ar->nframes &&
+           ar->frames[c->frame_row].status == HILAL_ARCHIVE_FRAME_COMMITTED;
+}
+
+/* Rebuilds the catalogue and /objects from the committed candidates. */
+static hilal_status rebuild_objects(hilal_archive *ar, hilal_error *err)
+{
+    hilal_status st = HILAL_OK;
+    const size_t block = 16384;
+    hilal_archive_cand *rows = malloc(block * sizeof *rows);
+    hilal_archive_object *objs = NULL;
+    size_t nobj = 0, cap = 0;
+    hilal_assoc *assoc = hilal_assoc_new(ar->opt.assoc_radius_arcsec);
+    if (rows == NULL || assoc == NULL) {
+        st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory");
+        goto cleanup;
+    }
+    /* Candidates in cand_id order: detections accumulate in the order they
+     * were first made, as they did when the frames were written. */
+    for (int64_t s0 = 0; s0 < ar->cand_end && st == HILAL_OK; s0 += (int64_t)block) {
+        size_t nb = (size_t)(ar->cand_end - s0) < block ? (size_t)(ar->cand_end - s0) : block;
+        st = hilal_h5_read_rows(ar->d_cand, ar->t_cand, (hsize_t)s0, nb, rows, err);
+        for (size_t i = 0; i < nb && st == HILAL_OK; i++) {
+            const hilal_archive_cand *c = &rows[i];
+            if (c->object_id <= 0)
+                continue;
+            if ((size_t)c->object_id > nobj) {
+                if ((size_t)c->object_id > cap) {
+                    size_t nc = (size_t)c->object_id * 2;
+                    hilal_archive_object *p = realloc(objs, nc * sizeof *p);
+                    if (p == NULL) {
+                        st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory");
+                        break;
+                    }
+                    objs = p;
+                    cap = nc;
+                }
+                for (size_t k = nobj; k < (size_t)c->object_id; k++) {
+                    memset(&objs[k], 0, sizeof objs[k]);
+                    objs[k].object_id = (int64_t)k + 1;
+                    objs[k].ra = objs[k].dec = objs[k].pos_err_arcsec = NAN;
+                    objs[k].first_mjd = objs[k].last_mjd = NAN;
+                }
+                nobj = (size_t)c->object_id;
+            }
+            if (writer_row_current(ar, c))
+                hilal_assoc_accumulate(&objs[c->object_id - 1], c->ra, c->dec, c->pos_err_arcsec,
+                                       c->snr, c->mjd, c->cand_id);
+        }
+    }
+    for (size_t k = 0; k < nobj && st == HILAL_OK; k++)
+        st = hilal_assoc_load(assoc, &objs[k], err);
+    if (st == HILAL_OK && nobj > 0)
+        st = hilal_h5_write_rows(ar->d_objects, ar->t_object, 0, nobj, objs, err);
+    if (st == HILAL_OK)
+        st = hilal_h5_set_nrows(ar->d_objects, nobj, err);
+    if (st == HILAL_OK)
+        st = write_objects_applied(ar, (int64_t)ar->nframes, err);
+    if (st == HILAL_OK)
+        st = flush(ar, err);
+    if (st == HILAL_OK) {
+        hilal_assoc_free(ar->assoc);
+        ar->assoc = assoc;
+        assoc = NULL;
+        ar->objects_stored = nobj;
+        ar->assoc_dirty = 0;
+        hilal_log(HILAL_LOG_INFO, "archive %s: rebuilt %zu objects from the committed candidates",
+                  ar->path, nobj);
+    }
+cleanup:
+    hilal_assoc_free(assoc);
+    free(rows);
+    free(objs);
+    if (st != HILAL_OK)
+        hilal_error_context(err, "rebuilding /objects");
+    return st;
+}
+
+/* Loads the catalogue from /objects, or rebuilds it when /objects does not
+ * reflect exactly the committed frames. */
+static hilal_status load_objects(hilal_archive *ar, hilal_error *err)
+{
+    hilal_status st;
+    hsize_t nobj = 0, napplied = 0;
+    int64_t applied = -1;
+    hilal_archive_object *objs = NULL;
+    int rebuild = 0;
+    st = hilal_h5_nrows(ar->d_objects, 0, &nobj, err);
+    if (st == HILAL_OK)
+        st = hilal_h5_nrows(ar->d_objects_applied, 0, &napplied, err);
+    if (st == HILAL_OK && napplied > 0)
+        st = hilal_h5_read_rows(ar->d_objects_applied, H5T_NATIVE_INT64, 0, 1, &applied, err);
+    if (st != HILAL_OK)
+        return st;
+    if (napplied == 0)
+        applied = 0;
+    rebuild = applied != (int64_t)ar->nframes;
+    objs = malloc((nobj > 0 ? nobj : 1) * sizeof *objs);
+    ar->assoc = hilal_assoc_new(ar->opt.assoc_radius_arcsec);
+    if (objs == NULL || ar->assoc == NULL) {
+        free(objs);
+        return hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory");
+    }
+    if (!rebuild)
+        st = hilal_h5_read_rows(ar->d_objects, ar->t_object, 0, nobj, objs, err);
+    for (hsize_t k = 0; k < nobj && st == HILAL_OK && !rebuild; k++) {
+        /* An object pointing past the committed candidates comes from a
+         * frame that was never committed. */
+        if (objs[k].first_cand_id > ar->cand_end || objs[k].last_cand_id > ar->cand_end ||
+            objs[k].object_id != (int64_t)k + 1) {
+            rebuild = 1;
+            break;
+        }
+        st = hilal_assoc_load(ar->assoc, &objs[k], err);
+    }
+    free(objs);
+    if (st != HILAL_OK)
+        return st;
+    if (rebuild)
+        return rebuild_objects(ar, err);
+    ar->objects_stored = nobj;
+    return HILAL_OK;
+}
+
+/* Recomputes an object from its current detections, walking its
+ * prev_cand_id chain from the last detection (after a frame was
+ * superseded). */
+static hilal_status recompute_object(hilal_archive *ar, int64_t id, hilal_error *err)
+{
+    hilal_status st = HILAL_OK;
+    const hilal_archive_object *cur = hilal_assoc_get(ar->assoc, id);
+    if (cur == NULL)
+        return HILAL_OK;
+    hilal_archive_object o;
+    memset(&o, 0, sizeof o);
+    o.object_id = id;
+    o.ra = o.dec = o.pos_err_arcsec = o.first_mjd = o.last_mjd = NAN;
+    for (int64_t c_id = cur->last_cand_id; c_id > 0 && st == HILAL_OK;) {
+        hilal_archive_cand c;
+        if (c_id > ar->cand_end)
+            return hilal_error_set(err, HILAL_ERR_INTERNAL, "object %lld links to candidate %lld "
+                                   "past the end of /candidates", (long long)id, (long long)c_id);
+        st = hilal_h5_read_rows(ar->d_cand, ar->t_cand, (hsize_t)(c_id - 1), 1, &c, err);
+        if (st == HILAL_OK && writer_row_current(ar, &c))
+            hilal_assoc_accumulate(&o, c.ra, c.dec, c.pos_err_arcsec, c.snr, c.mjd, c.cand_id);
+        if (c.prev_cand_id >= c_id)
+            return hilal_error_set(err, HILAL_ERR_FORMAT, "candidate %lld has prev_cand_id %lld",
+                                   (long long)c_id, (long long)c.prev_cand_id);
+        c_id = c.prev_cand_id;
+    }
+    if (st == HILAL_OK)
+        st = hilal_assoc_replace(ar->assoc, &o, err);
+    return st;
+}
+
+/* Writer registry for hilal_archive_writer_lookup(). */
+#define MAX_WRITERS 64
+static pthread_mutex_t writers_mutex = PTHREAD_MUTEX_INITIALIZER;
+static hilal_archive *writers[MAX_WRITERS];
+
+static void register_writer(hilal_archive *ar, int add)
+{
+    pthread_mutex_lock(&writers_mutex);
+    for (int i = 0; i < MAX_WRITERS; i++) {
+        if (add && writers[i] == NULL) {
+            writers[i] = ar;
+            break;
+        }
+        if (!add && writers[i] == ar) {
+            writers[i] = NULL;
+            break;
+        }
+    }
+    pthread_mutex_unlock(&writers_mutex);
+}
+
+hilal_archive *hilal_archive_writer_lookup(const char *path)
+{
+    struct stat a, b;
+    hilal_archive *found = NULL;
+    if (path == NULL || stat(path, &a) != 0)
+        return NULL;
+    pthread_mutex_lock(&writers_mutex);
+    for (int i = 0; i < MAX_WRITERS && found == NULL; i++)
+        if (writers[i] != NULL && stat(writers[i]->path, &b) == 0 && a.st_dev == b.st_dev &&
+            a.st_ino == b.st_ino)
+            found = writers[i];
+    pthread_mutex_unlock(&writers_mutex);
+    return found;
 }
 
 /* Writer start-up: loads /runs and /frames, finds where the next rows go,
@@ -907,6 +1251,12 @@ static hilal_status load_writer_state(hilal_archive *ar, hilal_error *err)
         hilal_log(HILAL_LOG_INFO, "archive %s: %s; %zu frame rows, %lld candidate rows kept",
                   ar->path, ar->recovered ? "recovered after a writer stopped" : "tidied",
                   ar->nframes, (long long)ar->cand_end);
+    if (st == HILAL_OK && ar->schema_version >= 2)
+        st = load_objects(ar, err);
+    else if (st == HILAL_OK)
+        hilal_log(HILAL_LOG_WARN, "archive %s has schema version %d: candidates are not "
+                  "associated into objects (start a new archive to get them)", ar->path,
+                  ar->schema_version);
 cleanup:
     free(valid);
     free(cur);
@@ -979,6 +1329,11 @@ hilal_status hilal_archive_open_write(const char *path, const hilal_archive_opti
                              o.psf_size, ar->cutout_size, ar->psf_size);
         goto cleanup;
     }
+    if (!(o.assoc_radius_arcsec > 0) || o.assoc_radius_arcsec > 3600) {
+        st = hilal_error_set(err, HILAL_ERR_RANGE, "association radius %g arcsec must be in (0, 3600]",
+                             o.assoc_radius_arcsec);
+        goto cleanup;
+    }
     st = open_datasets(ar, err);
     if (st == HILAL_OK)
         st = load_writer_state(ar, err);
@@ -988,6 +1343,7 @@ cleanup:
         hilal_archive_free(ar);
         return st;
     }
+    register_writer(ar, 1);
     *out = ar;
     return HILAL_OK;
 }
@@ -1049,6 +1405,8 @@ hilal_status hilal_archive_close(hilal_archive *ar, hilal_error *err)
     if (ar == NULL)
         return HILAL_OK;
     hilal_h5_quiet();
+    if (ar->writable)
+        register_writer(ar, 0);
     if (ar->writable && ar->fid >= 0)
         st = flush(ar, err);
     handle_close_hdf5(ar);
@@ -1062,6 +1420,8 @@ hilal_status hilal_archive_close(hilal_archive *ar, hilal_error *err)
     pthread_mutex_destroy(&ar->mutex);
     free(ar->frames);
     free(ar->runs);
+    hilal_assoc_free(ar->assoc);
+    free(ar->touched);
     free(ar);
     return st;
 }
@@ -1090,8 +1450,13 @@ static hilal_status append_text(hilal_archive *ar, const char *text, size_t len,
     return st;
 }
 
-hilal_status hilal_archive_begin_run(hilal_archive *ar, const char *config_text,
-                                     const char *config_hash, int32_t *run_id, hilal_error *err)
+/* Finds the run with this configuration hash and software version or adds
+ * it (with the library versions and creation time given; created_utc NULL
+ * means now). */
+static hilal_status find_or_add_run(hilal_archive *ar, const char *config_text,
+                                    const char *config_hash, const char *software_version,
+                                    const char *library_versions, const char *created_utc,
+                                    int32_t *run_id, hilal_error *err)
 {
     hilal_status st = HILAL_OK;
     hilal_archive_run run;
@@ -1104,16 +1469,19 @@ hilal_status hilal_archive_begin_run(hilal_archive *ar, const char *config_text,
     pthread_mutex_lock(&ar->mutex);
     for (size_t i = 0; i < ar->nruns; i++)
         if (strcmp(ar->runs[i].config_hash, config_hash) == 0 &&
-            strcmp(ar->runs[i].software_version, hilal_version()) == 0) {
+            strcmp(ar->runs[i].software_version, software_version) == 0) {
             *run_id = ar->runs[i].run_id;
             goto cleanup;
         }
     memset(&run, 0, sizeof run);
     run.run_id = ar->nruns > 0 ? ar->runs[ar->nruns - 1].run_id + 1 : 1;
     snprintf(run.config_hash, sizeof run.config_hash, "%s", config_hash);
-    snprintf(run.software_version, sizeof run.software_version, "%s", hilal_version());
-    snprintf(run.library_versions, sizeof run.library_versions, "%s", hilal_library_versions());
-    utc_now(run.created_utc, sizeof run.created_utc);
+    snprintf(run.software_version, sizeof run.software_version, "%s", software_version);
+    snprintf(run.library_versions, sizeof run.library_versions, "%s", library_versions);
+    if (created_utc != NULL && created_utc[0] != '\0')
+        snprintf(run.created_utc, sizeof run.created_utc, "%s", created_utc);
+    else
+        utc_now(run.created_utc, sizeof run.created_utc);
     if (config_text == NULL)
         config_text = "";
     /* The text first, then the row that points at it. */
@@ -1140,6 +1508,13 @@ cleanup:
     if (st != HILAL_OK)
         hilal_error_context(err, "archive %s", ar->path);
     return st;
+}
+
+hilal_status hilal_archive_begin_run(hilal_archive *ar, const char *config_text,
+                                     const char *config_hash, int32_t *run_id, hilal_error *err)
+{
+    return find_or_add_run(ar, config_text, config_hash, hilal_version(),
+                           hilal_library_versions(), NULL, run_id, err);
 }
 
 hilal_status hilal_archive_begin_run_config(hilal_archive *ar, const hilal_config *cfg,
@@ -1171,39 +1546,6 @@ int64_t hilal_archive_frame_id(const char *sha256_hex, int hdu, const char *name
     return (int64_t)strtoll(hex, NULL, 16);
 }
 
-/* The k-th smallest of a[0..n) (Hoare's selection, expected O(n));
- * reorders a. */
-static float select_kth(float *a, size_t n, size_t k)
-{
-    size_t lo = 0, hi = n - 1;
-    while (lo < hi) {
-        float pivot = a[lo + (hi - lo) / 2];
-        size_t i = lo, j = hi;
-        while (i <= j) {
-            while (a[i] < pivot)
-                i++;
-            while (a[j] > pivot)
-                j--;
-            if (i <= j) {
-                float t = a[i];
-                a[i] = a[j];
-                a[j] = t;
-                i++;
-                if (j == 0)
-                    break;
-                j--;
-            }
-        }
-        if (k <= j)
-            hi = j;
-        else if (k >= i)
-            lo = i;
-        else
-            return a[k];
-    }
-    return a[k];
-}
-
 /* Median of the finite values of a plane whose mask (may be NULL) has none
  * of `bad`, estimated from at most ~16384 pixels on a regular stride (exact
  * for smaller images). NaN when none qualify. */
@@ -1221,20 +1563,7 @@ static double sampled_median(const float *a, const hilal_mask_t *mask, size_t n,
             continue;
         s[m++] = a[i];
     }
-    double med = NAN;
-    if (m > 0) {
-        double hi = select_kth(s, m, m / 2);
-        /* For an even count, the lower middle is the largest value below. */
-        if (m % 2 == 0) {
-            float lo = s[0];
-            for (size_t i = 1; i < m / 2; i++)
-                if (s[i] > lo)
-                    lo = s[i];
-            med = 0.5 * ((double)lo + hi);
-        } else {
-            med = hi;
-        }
-    }
+    double med = hilal_median_float(s, m);
     free(s);
     return med;
 }
@@ -1435,6 +1764,72 @@ static int stamp_order_cmp(const void *a, const void *b)
     return p->k < q->k ? -1 : (p->k > q->k);
 }
 
+/* Association into objects (schema 2): each candidate row joins the nearest
+ * object within the radius or starts one; its position error (from the
+ * pixel scale, NaN when unknown) sets its weight in the object's mean
+ * position (associate.h). Rows keep a finite pos_err_arcsec they have. */
+static hilal_status associate_rows(hilal_archive *ar, hilal_archive_cand *rows, size_t n,
+                                   double scale_arcsec, hilal_error *err)
+{
+    hilal_status st = HILAL_OK;
+    for (size_t i = 0; i < n; i++) {
+        hilal_archive_cand *r = &rows[i];
+        if (!(r->pos_err_arcsec > 0) || !isfinite(r->pos_err_arcsec))
+            r->pos_err_arcsec = hilal_assoc_pos_err_arcsec(r->fwhm, r->snr, scale_arcsec);
+        r->object_id = r->prev_cand_id = 0;
+    }
+    if (ar->assoc == NULL)
+        return HILAL_OK;
+    for (size_t i = 0; i < n && st == HILAL_OK; i++) {
+        hilal_archive_cand *r = &rows[i];
+        if (!isfinite(r->ra) || !isfinite(r->dec))
+            continue;
+        int64_t id = hilal_assoc_match(ar->assoc, r->ra, r->dec, NULL);
+        r->object_id = hilal_assoc_add(ar->assoc, id, r->ra, r->dec, r->pos_err_arcsec, r->snr,
+                                       r->mjd, r->cand_id, &r->prev_cand_id);
+        if (r->object_id == 0)
+            st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for the object catalogue");
+        else
+            st = touch_object(ar, r->object_id, err);
+    }
+    return st;
+}
+
+/* After a commit: withdraws the detections of the replaced frame row `old`
+ * (-1: none) from their objects, then mirrors the touched objects into
+ * /objects and records that /objects reflects every frame row. A crash
+ * before objects_applied is written makes the next writer rebuild /objects;
+ * a failure here makes this writer rebuild it before the next frame. */
+static hilal_status objects_after_commit(hilal_archive *ar, int64_t old, hilal_error *err)
+{
+    hilal_status st = HILAL_OK;
+    if (ar->assoc == NULL)
+        return HILAL_OK;
+    if (old >= 0 && ar->frames[old].n_candidates > 0) {
+        size_t no = (size_t)ar->frames[old].n_candidates;
+        hilal_archive_cand *orows = malloc(no * sizeof *orows);
+        if (orows == NULL)
+            st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory");
+        else
+            st = hilal_h5_read_rows(ar->d_cand, ar->t_cand,
+                                    (hsize_t)(ar->frames[old].first_cand_id - 1), no, orows, err);
+        for (size_t i = 0; i < no && st == HILAL_OK; i++)
+            if (orows[i].object_id > 0) {
+                st = touch_object(ar, orows[i].object_id, err);
+                if (st == HILAL_OK)
+                    st = recompute_object(ar, orows[i].object_id, err);
+            }
+        free(orows);
+    }
+    if (st == HILAL_OK)
+        st = write_touched_objects(ar, err);
+    if (st == HILAL_OK)
+        st = write_objects_applied(ar, (int64_t)ar->nframes, err);
+    if (st != HILAL_OK)
+        ar->assoc_dirty = 1;
+    return st;
+}
+
 /* Writes the candidate rows [start, start + n) (valid = 0 until the commit)
  * and their stamps. */
 static hilal_status write_candidates(hilal_archive *ar, const hilal_frame *frame, int32_t run_id,
@@ -1505,7 +1900,15 @@ static hilal_status write_candidates(hilal_archive *ar, const hilal_frame *frame
         r->stamp_y0 = (int32_t)(y0 + 1);
         if (x0 < 0 || y0 < 0 || x0 + S > nx || y0 + S > ny)
             r->flags |= HILAL_CAND_EDGE;
+        r->pos_err_arcsec = NAN;
     }
+    double scale = sci->meta.wcs != NULL
+                       ? hilal_wcs_pixscale_arcsec(sci->meta.wcs, 0.5 * (double)(nx + 1),
+                                                   0.5 * (double)(ny + 1))
+                       : NAN;
+    st = associate_rows(ar, rows, n, scale, err);
+    if (st != HILAL_OK)
+        goto cleanup;
 
     /* Extend every stack once, then fill it group by group. */
     hid_t stacks[HILAL_ARCHIVE_NFLOAT_PLANES + 1];
@@ -1576,6 +1979,75 @@ static int run_known(const hilal_archive *ar, int32_t run_id)
     return 0;
 }
 
+/* Under the lock, before a frame row is added: the run must have begun,
+ * and there must be room for one more row. */
+static hilal_status frame_row_ready(hilal_archive *ar, int32_t run_id, hilal_error *err)
+{
+    if (!run_known(ar, run_id))
+        return hilal_error_set(err, HILAL_ERR_USAGE, "run %d was not begun in archive %s",
+                               (int)run_id, ar->path);
+    return reserve_frame(ar, err);
+}
+
+/* The row of the committed frame that a new commit of frame_id in run_id
+ * replaces (the last one), or -1 when there is none. */
+static int64_t replaced_frame_row(const hilal_archive *ar, int64_t frame_id, int32_t run_id)
+{
+    for (size_t i = ar->nframes; i-- > 0;)
+        if (ar->frames[i].status == HILAL_ARCHIVE_FRAME_COMMITTED &&
+            ar->frames[i].frame_id == frame_id && ar->frames[i].run_id == run_id)
+            return (int64_t)i;
+    return -1;
+}
+
+/* After a frame failed before its commit: the next frame overwrites the
+ * /text bytes it wrote, and the object catalogue, which may hold its
+ * detections, is rebuilt before the next commit. */
+static void forget_uncommitted(hilal_archive *ar, int64_t text_before)
+{
+    ar->text_end = text_before;
+    ar->assoc_dirty = ar->assoc != NULL;
+}
+
+/* Steps 2 to 4 of adding a frame, once everything its row points at (its
+ * header text, PSF rows, stamps and candidate rows start .. start + ncands - 1)
+ * is written and flushed:
+ *   2. the commit: the frame row at row frow, flushed; on failure the frame
+ *      is forgotten (forget_uncommitted);
+ *   3. convenience flags for readers that do not apply the rule: the new
+ *      rows become valid when the frame is committed, the replaced frame
+ *      (row old, -1: none) and its rows superseded. A crash here is
+ *      repaired by the next writer (load_writer_state);
+ *   4. the objects (schema 2). */
+static hilal_status commit_frame(hilal_archive *ar, const hilal_archive_frame *row, size_t frow,
+                                 int64_t start, int64_t ncands, int64_t old, int64_t text_before,
+                                 hilal_error *err)
+{
+    hilal_status st = hilal_h5_write_rows(ar->d_frames, ar->t_frame, frow, 1, row, err);
+    if (st == HILAL_OK)
+        st = flush(ar, err);
+    if (st != HILAL_OK) {
+        forget_uncommitted(ar, text_before);
+        return st;
+    }
+    ar->frames[ar->nframes++] = *row;
+    ar->cand_end = start + ncands;
+
+    if (row->status == HILAL_ARCHIVE_FRAME_COMMITTED)
+        st = write_valid_range(ar, start, ncands, 1, err);
+    if (st == HILAL_OK && old >= 0) {
+        st = write_frame_status(ar, (size_t)old, HILAL_ARCHIVE_FRAME_SUPERSEDED, err);
+        if (st == HILAL_OK)
+            st = write_valid_range(ar, ar->frames[old].first_cand_id - 1,
+                                   ar->frames[old].n_candidates, 0, err);
+    }
+    if (st == HILAL_OK)
+        st = objects_after_commit(ar, old, err);
+    if (st == HILAL_OK)
+        st = flush(ar, err);
+    return st;
+}
+
 hilal_status hilal_archive_append_frame(hilal_archive *ar, int32_t run_id,
                                         const hilal_frame *frame, hilal_archive_commit *out,
                                         hilal_error *err)
@@ -1597,13 +2069,12 @@ hilal_status hilal_archive_append_frame(hilal_archive *ar, int32_t run_id,
                                frame->frame_id, frame->ncands);
     hilal_h5_quiet();
     pthread_mutex_lock(&ar->mutex);
-    if (!run_known(ar, run_id)) {
-        st = hilal_error_set(err, HILAL_ERR_USAGE, "run %d was not begun in archive %s", (int)run_id, ar->path);
-        goto cleanup;
-    }
-    st = reserve_frame(ar, err);
+    st = frame_row_ready(ar, run_id, err);
+    if (st == HILAL_OK && ar->assoc != NULL && ar->assoc_dirty)
+        st = rebuild_objects(ar, err);
     if (st != HILAL_OK)
         goto cleanup;
+    ar->ntouched = 0;
 
     fill_frame_row(frame, run_id, &row);
     frow = ar->nframes;
@@ -1612,12 +2083,7 @@ hilal_status hilal_archive_append_frame(hilal_archive *ar, int32_t run_id,
     row.valid = 1;
     row.n_candidates = (int32_t)frame->ncands;
     row.first_cand_id = start + 1;
-    for (size_t i = ar->nframes; i-- > 0;)
-        if (ar->frames[i].status == HILAL_ARCHIVE_FRAME_COMMITTED &&
-            ar->frames[i].frame_id == row.frame_id && ar->frames[i].run_id == run_id) {
-            old = (int64_t)i;
-            break;
-        }
+    old = replaced_frame_row(ar, row.frame_id, run_id);
 
     /* 1. Everything the frame row will point at. */
     const hilal_meta *meta = &frame->sci->meta;
@@ -1632,33 +2098,12 @@ hilal_status hilal_archive_append_frame(hilal_archive *ar, int32_t run_id,
     if (st == HILAL_OK)
         st = flush(ar, err);
     if (st != HILAL_OK) {
-        ar->text_end = text_before; /* the next frame overwrites what was written */
+        forget_uncommitted(ar, text_before);
         goto cleanup;
     }
-    /* 2. The commit: the frame row, flushed. */
+    /* 2 to 4: the commit, then the flags and objects that follow it. */
     row.written_unix = unix_now();
-    st = hilal_h5_write_rows(ar->d_frames, ar->t_frame, frow, 1, &row, err);
-    if (st == HILAL_OK)
-        st = flush(ar, err);
-    if (st != HILAL_OK) {
-        ar->text_end = text_before;
-        goto cleanup;
-    }
-    ar->frames[ar->nframes++] = row;
-    ar->cand_end = start + (int64_t)frame->ncands;
-
-    /* 3. Convenience flags for readers that do not apply the rule: the new
-     * rows become valid, the replaced frame and its rows superseded. A
-     * crash here is repaired by the next writer (load_writer_state). */
-    st = write_valid_range(ar, start, (int64_t)frame->ncands, 1, err);
-    if (st == HILAL_OK && old >= 0) {
-        st = write_frame_status(ar, (size_t)old, HILAL_ARCHIVE_FRAME_SUPERSEDED, err);
-        if (st == HILAL_OK)
-            st = write_valid_range(ar, ar->frames[old].first_cand_id - 1,
-                                   ar->frames[old].n_candidates, 0, err);
-    }
-    if (st == HILAL_OK)
-        st = flush(ar, err);
+    st = commit_frame(ar, &row, frow, start, (int64_t)frame->ncands, old, text_before, err);
     if (st == HILAL_OK && out != NULL) {
         out->frame_id = row.frame_id;
         out->frame_row = (int64_t)frow;
@@ -1684,11 +2129,7 @@ hilal_status hilal_archive_record_failure(hilal_archive *ar, int32_t run_id,
         return hilal_error_set(err, HILAL_ERR_USAGE, "archive %s was opened read-only", ar->path);
     hilal_h5_quiet();
     pthread_mutex_lock(&ar->mutex);
-    if (!run_known(ar, run_id)) {
-        st = hilal_error_set(err, HILAL_ERR_USAGE, "run %d was not begun in archive %s", (int)run_id, ar->path);
-        goto cleanup;
-    }
-    st = reserve_frame(ar, err);
+    st = frame_row_ready(ar, run_id, err);
     if (st != HILAL_OK)
         goto cleanup;
     fill_frame_row(frame, run_id, &row);
@@ -1709,6 +2150,13 @@ hilal_status hilal_archive_record_failure(hilal_archive *ar, int32_t run_id,
         st = flush(ar, err);
     if (st == HILAL_OK)
         ar->frames[ar->nframes++] = row;
+    /* Objects are unchanged by a failed frame; they reflect one more row. */
+    if (st == HILAL_OK && ar->assoc != NULL) {
+        ar->ntouched = 0;
+        st = objects_after_commit(ar, -1, err);
+        if (st == HILAL_OK)
+            st = flush(ar, err);
+    }
 cleanup:
     pthread_mutex_unlock(&ar->mutex);
     if (st != HILAL_OK)
@@ -1915,6 +2363,7 @@ hilal_status hilal_archive_query(hilal_archive *ar, const hilal_archive_filter *
     st = hilal_h5_read_rows(ar->d_cand, ar->t_cand, 0, (hsize_t)end, all, err);
     if (st != HILAL_OK)
         goto cleanup;
+    fix_v1_rows(ar, all, (size_t)end);
     /* Walk frame by frame: a candidate belongs to the frame whose range
      * holds its row (rows of uncommitted frames are in no range). */
     for (size_t i = 0; i < nf; i++) {
@@ -1979,6 +2428,7 @@ static hilal_status find_candidate(hilal_archive *ar, int64_t cand_id, hilal_arc
     st = hilal_h5_read_rows(ar->d_cand, ar->t_cand, (hsize_t)(cand_id - 1), 1, &c, err);
     if (st != HILAL_OK)
         goto cleanup;
+    fix_v1_rows(ar, &c, 1);
     c.valid = cur[fi];
     if (cand != NULL)
         *cand = c;
@@ -2002,6 +2452,183 @@ hilal_status hilal_archive_get_candidate(hilal_archive *ar, int64_t cand_id,
     pthread_mutex_unlock(&ar->mutex);
     if (st != HILAL_OK)
         hilal_error_context(err, "archive %s", ar->path);
+    return st;
+}
+
+hilal_status hilal_archive_read_candidates(hilal_archive *ar, int64_t first_cand_id, size_t n,
+                                           hilal_archive_cand **rows, hilal_error *err)
+{
+    hsize_t nc = 0;
+    hilal_archive_cand *r = NULL;
+    *rows = NULL;
+    hilal_h5_quiet();
+    pthread_mutex_lock(&ar->mutex);
+    hilal_status st = hilal_h5_nrows(ar->d_cand, !ar->writable, &nc, err);
+    if (st == HILAL_OK && (first_cand_id < 1 || (hsize_t)(first_cand_id - 1) + n > nc))
+        st = hilal_error_set(err, HILAL_ERR_NOTFOUND, "candidates %lld..%lld are not all in the "
+                             "archive (%llu rows)", (long long)first_cand_id,
+                             (long long)(first_cand_id + (int64_t)n - 1), (unsigned long long)nc);
+    if (st == HILAL_OK && (r = calloc(n > 0 ? n : 1, sizeof *r)) == NULL)
+        st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory");
+    if (st == HILAL_OK && n > 0)
+        st = hilal_h5_read_rows(ar->d_cand, ar->t_cand, (hsize_t)(first_cand_id - 1), n, r, err);
+    pthread_mutex_unlock(&ar->mutex);
+    if (st != HILAL_OK) {
+        free(r);
+        hilal_error_context(err, "archive %s", ar->path);
+        return st;
+    }
+    fix_v1_rows(ar, r, n);
+    *rows = r;
+    return HILAL_OK;
+}
+
+static hilal_status need_objects(const hilal_archive *ar, hilal_error *err)
+{
+    if (ar->schema_version < 2)
+        return hilal_error_set(err, HILAL_ERR_NOTFOUND,
+                               "archive %s has schema version %d, which keeps no objects; "
+                               "objects start with schema 2 (a new archive)", ar->path,
+                               ar->schema_version);
+    return HILAL_OK;
+}
+
+hilal_status hilal_archive_read_objects(hilal_archive *ar, hilal_archive_object **rows, size_t *n,
+                                        hilal_error *err)
+{
+    hsize_t no = 0;
+    hilal_archive_object *r = NULL;
+    *rows = NULL;
+    *n = 0;
+    hilal_status st = need_objects(ar, err);
+    if (st != HILAL_OK)
+        return st;
+    hilal_h5_quiet();
+    pthread_mutex_lock(&ar->mutex);
+    st = hilal_h5_nrows(ar->d_objects, !ar->writable, &no, err);
+    if (st == HILAL_OK && no > 0 && (r = malloc(no * sizeof *r)) == NULL)
+        st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory");
+    if (st == HILAL_OK && no > 0)
+        st = hilal_h5_read_rows(ar->d_objects, ar->t_object, 0, no, r, err);
+    pthread_mutex_unlock(&ar->mutex);
+    if (st != HILAL_OK) {
+        free(r);
+        hilal_error_context(err, "archive %s", ar->path);
+        return st;
+    }
+    *rows = r;
+    *n = no;
+    return HILAL_OK;
+}
+
+hilal_status hilal_archive_get_object(hilal_archive *ar, int64_t object_id,
+                                      hilal_archive_object *obj, hilal_error *err)
+{
+    hsize_t no = 0;
+    hilal_status st = need_objects(ar, err);
+    if (st != HILAL_OK)
+        return st;
+    hilal_h5_quiet();
+    pthread_mutex_lock(&ar->mutex);
+    st = hilal_h5_nrows(ar->d_objects, !ar->writable, &no, err);
+    if (st == HILAL_OK && (object_id < 1 || (hsize_t)object_id > no))
+        st = hilal_error_set(err, HILAL_ERR_NOTFOUND, "no object %lld (the archive has %llu)",
+                             (long long)object_id, (unsigned long long)no);
+    if (st == HILAL_OK)
+        st = hilal_h5_read_rows(ar->d_objects, ar->t_object, (hsize_t)(object_id - 1), 1, obj, err);
+    pthread_mutex_unlock(&ar->mutex);
+    if (st != HILAL_OK)
+        hilal_error_context(err, "archive %s", ar->path);
+    return st;
+}
+
+/* Locked part of object_history: walks the prev_cand_id chain from `from`
+ * back to the first detection. */
+static hilal_status walk_history(hilal_archive *ar, int64_t object_id, int64_t from,
+                                 hilal_archive_cand **out, size_t *nout, hilal_error *err)
+{
+    hilal_status st;
+    hilal_archive_frame *frames = NULL;
+    unsigned char *cur = NULL;
+    hilal_archive_cand *h = NULL;
+    size_t nf = 0, n = 0, cap = 0;
+    hsize_t nc = 0;
+    st = load_frames(ar, &frames, &nf, &cur, err);
+    if (st == HILAL_OK)
+        st = hilal_h5_nrows(ar->d_cand, !ar->writable, &nc, err);
+    for (int64_t id = from; id > 0 && st == HILAL_OK;) {
+        hilal_archive_cand c;
+        if ((hsize_t)id > nc) {
+            st = hilal_error_set(err, HILAL_ERR_FORMAT, "object %lld links to candidate %lld past "
+                                 "the end of /candidates", (long long)object_id, (long long)id);
+            break;
+        }
+        st = hilal_h5_read_rows(ar->d_cand, ar->t_cand, (hsize_t)(id - 1), 1, &c, err);
+        if (st != HILAL_OK)
+            break;
+        if (c.object_id != object_id || c.prev_cand_id >= id) {
+            st = hilal_error_set(err, HILAL_ERR_FORMAT, "candidate %lld is not a detection of "
+                                 "object %lld or links forward", (long long)id, (long long)object_id);
+            break;
+        }
+        /* Current: its frame row is current and holds it (a row of a frame
+         * not yet committed is in no frame's range). */
+        int current = c.frame_row >= 0 && (size_t)c.frame_row < nf && cur[c.frame_row] &&
+                      id >= frames[c.frame_row].first_cand_id &&
+                      id < frames[c.frame_row].first_cand_id + frames[c.frame_row].n_candidates;
+        /* Newest first: a frame already seen was processed again later. */
+        for (size_t k = 0; k < n && current; k++)
+            if (h[k].frame_id == c.frame_id)
+                current = 0;
+        if (current) {
+            if (n == cap) {
+                cap = cap * 2 + 16;
+                hilal_archive_cand *p = realloc(h, cap * sizeof *p);
+                if (p == NULL) {
+                    st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory");
+                    break;
+                }
+                h = p;
+            }
+            c.valid = 1;
+            h[n++] = c;
+        }
+        id = c.prev_cand_id;
+    }
+    free(frames);
+    free(cur);
+    if (st != HILAL_OK) {
+        free(h);
+        return st;
+    }
+    /* Oldest first. */
+    for (size_t i = 0; i < n / 2; i++) {
+        hilal_archive_cand t = h[i];
+        h[i] = h[n - 1 - i];
+        h[n - 1 - i] = t;
+    }
+    *out = h;
+    *nout = n;
+    return HILAL_OK;
+}
+
+hilal_status hilal_archive_object_history(hilal_archive *ar, int64_t object_id, int64_t upto,
+                                          hilal_archive_cand **rows, size_t *n, hilal_error *err)
+{
+    hilal_archive_object obj;
+    *rows = NULL;
+    *n = 0;
+    hilal_status st = upto > 0 ? need_objects(ar, err)
+                               : hilal_archive_get_object(ar, object_id, &obj, err);
+    if (st != HILAL_OK)
+        return st;
+    hilal_h5_quiet();
+    pthread_mutex_lock(&ar->mutex);
+    st = walk_history(ar, object_id, upto > 0 ? upto : obj.last_cand_id, rows, n, err);
+    pthread_mutex_unlock(&ar->mutex);
+    if (st != HILAL_OK)
+        hilal_error_context(err, "archive %s, history of object %lld", ar->path,
+                            (long long)object_id);
     return st;
 }
 
@@ -2134,5 +2761,235 @@ hilal_status hilal_archive_get_summary(hilal_archive *ar, hilal_archive_summary 
     free(runs);
     out->nruns = nruns;
     out->writer_active = ar->writable ? 1 : writer_active(ar->path);
+    return st;
+}
+
+/* ------------------------------------------------------------------------
+ * Merging another archive (e.g. the shards of an MPI night)
+ * ------------------------------------------------------------------------ */
+
+/* Copies rows [from, from + n) of a stack of src to rows [to, to + n) of
+ * the same stack of dst, in groups that fit buf (cap_rows rows). */
+static hilal_status copy_rows(hid_t sd, hid_t dd, hid_t mtype, hsize_t from, hsize_t to,
+                              hsize_t n, void *buf, hsize_t cap_rows, hilal_error *err)
+{
+    hilal_status st = HILAL_OK;
+    for (hsize_t k = 0; k < n && st == HILAL_OK; k += cap_rows) {
+        hsize_t m = n - k < cap_rows ? n - k : cap_rows;
+        st = hilal_h5_read_rows(sd, mtype, from + k, m, buf, err);
+        if (st == HILAL_OK)
+            st = hilal_h5_write_rows(dd, mtype, to + k, m, buf, err);
+    }
+    return st;
+}
+
+/* Whether ar already holds the row sf copied under run_id (an earlier,
+ * interrupted merge of the same source). */
+static int merged_before(const hilal_archive *ar, const hilal_archive_frame *sf, int32_t run_id)
+{
+    for (size_t i = 0; i < ar->nframes; i++) {
+        const hilal_archive_frame *f = &ar->frames[i];
+        if (f->frame_id != sf->frame_id || f->run_id != run_id ||
+            f->written_unix != sf->written_unix)
+            continue;
+        if (sf->status == HILAL_ARCHIVE_FRAME_FAILED ? f->status == HILAL_ARCHIVE_FRAME_FAILED
+                                                     : f->status != HILAL_ARCHIVE_FRAME_FAILED)
+            return 1;
+    }
+    return 0;
+}
+
+/* Copies frame row `srow` of src (with its candidates, stamps, PSFs and
+ * header) into ar under run_id and commits it, following the order of
+ * hilal_archive_append_frame(): everything the row points at, flushed; the
+ * row, flushed; then the convenience flags. buf holds cap_rows stamps. */
+static hilal_status merge_frame(hilal_archive *ar, hilal_archive *src, size_t srow,
+                                const hilal_archive_frame *sf, int32_t run_id, void *buf,
+                                hsize_t cap_rows, hilal_error *err)
+{
+    hilal_status st = HILAL_OK;
+    hilal_archive_frame row = *sf;
+    hilal_archive_cand *cands = NULL;
+    char *header = NULL;
+    int64_t old = -1, start = 0, text_before = 0;
+    size_t frow = 0, n = sf->n_candidates > 0 ? (size_t)sf->n_candidates : 0;
+    size_t hlen = sf->header_length > 0 ? (size_t)sf->header_length : 0;
+    int committed = sf->status != HILAL_ARCHIVE_FRAME_FAILED;
+
+    /* What the row points at in src: its header text and candidate rows. */
+    header = malloc(hlen + 1);
+    cands = calloc(n > 0 ? n : 1, sizeof *cands);
+    if (header == NULL || cands == NULL) {
+        free(header);
+        free(cands);
+        return hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for frame %s", sf->frame_name);
+    }
+    st = hilal_h5_read_rows(src->d_text, H5T_NATIVE_UCHAR, (hsize_t)sf->header_offset, hlen,
+                            header, err);
+    if (st == HILAL_OK && n > 0)
+        st = hilal_h5_read_rows(src->d_cand, src->t_cand, (hsize_t)(sf->first_cand_id - 1), n,
+                                cands, err);
+    if (st != HILAL_OK) {
+        free(header);
+        free(cands);
+        return st;
+    }
+
+    pthread_mutex_lock(&ar->mutex);
+    st = reserve_frame(ar, err);
+    if (st != HILAL_OK)
+        goto cleanup;
+    frow = ar->nframes;
+    start = ar->cand_end;
+    text_before = ar->text_end;
+    row.run_id = run_id;
+    row.status = committed ? HILAL_ARCHIVE_FRAME_COMMITTED : HILAL_ARCHIVE_FRAME_FAILED;
+    row.valid = committed ? 1 : 0;
+    row.first_cand_id = start + 1;
+    if (committed)
+        old = replaced_frame_row(ar, row.frame_id, run_id);
+
+    /* 1. Header, PSF boxes, stamps and candidate rows, flushed. */
+    st = append_text(ar, header, hlen, &row.header_offset, err);
+    for (int p = 0; p < 3 && st == HILAL_OK; p++)
+        st = copy_rows(src->d_psf[p], ar->d_psf[p], H5T_NATIVE_FLOAT, srow, frow, 1, buf,
+                       1, err);
+    for (int p = 0; p < HILAL_ARCHIVE_NFLOAT_PLANES && st == HILAL_OK; p++)
+        st = copy_rows(src->d_cut[p], ar->d_cut[p], H5T_NATIVE_FLOAT,
+                       (hsize_t)(sf->first_cand_id - 1), (hsize_t)start, n, buf, cap_rows, err);
+    if (st == HILAL_OK)
+        st = copy_rows(src->d_mask, ar->d_mask, H5T_NATIVE_UINT16,
+                       (hsize_t)(sf->first_cand_id - 1), (hsize_t)start, n, buf, cap_rows, err);
+    for (size_t k = 0; k < n; k++) {
+        cands[k].cand_id = start + (int64_t)k + 1;
+        cands[k].run_id = run_id;
+        cands[k].frame_row = (int64_t)frow;
+        cands[k].valid = 0;
+    }
+    /* Objects are this archive's: associate the copied rows afresh. */
+    fix_v1_rows(src, cands, n);
+    if (st == HILAL_OK && ar->assoc != NULL && ar->assoc_dirty)
+        st = rebuild_objects(ar, err);
+    ar->ntouched = 0;
+    if (st == HILAL_OK && committed)
+        st = associate_rows(ar, cands, n, NAN, err);
+    if (st == HILAL_OK)
+        st = hilal_h5_write_rows(ar->d_cand, ar->t_cand, (hsize_t)start, n, cands, err);
+    if (st == HILAL_OK)
+        st = flush(ar, err);
+    /* 2 to 4: the commit (the frame row keeps its commit time), the flags
+     * and the objects, as in hilal_archive_append_frame(). */
+    if (st == HILAL_OK)
+        st = commit_frame(ar, &row, frow, start, (int64_t)n, old, text_before, err);
+    else
+        forget_uncommitted(ar, text_before);
+cleanup:
+    pthread_mutex_unlock(&ar->mutex);
+    free(header);
+    free(cands);
+    if (st != HILAL_OK)
+        hilal_error_context(err, "frame %s", sf->frame_name);
+    return st;
+}
+
+hilal_status hilal_archive_merge(hilal_archive *ar, const char *src_path, size_t *nframes,
+                                 size_t *ncands, hilal_error *err)
+{
+    hilal_status st = HILAL_OK;
+    hilal_archive *src = NULL;
+    hilal_archive_run *runs = NULL;
+    hilal_archive_frame *rows = NULL;
+    unsigned char *cur = NULL;
+    int32_t *map = NULL;
+    void *buf = NULL;
+    size_t nruns = 0, nrows = 0, copied = 0, copied_cands = 0;
+    int recovered = 0;
+    if (nframes != NULL)
+        *nframes = 0;
+    if (ncands != NULL)
+        *ncands = 0;
+    if (!ar->writable)
+        return hilal_error_set(err, HILAL_ERR_USAGE, "archive %s was opened read-only", ar->path);
+    if (strcmp(src_path, ar->path) == 0)
+        return hilal_error_set(err, HILAL_ERR_USAGE, "cannot merge archive %s into itself", src_path);
+
+    /* A shard whose writer died is repaired first, as its next writer would. */
+    st = hilal_archive_recover(src_path, &recovered, err);
+    if (st == HILAL_OK)
+        st = hilal_archive_open_read(src_path, &src, err);
+    if (st != HILAL_OK)
+        goto cleanup;
+    if (src->cutout_size != ar->cutout_size || src->psf_size != ar->psf_size) {
+        st = hilal_error_set(err, HILAL_ERR_MISMATCH,
+                             "%s has %d px cutouts and %d px PSF boxes but %s has %d and %d",
+                             src_path, src->cutout_size, src->psf_size, ar->path,
+                             ar->cutout_size, ar->psf_size);
+        goto cleanup;
+    }
+    st = hilal_archive_read_runs(src, &runs, &nruns, err);
+    if (st == HILAL_OK)
+        st = hilal_archive_read_frames(src, &rows, &nrows, &cur, err);
+    if (st != HILAL_OK)
+        goto cleanup;
+
+    /* Each source run becomes the run of ar with the same configuration
+     * hash and software version. */
+    map = calloc(nruns > 0 ? nruns : 1, sizeof *map);
+    hsize_t cap_rows = group_rows(ar->cutout_size);
+    size_t stamp_bytes = (size_t)ar->cutout_size * (size_t)ar->cutout_size * sizeof(float);
+    size_t psf_bytes = (size_t)ar->psf_size * (size_t)ar->psf_size * sizeof(float);
+    buf = malloc(cap_rows * stamp_bytes > psf_bytes ? cap_rows * stamp_bytes : psf_bytes);
+    if (map == NULL || buf == NULL) {
+        st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory");
+        goto cleanup;
+    }
+    for (size_t r = 0; r < nruns && st == HILAL_OK; r++) {
+        char *text = NULL;
+        st = hilal_archive_read_text(src, runs[r].config_offset, runs[r].config_length, &text, err);
+        if (st == HILAL_OK)
+            st = find_or_add_run(ar, text, runs[r].config_hash, runs[r].software_version,
+                                 runs[r].library_versions, runs[r].created_utc, &map[r], err);
+        free(text);
+    }
+    for (size_t i = 0; i < nrows && st == HILAL_OK; i++) {
+        const hilal_archive_frame *sf = &rows[i];
+        if (!(cur[i] || sf->status == HILAL_ARCHIVE_FRAME_FAILED))
+            continue;
+        int32_t run_id = 0;
+        for (size_t r = 0; r < nruns; r++)
+            if (runs[r].run_id == sf->run_id)
+                run_id = map[r];
+        if (run_id == 0) {
+            st = hilal_error_set(err, HILAL_ERR_FORMAT, "%s: frame row %zu names run %d, which "
+                                 "is not in /runs", src_path, i, (int)sf->run_id);
+            break;
+        }
+        pthread_mutex_lock(&ar->mutex);
+        int skip = merged_before(ar, sf, run_id);
+        pthread_mutex_unlock(&ar->mutex);
+        if (skip)
+            continue;
+        st = merge_frame(ar, src, i, sf, run_id, buf, cap_rows, err);
+        if (st == HILAL_OK) {
+            copied++;
+            copied_cands += sf->status == HILAL_ARCHIVE_FRAME_FAILED ? 0 : (size_t)sf->n_candidates;
+        }
+    }
+    if (st == HILAL_OK && recovered)
+        hilal_log(HILAL_LOG_INFO, "merge: %s had been left open by a writer that stopped; "
+                  "recovered before merging", src_path);
+cleanup:
+    if (nframes != NULL)
+        *nframes = copied;
+    if (ncands != NULL)
+        *ncands = copied_cands;
+    hilal_archive_free(src);
+    free(runs);
+    free(rows);
+    free(cur);
+    free(map);
+    free(buf);
+    if (st != HILAL_OK)
+        hilal_error_context(err, "merging %s into %s", src_path, ar->path);
     return st;
 }

@@ -97,9 +97,15 @@ hilal_status hilal_archive_write_fits_table(const char *path, const hilal_archiv
 
     if (ncols > 64)
         return hilal_error_set(err, HILAL_ERR_INTERNAL, "too many columns");
-    snprintf(dir, sizeof dir, "%s", path);
-    snprintf(base, sizeof base, "%s", path);
-    snprintf(tmp, sizeof tmp, "%s/.%s.tmp-XXXXXX", dirname(dir), basename(base));
+    /* The table is written under a temporary name next to path. */
+    if ((size_t)snprintf(dir, sizeof dir, "%s", path) >= sizeof dir ||
+        (size_t)snprintf(base, sizeof base, "%s", path) >= sizeof base ||
+        (size_t)snprintf(tmp, sizeof tmp, "%s/.%s.tmp-XXXXXX", dirname(dir), basename(base)) >=
+            sizeof tmp)
+        return hilal_error_set(err, HILAL_ERR_IO,
+                               "%s: file name too long (%zu characters) for its temporary "
+                               "name; use a shorter path",
+                               path, strlen(path));
     fd = mkstemp(tmp);
     if (fd < 0)
         return hilal_error_set(err, HILAL_ERR_IO, "cannot write %s: %s; check that the directory "

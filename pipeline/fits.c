@@ -298,10 +298,13 @@ static hilal_status open_input(const char *path, fitsfile **f, char *root, size_
     int status = 0;
     *f = NULL;
     *ext_given = 0;
-    snprintf(root, rootlen, "%s", path);
+    root[0] = '\0';
     if (strlen(path) >= FLEN_FILENAME)
         return hilal_error_set(err, HILAL_ERR_IO, "%s: file name longer than %d characters",
                                path, FLEN_FILENAME - 1);
+    if ((size_t)snprintf(root, rootlen, "%s", path) >= rootlen)
+        return hilal_error_set(err, HILAL_ERR_IO, "%s: file name longer than %zu characters",
+                               path, rootlen - 1);
     struct stat sb;
     if (stat(path, &sb) == 0) {
         if (S_ISDIR(sb.st_mode))
@@ -321,10 +324,14 @@ static hilal_status open_input(const char *path, fitsfile **f, char *root, size_
                              "%s: no such file, and the name is not valid CFITSIO "
                              "extended syntax (file.fits[ext])",
                              path);
-        if (strcmp(type, "file://") == 0 || type[0] == '\0')
-            snprintf(root, rootlen, "%s", infile);
-        else
-            snprintf(root, rootlen, "%s%s", type, infile);
+        /* root is the file part alone; a URL type other than file:// stays
+         * in front of it. */
+        const char *prefix = (strcmp(type, "file://") == 0) ? "" : type;
+        if ((size_t)snprintf(root, rootlen, "%s%s", prefix, infile) >= rootlen)
+            return hilal_error_set(err, HILAL_ERR_IO,
+                                   "%s: file name longer than %zu characters once the [...] "
+                                   "part is removed",
+                                   path, rootlen - 1);
         *ext_given = extspec[0] != '\0';
         /* For a plain name of a missing file CFITSIO still tries name.gz,
          * name.Z, ... which is what users expect. */
@@ -841,7 +848,9 @@ hilal_status hilal_fits_date_to_mjd(const char *date, double *mjd, int *has_time
 struct hilal_fits_writer {
     fitsfile *f;
     int nhdu;                   /* HDUs written so far */
-    char path[FLEN_FILENAME];   /* target */
+    int in_memory;              /* a header alone (hilal_fits_header_open), no file */
+    hilal_fits_checksum checksum; /* how CHECKSUM/DATASUM are commented */
+    char path[FLEN_FILENAME];   /* target, or a description of the in-memory header */
     char tmp[FLEN_FILENAME];    /* file being written */
 };
 
@@ -861,12 +870,18 @@ static hilal_status writer_open(const char *path, hilal_fits_writer **out, hilal
         st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory opening %s", path);
         goto fail;
     }
-    snprintf(w->path, sizeof w->path, "%s", path);
     /* A unique temporary name in the target's directory, so that the final
-     * rename() is atomic (same file system). */
-    snprintf(dir, sizeof dir, "%s", path);
-    snprintf(base, sizeof base, "%s", path);
-    snprintf(w->tmp, sizeof w->tmp, "%s/.%s.tmp-XXXXXX", dirname(dir), basename(base));
+     * rename() is atomic (same file system). The length test above leaves
+     * room for it; the checks below keep a change there from cutting a name
+     * short. */
+    if ((size_t)snprintf(w->path, sizeof w->path, "%s", path) >= sizeof w->path ||
+        (size_t)snprintf(dir, sizeof dir, "%s", path) >= sizeof dir ||
+        (size_t)snprintf(base, sizeof base, "%s", path) >= sizeof base ||
+        (size_t)snprintf(w->tmp, sizeof w->tmp, "%s/.%s.tmp-XXXXXX", dirname(dir),
+                         basename(base)) >= sizeof w->tmp) {
+        st = hilal_error_set(err, HILAL_ERR_IO, "%s: file name too long", path);
+        goto fail;
+    }
     int fd = mkstemp(w->tmp);
     if (fd < 0) {
         st = hilal_error_set(err, HILAL_ERR_IO,
@@ -901,7 +916,16 @@ void hilal_fits_writer_free(hilal_fits_writer *w)
 {
     if (w == NULL)
         return;
-    if (w->f != NULL) {
+    if (w->f != NULL && w->in_memory) {
+        /* Back to the 1 x 1 size the memory file was made with, so that
+         * closing it pads one pixel only (see hilal_fits_header_open). */
+        int status = 0;
+        fits_update_key_lng(w->f, "NAXIS1", 1, NULL, &status);
+        fits_update_key_lng(w->f, "NAXIS2", 1, NULL, &status);
+        status = 0;
+        fits_close_file(w->f, &status);
+        fits_clear_errmsg();
+    } else if (w->f != NULL) {
         /* Close, then remove by name ourselves: fits_delete_file() would
          * parse [...] in the name as extended syntax. */
         int status = 0;
@@ -912,10 +936,17 @@ void hilal_fits_writer_free(hilal_fits_writer *w)
     free(w);
 }
 
+/* need_hdu: 1 for key functions (an HDU must exist), 0 for functions that
+ * add an HDU or close the file (not allowed on an in-memory header). */
 static hilal_status writer_check(hilal_fits_writer *w, int need_hdu, hilal_error *err)
 {
     if (w == NULL || w->f == NULL)
         return hilal_error_set(err, HILAL_ERR_INTERNAL, "FITS writer used after close");
+    if (!need_hdu && w->in_memory)
+        return hilal_error_set(err, HILAL_ERR_INTERNAL,
+                               "%s: an in-memory header holds one HDU and is not closed; take "
+                               "its cards with hilal_fits_writer_header()",
+                               w->path);
     if (need_hdu && w->nhdu == 0)
         return hilal_error_set(err, HILAL_ERR_INTERNAL,
                                "%s: keyword written before any HDU was added", w->path);
@@ -941,12 +972,12 @@ static hilal_status writer_new_hdu(hilal_fits_writer *w, int bitpix, int naxis, 
     return HILAL_OK;
 }
 
-hilal_status hilal_fits_writer_add_float(hilal_fits_writer *w, const char *extname, long nx,
-                                         long ny, const float *pix, hilal_error *err)
+/* A new image HDU of type imgtype (FLOAT_IMG, USHORT_IMG) holding the
+ * float pixels, which CFITSIO converts to that type. */
+static hilal_status writer_add_pixels(hilal_fits_writer *w, int imgtype, const char *extname,
+                                      long nx, long ny, const float *pix, hilal_error *err)
 {
-    hilal_status st = writer_check(w, 0, err);
-    if (st == HILAL_OK)
-        st = writer_new_hdu(w, FLOAT_IMG, 2, nx, ny, extname, err);
+    hilal_status st = writer_new_hdu(w, imgtype, 2, nx, ny, extname, err);
     if (st != HILAL_OK)
         return st;
     int status = 0;
@@ -955,6 +986,42 @@ hilal_status hilal_fits_writer_add_float(hilal_fits_writer *w, const char *extna
         return fits_fail(err, HILAL_ERR_IO, status, "%s: cannot write the pixels of HDU %d",
                          w->path, w->nhdu);
     return HILAL_OK;
+}
+
+hilal_status hilal_fits_writer_add_float(hilal_fits_writer *w, const char *extname, long nx,
+                                         long ny, const float *pix, hilal_error *err)
+{
+    hilal_status st = writer_check(w, 0, err);
+    if (st == HILAL_OK)
+        st = writer_add_pixels(w, FLOAT_IMG, extname, nx, ny, pix, err);
+    return st;
+}
+
+/* CFITSIO stores a float into BITPIX 16 with BZERO 32768 as
+ * round(value - 32768) (halves away from zero) and fails beyond
+ * [-32768.49, 32767.49]; these bounds say the same of the value itself. */
+#define UINT16_MIN_STORABLE (-0.49)
+#define UINT16_MAX_STORABLE 65535.49
+
+hilal_status hilal_fits_writer_add_uint16(hilal_fits_writer *w, const char *extname, long nx,
+                                          long ny, const float *pix, hilal_error *err)
+{
+    hilal_status st = writer_check(w, 0, err);
+    if (st != HILAL_OK)
+        return st;
+    /* Every value must fit before anything is added, so that a bad pixel
+     * leaves no half-written HDU and is named in the message. */
+    for (long y = 0; y < ny; y++)
+        for (long x = 0; x < nx; x++) {
+            double v = pix[y * nx + x];
+            if (!(v >= UINT16_MIN_STORABLE && v <= UINT16_MAX_STORABLE))
+                return hilal_error_set(err, HILAL_ERR_RANGE,
+                                       "%s: pixel (%ld, %ld) of HDU %d is %g, which an "
+                                       "unsigned 16-bit image cannot hold (0 to 65535); clip "
+                                       "and round the image first or write it as float",
+                                       w->path, x + 1, y + 1, w->nhdu + 1, v);
+        }
+    return writer_add_pixels(w, USHORT_IMG, extname, nx, ny, pix, err);
 }
 
 const char *hilal_fits_mask_name(unsigned bit)
@@ -1063,6 +1130,24 @@ hilal_status hilal_fits_writer_key_string(hilal_fits_writer *w, const char *key,
     return key_done(w, key, status, err);
 }
 
+hilal_status hilal_fits_writer_key_uint(hilal_fits_writer *w, const char *key,
+                                        unsigned long long value, const char *comment,
+                                        hilal_error *err)
+{
+    hilal_status st = writer_check(w, 1, err);
+    if (st != HILAL_OK)
+        return st;
+    /* CFITSIO updates no unsigned 64-bit keyword (fits_update_key with
+     * TULONGLONG fails): make the card as fits_write_key_ulng would and
+     * update it by name. */
+    int status = 0;
+    char value_text[32], card[FLEN_CARD];
+    snprintf(value_text, sizeof value_text, "%llu", value);
+    fits_make_key(key, value_text, comment, card, &status);
+    fits_update_card(w->f, key, card, &status);
+    return key_done(w, key, status, err);
+}
+
 hilal_status hilal_fits_writer_key_bool(hilal_fits_writer *w, const char *key, int value,
                                         const char *comment, hilal_error *err)
 {
@@ -1082,6 +1167,16 @@ hilal_status hilal_fits_writer_history(hilal_fits_writer *w, const char *text, h
     int status = 0;
     fits_write_history(w->f, text, &status);
     return key_done(w, "HISTORY", status, err);
+}
+
+hilal_status hilal_fits_writer_comment(hilal_fits_writer *w, const char *text, hilal_error *err)
+{
+    hilal_status st = writer_check(w, 1, err);
+    if (st != HILAL_OK)
+        return st;
+    int status = 0;
+    fits_write_comment(w->f, text, &status);
+    return key_done(w, "COMMENT", status, err);
 }
 
 /* Whether name (upper case, HIERARCH prefix removed) describes the stored
@@ -1185,6 +1280,34 @@ hilal_status hilal_fits_writer_copy_cards(hilal_fits_writer *w, const char *head
     return HILAL_OK;
 }
 
+void hilal_fits_writer_set_checksum(hilal_fits_writer *w, hilal_fits_checksum how)
+{
+    if (w != NULL)
+        w->checksum = how;
+}
+
+/* After fits_write_chksum on the current HDU: puts fixed text in place of
+ * the time in the CHECKSUM and DATASUM comments, then computes CHECKSUM
+ * again over the changed header. The FITS checksum convention (FITS
+ * Standard 4.0, Appendix J): DATASUM is the 32-bit 1's-complement sum of
+ * the data unit; CHECKSUM, computed while it reads '0000000000000000',
+ * holds the ASCII-encoded complement of the sum of the whole HDU, so that
+ * the HDU then sums to -0. DATASUM does not change (only the header did). */
+static void fix_checksum_comments(fitsfile *f, int *status)
+{
+    unsigned long datasum = 0, hdusum = 0;
+    char encoded[17];
+    fits_modify_comment(f, "DATASUM", "data unit checksum", status);
+    fits_modify_comment(f, "CHECKSUM", "HDU checksum", status);
+    /* "&": keep the comment just written. */
+    fits_modify_key_str(f, "CHECKSUM", "0000000000000000", "&", status);
+    fits_get_chksum(f, &datasum, &hdusum, status);
+    if (*status != 0)
+        return;
+    fits_encode_chksum(hdusum, 1, encoded);
+    fits_modify_key_str(f, "CHECKSUM", encoded, "&", status);
+}
+
 hilal_status hilal_fits_writer_close(hilal_fits_writer *w, hilal_error *err)
 {
     hilal_status st = writer_check(w, 0, err);
@@ -1203,6 +1326,8 @@ hilal_status hilal_fits_writer_close(hilal_fits_writer *w, hilal_error *err)
     for (int i = 1; i <= w->nhdu && status == 0; i++) {
         fits_movabs_hdu(w->f, i, NULL, &status);
         fits_write_chksum(w->f, &status);
+        if (w->checksum == HILAL_FITS_CHECKSUM_FIXED)
+            fix_checksum_comments(w->f, &status);
     }
     if (status == 0) {
         fits_close_file(w->f, &status);
@@ -1222,6 +1347,86 @@ hilal_status hilal_fits_writer_close(hilal_fits_writer *w, hilal_error *err)
         unlink(w->tmp);
     }
     hilal_fits_writer_free(w);
+    return st;
+}
+
+hilal_status hilal_fits_header_open(int bitpix, long nx, long ny, hilal_fits_writer **out,
+                                    hilal_error *err)
+{
+    hilal_fits_writer *w = NULL;
+    hilal_status st = HILAL_OK;
+    int status = 0;
+    *out = NULL;
+    if (bitpix != FLOAT_IMG && bitpix != SHORT_IMG) {
+        st = hilal_error_set(err, HILAL_ERR_RANGE,
+                             "in-memory header: BITPIX %d is not one Hilal writes; use -32 "
+                             "(float) or 16 (unsigned 16-bit)",
+                             bitpix);
+        goto cleanup;
+    }
+    if (nx <= 0 || ny <= 0) {
+        st = hilal_error_set(err, HILAL_ERR_RANGE,
+                             "in-memory header: image size %ld x %ld is not positive", nx, ny);
+        goto cleanup;
+    }
+    w = calloc(1, sizeof *w);
+    if (w == NULL) {
+        st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for an in-memory FITS header");
+        goto cleanup;
+    }
+    w->in_memory = 1;
+    snprintf(w->path, sizeof w->path, "in-memory header");
+    /* A one-pixel image in a memory file, so that no data unit of the full
+     * size is ever allocated; NAXISn then say the real size (updated in
+     * place on the same HDU; hilal_fits_writer_free restores 1 x 1 before
+     * closing). A failed fits_create_file leaves w->f NULL. */
+    long one[2] = {1, 1};
+    fits_create_file(&w->f, "mem://", &status);
+    fits_create_img(w->f, bitpix == SHORT_IMG ? USHORT_IMG : FLOAT_IMG, 2, one, &status);
+    fits_update_key_lng(w->f, "NAXIS1", nx, NULL, &status);
+    fits_update_key_lng(w->f, "NAXIS2", ny, NULL, &status);
+    if (status != 0) {
+        st = fits_fail(err, HILAL_ERR_FITS, status, "cannot start an in-memory FITS header");
+        goto cleanup;
+    }
+    w->nhdu = 1;
+    *out = w;
+    w = NULL;
+cleanup:
+    hilal_fits_writer_free(w);
+    return st;
+}
+
+hilal_status hilal_fits_writer_header(hilal_fits_writer *w, char **cards, int *ncards,
+                                      hilal_error *err)
+{
+    *cards = NULL;
+    *ncards = 0;
+    hilal_status st = writer_check(w, 1, err);
+    if (st != HILAL_OK)
+        return st;
+    int status = 0, nkeys = 0;
+    char *str = NULL;
+    fits_hdr2str(w->f, 0, NULL, 0, &str, &nkeys, &status);
+    if (status != 0) {
+        st = fits_fail(err, HILAL_ERR_FITS, status, "%s: cannot read back HDU %d's header",
+                       w->path, w->nhdu);
+        goto cleanup;
+    }
+    size_t len = strlen(str);
+    *cards = malloc(len + 1);
+    if (*cards == NULL) {
+        st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for a header of %d cards",
+                             nkeys);
+        goto cleanup;
+    }
+    memcpy(*cards, str, len + 1);
+    *ncards = nkeys;
+cleanup:
+    if (str != NULL) {
+        int ignored = 0;
+        fits_free_memory(str, &ignored);
+    }
     return st;
 }
 

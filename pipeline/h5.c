@@ -799,11 +799,31 @@ static hilal_status select_rows(hid_t dset, hsize_t start, hsize_t n, hid_t *fsp
     return HILAL_OK;
 }
 
+/* Moves rows start .. start + n - 1 of dset between the file and memory of
+ * type mtype: into rbuf when it is not NULL, else out of wbuf. */
+static hilal_status transfer_rows(hid_t dset, hid_t mtype, hsize_t start, hsize_t n,
+                                  void *rbuf, const void *wbuf, hilal_error *err)
+{
+    hid_t fspace = H5I_INVALID_HID, mspace = H5I_INVALID_HID;
+    herr_t rc = 0;
+    hilal_status st = select_rows(dset, start, n, &fspace, &mspace, err);
+    if (st == HILAL_OK)
+        rc = rbuf != NULL ? H5Dread(dset, mtype, mspace, fspace, H5P_DEFAULT, rbuf)
+                          : H5Dwrite(dset, mtype, mspace, fspace, H5P_DEFAULT, wbuf);
+    if (st == HILAL_OK && rc < 0)
+        st = hilal_h5_error(err, "cannot %s rows %llu..%llu", rbuf != NULL ? "read" : "write",
+                            (unsigned long long)start, (unsigned long long)(start + n - 1));
+    if (fspace >= 0)
+        H5Sclose(fspace);
+    if (mspace >= 0)
+        H5Sclose(mspace);
+    return st;
+}
+
 hilal_status hilal_h5_write_rows(hid_t dset, hid_t mtype, hsize_t start, hsize_t n,
                                  const void *buf, hilal_error *err)
 {
     hsize_t nrows;
-    hid_t fspace = H5I_INVALID_HID, mspace = H5I_INVALID_HID;
     hilal_status st;
     if (n == 0)
         return HILAL_OK;
@@ -811,47 +831,32 @@ hilal_status hilal_h5_write_rows(hid_t dset, hid_t mtype, hsize_t start, hsize_t
     if (st == HILAL_OK && start + n > nrows)
         st = hilal_h5_set_nrows(dset, start + n, err);
     if (st == HILAL_OK)
-        st = select_rows(dset, start, n, &fspace, &mspace, err);
-    if (st == HILAL_OK && H5Dwrite(dset, mtype, mspace, fspace, H5P_DEFAULT, buf) < 0)
-        st = hilal_h5_error(err, "cannot write rows %llu..%llu", (unsigned long long)start,
-                            (unsigned long long)(start + n - 1));
-    if (fspace >= 0)
-        H5Sclose(fspace);
-    if (mspace >= 0)
-        H5Sclose(mspace);
+        st = transfer_rows(dset, mtype, start, n, NULL, buf, err);
     return st;
 }
 
 hilal_status hilal_h5_read_rows(hid_t dset, hid_t mtype, hsize_t start, hsize_t n, void *buf,
                                 hilal_error *err)
 {
-    hid_t fspace = H5I_INVALID_HID, mspace = H5I_INVALID_HID;
-    hilal_status st;
     if (n == 0)
         return HILAL_OK;
-    st = select_rows(dset, start, n, &fspace, &mspace, err);
-    if (st == HILAL_OK && H5Dread(dset, mtype, mspace, fspace, H5P_DEFAULT, buf) < 0)
-        st = hilal_h5_error(err, "cannot read rows %llu..%llu", (unsigned long long)start,
-                            (unsigned long long)(start + n - 1));
-    if (fspace >= 0)
-        H5Sclose(fspace);
-    if (mspace >= 0)
-        H5Sclose(mspace);
-    return st;
+    return transfer_rows(dset, mtype, start, n, buf, NULL, err);
 }
 
 /* ------------------------------------------------------------------------
  * Attributes
  * ------------------------------------------------------------------------ */
 
-hilal_status hilal_h5_attr_write_int(hid_t loc, const char *name, long long value,
-                                     hilal_error *err)
+/* A scalar attribute of file type ftype, written from value (memory type
+ * mtype). */
+static hilal_status attr_write(hid_t loc, const char *name, hid_t ftype, hid_t mtype,
+                               const void *value, hilal_error *err)
 {
     hilal_status st = HILAL_OK;
     hid_t space = H5Screate(H5S_SCALAR), attr = H5I_INVALID_HID;
-    if (space >= 0)
-        attr = H5Acreate2(loc, name, H5T_STD_I64LE, space, H5P_DEFAULT, H5P_DEFAULT);
-    if (attr < 0 || H5Awrite(attr, H5T_NATIVE_LLONG, &value) < 0)
+    if (space >= 0 && ftype >= 0)
+        attr = H5Acreate2(loc, name, ftype, space, H5P_DEFAULT, H5P_DEFAULT);
+    if (attr < 0 || H5Awrite(attr, mtype, value) < 0)
         st = hilal_h5_error(err, "cannot write attribute %s", name);
     if (attr >= 0)
         H5Aclose(attr);
@@ -860,23 +865,26 @@ hilal_status hilal_h5_attr_write_int(hid_t loc, const char *name, long long valu
     return st;
 }
 
+hilal_status hilal_h5_attr_write_int(hid_t loc, const char *name, long long value,
+                                     hilal_error *err)
+{
+    return attr_write(loc, name, H5T_STD_I64LE, H5T_NATIVE_LLONG, &value, err);
+}
+
 hilal_status hilal_h5_attr_write_string(hid_t loc, const char *name, const char *value,
                                         hilal_error *err)
 {
-    hilal_status st = HILAL_OK;
+    /* A fixed-length, NUL-padded string of the value's length (at least 1). */
     size_t len = strlen(value);
-    hid_t space = H5Screate(H5S_SCALAR), type = H5Tcopy(H5T_C_S1), attr = H5I_INVALID_HID;
-    if (space >= 0 && type >= 0 && H5Tset_size(type, len > 0 ? len : 1) >= 0 &&
-        H5Tset_strpad(type, H5T_STR_NULLPAD) >= 0)
-        attr = H5Acreate2(loc, name, type, space, H5P_DEFAULT, H5P_DEFAULT);
-    if (attr < 0 || H5Awrite(attr, type, len > 0 ? value : "") < 0)
-        st = hilal_h5_error(err, "cannot write attribute %s", name);
-    if (attr >= 0)
-        H5Aclose(attr);
+    hid_t type = H5Tcopy(H5T_C_S1);
+    if (type >= 0 && (H5Tset_size(type, len > 0 ? len : 1) < 0 ||
+                      H5Tset_strpad(type, H5T_STR_NULLPAD) < 0)) {
+        H5Tclose(type);
+        type = H5I_INVALID_HID;
+    }
+    hilal_status st = attr_write(loc, name, type, type, len > 0 ? value : "", err);
     if (type >= 0)
         H5Tclose(type);
-    if (space >= 0)
-        H5Sclose(space);
     return st;
 }
 

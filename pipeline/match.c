@@ -6,6 +6,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "hilal/stats.h"
+
 #define MAXCOEF 6
 
 /* Number of coefficients per axis of a polynomial of the given order. */
@@ -113,11 +115,9 @@ static int cmp_double(const void *a, const void *b)
 /* Median of n values (sorts a scratch copy in tmp). */
 static double median(const double *v, size_t n, double *tmp)
 {
-    if (n == 0)
-        return NAN;
-    memcpy(tmp, v, n * sizeof *v);
-    qsort(tmp, n, sizeof *tmp, cmp_double);
-    return n % 2 ? tmp[n / 2] : 0.5 * (tmp[n / 2 - 1] + tmp[n / 2]);
+    if (n > 0)
+        memcpy(tmp, v, n * sizeof *v);
+    return hilal_median_double(tmp, n);
 }
 
 /* Solves the n x n system m x = r in place by Gaussian elimination with

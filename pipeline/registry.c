@@ -2,6 +2,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "hilal/night.h"
 #include "hilal/stage.h"
 
 /* Stage descriptors, each defined in stages/<name>.c. */
@@ -16,6 +17,7 @@ extern const hilal_stage hilal_stage_detect;
 extern const hilal_stage hilal_stage_measure;
 extern const hilal_stage hilal_stage_vet;
 extern const hilal_stage hilal_stage_archive;
+extern const hilal_stage hilal_stage_alert;
 
 static const hilal_stage *const registry[] = {
     &hilal_stage_ingest,
@@ -29,6 +31,7 @@ static const hilal_stage *const registry[] = {
     &hilal_stage_measure,
     &hilal_stage_vet,
     &hilal_stage_archive,
+    &hilal_stage_alert,
 };
 #define NSTAGES (sizeof registry / sizeof registry[0])
 
@@ -61,13 +64,14 @@ const hilal_param_section *hilal_registry_sections(size_t *n)
 {
     /* Built once; the registry is constant so there is no race in practice,
      * but guard with a static initialiser that is idempotent. */
-    static hilal_param_section sections[NSTAGES + 1];
+    static hilal_param_section sections[NSTAGES + 2];
     static size_t count;
     if (count == 0) {
         size_t k = 0;
         sections[k++] = (hilal_param_section){
             "pipeline", "settings shared by all stages", pipeline_params,
             sizeof pipeline_params / sizeof pipeline_params[0]};
+        sections[k++] = hilal_night_section; /* `hilal night` and `hilal reprocess` */
         for (size_t i = 0; i < NSTAGES; i++)
             if (registry[i]->nparams > 0)
                 sections[k++] = (hilal_param_section){registry[i]->name, registry[i]->summary,

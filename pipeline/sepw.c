@@ -93,7 +93,7 @@ static hilal_status make_sep_image(const hilal_sepw_image *im, sep_image *s, hil
     s->noiseval = 0.0;
     s->mask = im->mask;
     s->mdtype = SEP_TBYTE;
-    s->maskthresh = 0.0; /* masked where mask > 0 */
+    s->maskthresh = (double)im->mask_level; /* masked where mask > mask_level */
     s->segmap = NULL;
     s->sdtype = SEP_TINT;
     s->w = (int)im->nx;
@@ -149,9 +149,14 @@ hilal_status hilal_sepw_extract(const hilal_sepw_image *im, const hilal_sepw_ext
     if (st != HILAL_OK)
         goto cleanup;
     if (im->var == NULL) {
-        st = hilal_error_set(err, HILAL_ERR_INTERNAL,
-                             "source extraction needs the variance plane (run background first)");
-        goto cleanup;
+        if (!(p->noise_sigma > 0.0) || !isfinite(p->noise_sigma)) {
+            st = hilal_error_set(err, HILAL_ERR_INTERNAL,
+                                 "source extraction needs the variance plane or a positive noise "
+                                 "level (run background first)");
+            goto cleanup;
+        }
+        s.noise_type = SEP_NOISE_STDDEV;
+        s.noiseval = p->noise_sigma;
     }
 
     pthread_mutex_lock(&extract_lock);

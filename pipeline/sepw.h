@@ -40,10 +40,11 @@
 
 /* An image as SEP sees it: borrowed planes, all nx*ny, row-major. */
 typedef struct hilal_sepw_image {
-    const float *data;    /* pixel values; must be finite where mask is 0 */
+    const float *data;    /* pixel values; must be finite where not masked */
     const float *var;     /* per-pixel variance (ADU^2), or NULL */
-    const uint8_t *mask;  /* non-zero = ignore this pixel, or NULL */
+    const uint8_t *mask;  /* values above mask_level = ignore this pixel, or NULL */
     long nx, ny;
+    int mask_level;       /* 0 (default): any non-zero mask value masks the pixel */
 } hilal_sepw_image;
 
 /* Mesh background (SExtractor's algorithm: per-mesh clipped mode estimate,
@@ -78,10 +79,12 @@ typedef struct hilal_sepw_extract_params {
     int clean;                /* 1: clean spurious detections near bright objects */
     double clean_param;       /* cleaning efficiency */
     size_t pixstack;          /* SEP pixel-stack size (active pixels held at once) */
+    double noise_sigma;       /* per-pixel noise, ADU, used when the image has no var plane */
 } hilal_sepw_extract_params;
 
 /* Source extraction on a background-subtracted image with im->var as the
- * per-pixel noise (required). *objs receives a malloc'd array of *nobj
+ * per-pixel noise, or, when im->var is NULL, the constant p->noise_sigma
+ * (which must then be positive). *objs receives a malloc'd array of *nobj
  * objects (NULL when none); the caller frees it. */
 hilal_status hilal_sepw_extract(const hilal_sepw_image *im, const hilal_sepw_extract_params *p,
                                 hilal_sepw_object **objs, size_t *nobj, hilal_error *err);

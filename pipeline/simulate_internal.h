@@ -125,11 +125,13 @@ typedef struct sim_header {
     const hilal_sim_options *o;
 } sim_header;
 
-/* The header as 80-character cards (CFITSIO in-memory file). *cards is
- * malloc'd, NUL-terminated. */
+/* The header as 80-character cards (built in memory by the FITS writer,
+ * with the keys sim_write_fits writes). *cards is malloc'd, NUL-terminated. */
 hilal_status sim_header_cards(const sim_header *h, char **cards, int *ncards, hilal_error *err);
 
-/* Writes pix (nx x ny) with the header to path, replacing it. */
+/* Writes pix (nx x ny) with the header to path, replacing it once the new
+ * file is complete; CHECKSUM/DATASUM carry fixed comments, so the bytes
+ * depend on the options alone. */
 hilal_status sim_write_fits(const char *path, const sim_header *h, const float *pix,
                             hilal_error *err);
 

@@ -1,4 +1,5 @@
-/* Frame simulator: FITS headers and images (CFITSIO), truth tables (CSV). */
+/* Frame simulator: FITS headers and images (through the writer of
+ * pipeline/fits.c), truth tables (CSV). */
 #include <errno.h>
 #include <math.h>
 #include <stdio.h>
@@ -8,26 +9,12 @@
 #include <time.h>
 #include <unistd.h>
 
-#include <fitsio.h>
-
+#include "hilal/fits.h"
 #include "simulate_internal.h"
 
 /* ======================================================================= */
-/* CFITSIO                                                                 */
+/* FITS                                                                    */
 /* ======================================================================= */
-
-/* Records a CFITSIO failure: its status text and the first message on its
- * error stack (which names the keyword or file), then clears the stack. */
-static hilal_status fits_fail(int status, const char *what, const char *path, hilal_error *err)
-{
-    char text[FLEN_STATUS] = "", msg[FLEN_ERRMSG] = "", first[FLEN_ERRMSG] = "";
-    fits_get_errstatus(status, text);
-    while (fits_read_errmsg(msg))
-        if (first[0] == '\0')
-            snprintf(first, sizeof first, "%s", msg);
-    return hilal_error_set(err, HILAL_ERR_FITS, "%s %s: CFITSIO status %d (%s)%s%s", what, path,
-                           status, text, first[0] ? ": " : "", first);
-}
 
 /* DATE-OBS (ISO 8601, UTC) of an MJD, to the millisecond. */
 static void mjd_to_iso(double mjd, char *buf, size_t len)
@@ -47,143 +34,131 @@ static void mjd_to_iso(double mjd, char *buf, size_t len)
              tm.tm_sec % 100, ms % 1000);
 }
 
-static void put_dbl(fitsfile *f, const char *key, double v, const char *comment, int *status)
-{
-    fits_write_key_dbl(f, key, v, -15, comment, status);
-}
-
-static void put_str(fitsfile *f, const char *key, const char *v, const char *comment, int *status)
-{
-    fits_write_key_str(f, key, v, comment, status);
-}
+/* One header card of a simulated frame. */
+typedef struct sim_card {
+    const char *key;
+    char type;            /* 's' string, 'd' real, 'i' integer, 'u' unsigned, 'c' COMMENT */
+    const char *s;        /* value of 's', text of 'c' */
+    double d;             /* value of 'd' */
+    unsigned long long n; /* value of 'i' and 'u' (non-negative here) */
+    const char *comment;
+} sim_card;
 
 /* Every keyword after the structural ones. The same function writes the
  * file and the in-memory header, so the two cannot disagree. */
-static void put_keys(fitsfile *f, const sim_header *h, int *status)
+static hilal_status put_keys(hilal_fits_writer *w, const sim_header *h, hilal_error *err)
 {
     const hilal_sim_options *o = h->o;
-    char date[64];
+    char date[64], object[69];
     mjd_to_iso(h->mjd, date, sizeof date);
-    put_str(f, "OBJECT", o->object, "field name", status);
-    put_str(f, "TELESCOP", "HILAL-SIM", "simulated by hilal simulate", status);
-    put_str(f, "INSTRUME", "SIMCAM", "simulated detector", status);
-    put_str(f, "FILTER", o->filter, "filter name", status);
-    put_dbl(f, "EXPTIME", h->exptime_s, "[s] exposure time of one exposure",
-            status);
-    put_dbl(f, "MJD-OBS", h->mjd, "[d] MJD of the observation (UTC)", status);
-    put_str(f, "DATE-OBS", date, "UTC date of the observation", status);
-    put_dbl(f, "GAIN", h->gain_e_per_adu, "[e-/ADU] effective gain", status);
-    put_dbl(f, "RDNOISE", h->rdnoise_e, "[e-] effective read noise", status);
-    put_dbl(f, "SATURATE", h->saturate_adu, "[ADU] saturation level", status);
-    put_dbl(f, "MAGZP", h->zeropoint_mag, "[mag] magnitude of a 1 ADU source", status);
-    long wcsaxes = 2;
-    fits_write_key_lng(f, "WCSAXES", wcsaxes, "number of WCS axes", status);
-    put_str(f, "CTYPE1", "RA---TAN", "gnomonic projection", status);
-    put_str(f, "CTYPE2", "DEC--TAN", "gnomonic projection", status);
-    put_str(f, "CUNIT1", "deg", "unit of CRVAL1 and CD1_j", status);
-    put_str(f, "CUNIT2", "deg", "unit of CRVAL2 and CD2_j", status);
-    put_dbl(f, "CRVAL1", h->crval[0], "[deg] RA of the reference point", status);
-    put_dbl(f, "CRVAL2", h->crval[1], "[deg] Dec of the reference point", status);
-    put_dbl(f, "CRPIX1", h->crpix[0], "[px] x of the reference point", status);
-    put_dbl(f, "CRPIX2", h->crpix[1], "[px] y of the reference point", status);
-    put_dbl(f, "CD1_1", h->cd[0][0], "[deg/px] linear transformation matrix", status);
-    put_dbl(f, "CD1_2", h->cd[0][1], "[deg/px]", status);
-    put_dbl(f, "CD2_1", h->cd[1][0], "[deg/px]", status);
-    put_dbl(f, "CD2_2", h->cd[1][1], "[deg/px]", status);
-    put_str(f, "RADESYS", "ICRS", "celestial reference frame", status);
-    put_str(f, "SIMFRAME", h->frame, "simulated reference or science frame", status);
-    unsigned long long seed = (unsigned long long)o->seed;
-    fits_write_key(f, TULONGLONG, "SIMSEED", &seed, "random seed of the simulation", status);
-    put_str(f, "SIMPSF", o->psf_model == HILAL_SIM_PSF_GAUSSIAN ? "GAUSSIAN" : "MOFFAT",
-            "PSF profile", status);
-    if (o->psf_model == HILAL_SIM_PSF_MOFFAT)
-        put_dbl(f, "SIMBETA", o->moffat_beta, "Moffat beta", status);
-    put_dbl(f, "SIMFWHM", h->fwhm_px, "[px] PSF FWHM at the field centre", status);
-    put_dbl(f, "SIMVARY", o->psf_vary_frac, "FWHM variation across the field (fraction)", status);
-    put_dbl(f, "SIMELLIP", o->psf_ellip, "PSF ellipticity 1-b/a", status);
-    put_dbl(f, "SIMSKY", h->sky_adu, "[ADU] sky level at the field centre", status);
-    put_dbl(f, "SIMDEPTH", h->depth, "exposures averaged into this frame", status);
-    if (h->depth >= 1.0 && h->depth == floor(h->depth) && h->depth < 1e6)
-        fits_write_key_lng(f, "NCOMBINE", (long)h->depth, "number of exposures averaged", status);
-    put_dbl(f, "SIMRATIO", h->flux_ratio, "science ADU per reference ADU of a star", status);
-    fits_write_comment(f, "Simulated image: truth tables in truth.csv, stars.csv, galaxies.csv;",
-                       status);
-    fits_write_comment(f, "model and keywords described in docs/simulate.md.", status);
-}
-
-static void create_image(fitsfile *f, const sim_header *h, int *status)
-{
-    long naxes[2] = {h->nx, h->ny};
-    fits_create_img(f, h->bitpix == 16 ? USHORT_IMG : FLOAT_IMG, 2, naxes, status);
-    put_keys(f, h, status);
+    /* A FITS string value holds 68 characters: a longer --object is cut
+     * there, as CFITSIO cuts a plain string card. */
+    snprintf(object, sizeof object, "%.68s", o->object);
+    int moffat = o->psf_model == HILAL_SIM_PSF_MOFFAT;
+    int integral_depth = h->depth >= 1.0 && h->depth == floor(h->depth) && h->depth < 1e6;
+    const sim_card cards[] = {
+        {"OBJECT", 's', object, 0, 0, "field name"},
+        {"TELESCOP", 's', "HILAL-SIM", 0, 0, "simulated by hilal simulate"},
+        {"INSTRUME", 's', "SIMCAM", 0, 0, "simulated detector"},
+        {"FILTER", 's', o->filter, 0, 0, "filter name"},
+        {"EXPTIME", 'd', NULL, h->exptime_s, 0, "[s] exposure time of one exposure"},
+        {"MJD-OBS", 'd', NULL, h->mjd, 0, "[d] MJD of the observation (UTC)"},
+        {"DATE-OBS", 's', date, 0, 0, "UTC date of the observation"},
+        {"GAIN", 'd', NULL, h->gain_e_per_adu, 0, "[e-/ADU] effective gain"},
+        {"RDNOISE", 'd', NULL, h->rdnoise_e, 0, "[e-] effective read noise"},
+        {"SATURATE", 'd', NULL, h->saturate_adu, 0, "[ADU] saturation level"},
+        {"MAGZP", 'd', NULL, h->zeropoint_mag, 0, "[mag] magnitude of a 1 ADU source"},
+        {"WCSAXES", 'i', NULL, 0, 2, "number of WCS axes"},
+        {"CTYPE1", 's', "RA---TAN", 0, 0, "gnomonic projection"},
+        {"CTYPE2", 's', "DEC--TAN", 0, 0, "gnomonic projection"},
+        {"CUNIT1", 's', "deg", 0, 0, "unit of CRVAL1 and CD1_j"},
+        {"CUNIT2", 's', "deg", 0, 0, "unit of CRVAL2 and CD2_j"},
+        {"CRVAL1", 'd', NULL, h->crval[0], 0, "[deg] RA of the reference point"},
+        {"CRVAL2", 'd', NULL, h->crval[1], 0, "[deg] Dec of the reference point"},
+        {"CRPIX1", 'd', NULL, h->crpix[0], 0, "[px] x of the reference point"},
+        {"CRPIX2", 'd', NULL, h->crpix[1], 0, "[px] y of the reference point"},
+        {"CD1_1", 'd', NULL, h->cd[0][0], 0, "[deg/px] linear transformation matrix"},
+        {"CD1_2", 'd', NULL, h->cd[0][1], 0, "[deg/px]"},
+        {"CD2_1", 'd', NULL, h->cd[1][0], 0, "[deg/px]"},
+        {"CD2_2", 'd', NULL, h->cd[1][1], 0, "[deg/px]"},
+        {"RADESYS", 's', "ICRS", 0, 0, "celestial reference frame"},
+        {"SIMFRAME", 's', h->frame, 0, 0, "simulated reference or science frame"},
+        {"SIMSEED", 'u', NULL, 0, (unsigned long long)o->seed, "random seed of the simulation"},
+        {"SIMPSF", 's', moffat ? "MOFFAT" : "GAUSSIAN", 0, 0, "PSF profile"},
+        {moffat ? "SIMBETA" : NULL, 'd', NULL, o->moffat_beta, 0, "Moffat beta"},
+        {"SIMFWHM", 'd', NULL, h->fwhm_px, 0, "[px] PSF FWHM at the field centre"},
+        {"SIMVARY", 'd', NULL, o->psf_vary_frac, 0, "FWHM variation across the field (fraction)"},
+        {"SIMELLIP", 'd', NULL, o->psf_ellip, 0, "PSF ellipticity 1-b/a"},
+        {"SIMSKY", 'd', NULL, h->sky_adu, 0, "[ADU] sky level at the field centre"},
+        {"SIMDEPTH", 'd', NULL, h->depth, 0, "exposures averaged into this frame"},
+        {integral_depth ? "NCOMBINE" : NULL, 'i', NULL, 0,
+         integral_depth ? (unsigned long long)h->depth : 0, "number of exposures averaged"},
+        {"SIMRATIO", 'd', NULL, h->flux_ratio, 0, "science ADU per reference ADU of a star"},
+        {"COMMENT", 'c', "Simulated image: truth tables in truth.csv, stars.csv, galaxies.csv;", 0,
+         0, NULL},
+        {"COMMENT", 'c', "model and keywords described in docs/simulate.md.", 0, 0, NULL},
+    };
+    hilal_status st = HILAL_OK;
+    for (size_t k = 0; k < sizeof cards / sizeof cards[0] && st == HILAL_OK; k++) {
+        const sim_card *c = &cards[k];
+        if (c->key == NULL) /* a card this frame does not have */
+            continue;
+        if (c->type == 's')
+            st = hilal_fits_writer_key_string(w, c->key, c->s, c->comment, err);
+        else if (c->type == 'd')
+            st = hilal_fits_writer_key_double(w, c->key, c->d, c->comment, err);
+        else if (c->type == 'i')
+            st = hilal_fits_writer_key_int(w, c->key, (long long)c->n, c->comment, err);
+        else if (c->type == 'u')
+            st = hilal_fits_writer_key_uint(w, c->key, c->n, c->comment, err);
+        else
+            st = hilal_fits_writer_comment(w, c->s, err);
+    }
+    return st;
 }
 
 hilal_status sim_header_cards(const sim_header *h, char **cards, int *ncards, hilal_error *err)
 {
     *cards = NULL;
     *ncards = 0;
-    fitsfile *f = NULL;
-    int status = 0, nkeys = 0;
-    char *str = NULL;
-    hilal_status st = HILAL_OK;
-    /* A one-pixel in-memory image with the same keywords, so that no data
-     * unit of the full size is ever allocated; NAXISn are then set to the
-     * real size (fits_update_key, on the same HDU). */
-    long one[2] = {1, 1};
-    fits_create_file(&f, "mem://", &status);
-    fits_create_img(f, h->bitpix == 16 ? USHORT_IMG : FLOAT_IMG, 2, one, &status);
-    fits_update_key_lng(f, "NAXIS1", h->nx, NULL, &status);
-    fits_update_key_lng(f, "NAXIS2", h->ny, NULL, &status);
-    put_keys(f, h, &status);
-    fits_hdr2str(f, 0, NULL, 0, &str, &nkeys, &status);
-    if (status != 0) {
-        st = fits_fail(status, "building the header of the simulated", h->frame, err);
-        goto cleanup;
-    }
-    size_t len = strlen(str);
-    *cards = malloc(len + 1);
-    if (*cards == NULL) {
-        st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for a header");
-        goto cleanup;
-    }
-    memcpy(*cards, str, len + 1);
-    *ncards = nkeys;
-cleanup:
-    if (str != NULL) {
-        int s2 = 0;
-        fits_free_memory(str, &s2);
-    }
-    if (f != NULL) {
-        int s2 = 0;
-        /* Restore the 1 x 1 size before closing so that closing only pads
-         * one pixel. */
-        fits_update_key_lng(f, "NAXIS1", 1, NULL, &s2);
-        fits_update_key_lng(f, "NAXIS2", 1, NULL, &s2);
-        s2 = 0;
-        fits_close_file(f, &s2);
-        fits_clear_errmsg();
-    }
+    hilal_fits_writer *w = NULL;
+    hilal_status st = hilal_fits_header_open(h->bitpix, h->nx, h->ny, &w, err);
+    if (st == HILAL_OK)
+        st = put_keys(w, h, err);
+    if (st == HILAL_OK)
+        st = hilal_fits_writer_header(w, cards, ncards, err);
+    hilal_fits_writer_free(w);
+    if (st != HILAL_OK)
+        hilal_error_context(err, "building the header of the simulated %s frame", h->frame);
     return st;
 }
 
 hilal_status sim_write_fits(const char *path, const sim_header *h, const float *pix,
                             hilal_error *err)
 {
-    fitsfile *f = NULL;
-    int status = 0;
-    /* Replace an existing file; fits_create_diskfile takes the name
-     * literally (no CFITSIO extended syntax), so any path works. */
-    if (unlink(path) != 0 && errno != ENOENT)
-        return hilal_error_set(err, HILAL_ERR_IO, "cannot replace %s: %s", path, strerror(errno));
-    fits_create_diskfile(&f, path, &status);
-    create_image(f, h, &status);
-    fits_write_img(f, TFLOAT, 1, (LONGLONG)h->nx * h->ny, (void *)pix, &status);
-    int cstatus = 0;
-    if (f != NULL)
-        fits_close_file(f, status == 0 ? &status : &cstatus);
-    if (status != 0)
-        return fits_fail(status, "writing", path, err);
-    return HILAL_OK;
+    hilal_status st = HILAL_OK;
+    /* The writer builds the file next to path and renames it over path
+     * when complete. Fixed CHECKSUM/DATASUM comments keep the bytes a
+     * function of the options alone. */
+    hilal_fits_writer *w = hilal_fits_writer_open(path, err);
+    if (w == NULL) {
+        st = HILAL_ERR_IO; /* err says why */
+        goto cleanup;
+    }
+    hilal_fits_writer_set_checksum(w, HILAL_FITS_CHECKSUM_FIXED);
+    if (h->bitpix == 16)
+        st = hilal_fits_writer_add_uint16(w, NULL, h->nx, h->ny, pix, err);
+    else
+        st = hilal_fits_writer_add_float(w, NULL, h->nx, h->ny, pix, err);
+    if (st == HILAL_OK)
+        st = put_keys(w, h, err);
+    if (st == HILAL_OK) {
+        st = hilal_fits_writer_close(w, err);
+        w = NULL;
+    }
+cleanup:
+    hilal_fits_writer_free(w);
+    return st;
 }
 
 /* ======================================================================= */

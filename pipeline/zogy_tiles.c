@@ -51,13 +51,17 @@ static double now_s(void)
 void hilal_zogy_tiling_default(hilal_zogy_tiling *t)
 {
     memset(t, 0, sizeof *t);
-    t->tile_px = 1024;
-    t->overlap_px = 128;
+    t->tile_px = 512;
+    t->overlap_px = 0;
     t->min_vary = 0.05;
-    t->min_stars = 15;
+    t->min_stars = 5;
+    t->psf_degree = 2;
+    t->psf_scale = 2.0;
+    t->psf_max_stars = 500;
     t->scorr_std_min = 0.8;
     t->scorr_std_max = 1.25;
     t->match_radius_px = 1.5;
+    t->refit_flux_ratio = 1;
 }
 
 static int cmp_double(const void *a, const void *b)
@@ -76,11 +80,12 @@ static double median_inplace(double *v, size_t n)
 }
 
 /* ------------------------------------------------------------------------
- * PSF variation across the field
+ * A PSF that varies across the field
  * ------------------------------------------------------------------------ */
 
-/* Solves the n x n system a x = b (a row-major, destroyed) by Gaussian
- * elimination with partial pivoting. Returns 0 when singular. */
+/* Solves the n x n system a x = b (a row-major, destroyed; the solution
+ * replaces b) by Gaussian elimination with partial pivoting. Returns 0 when
+ * singular. */
 static int solve(double *a, double *b, int n)
 {
     for (int c = 0; c < n; c++) {
@@ -88,7 +93,7 @@ static int solve(double *a, double *b, int n)
         for (int r = c + 1; r < n; r++)
             if (fabs(a[r * n + c]) > fabs(a[p * n + c]))
                 p = r;
-        if (!(fabs(a[p * n + c]) > 1e-12))
+        if (!(fabs(a[p * n + c]) > 1e-300))
             return 0;
         if (p != c) {
             for (int k = 0; k < n; k++) {
@@ -116,134 +121,402 @@ static int solve(double *a, double *b, int n)
     return 1;
 }
 
-static void quad_terms(double u, double v, double t[6])
+#define FIELD_MAX_TERMS 6
+
+/* Number of polynomial terms of a degree (1, 3, 6 for 0..2). */
+static int field_nterms(int degree)
 {
-    t[0] = 1;
-    t[1] = u;
-    t[2] = v;
-    t[3] = u * u;
-    t[4] = u * v;
-    t[5] = v * v;
+    return (degree + 1) * (degree + 2) / 2;
 }
 
-/* Relative FWHM variation across an nx x ny frame: the usable stars with
- * flux / flux_err >= min_snr and a finite FWHM are fitted by
- * FWHM(u, v) = c0 + c1 u + c2 v + c3 u^2 + c4 uv + c5 v^2 (u, v the
- * position scaled to [-1, 1]) by least squares, clipped at 3 robust sigma
- * (5 passes); the variation is (max - min) / median of the surface over a
- * 9 x 9 grid spanning the frame. NaN with fewer than 30 stars. */
-static double fwhm_variation(const hilal_starlist *stars, long nx, long ny, double min_snr,
-                             int *nused)
+/* The terms u^i v^j, i + j <= degree, in order of increasing degree. */
+static void field_terms(int degree, double u, double v, double *t)
 {
-    *nused = 0;
-    if (stars == NULL || stars->n == 0)
-        return NAN;
-    size_t n = 0;
-    double *u = malloc(sizeof *u * stars->n), *v = malloc(sizeof *v * stars->n);
-    double *f = malloc(sizeof *f * stars->n), *r = malloc(sizeof *r * stars->n);
-    unsigned char *keep = malloc(stars->n);
-    double result = NAN;
-    if (u == NULL || v == NULL || f == NULL || r == NULL || keep == NULL)
+    int k = 0;
+    for (int d = 0; d <= degree; d++)
+        for (int j = 0; j <= d; j++)
+            t[k++] = pow(u, d - j) * pow(v, j);
+}
+
+/* The PSF of an image as a function of position, from the residuals of its
+ * stars against the whole-frame PSF P_0 (psf_field_fit), evaluated at any
+ * point by a local polynomial regression (psf_field_eval). */
+typedef struct psf_field {
+    int size;           /* side of the stamps (that of P_0) */
+    int n;              /* stars */
+    float *res, *wt;    /* n residual stamps (size^2 each) and their weights */
+    double *sx, *sy;    /* star positions, 0-based */
+    double *bias;       /* size^2: mean residual of the stars P_0 was built from */
+    double fwhm_px;     /* FWHM of P_0 (for the taper) */
+    double extent_px;   /* half the larger side of the image */
+} psf_field;
+
+static void psf_field_free(psf_field *f)
+{
+    free(f->res);
+    free(f->wt);
+    free(f->sx);
+    free(f->sy);
+    free(f->bias);
+    memset(f, 0, sizeof *f);
+}
+
+#define FIELD_PAD 6         /* beyond the Lanczos (a = 5) reach */
+#define FIELD_MIN_STARS 20  /* fewer: no model */
+
+static int pix_bad(const hilal_image *img, size_t i)
+{
+    return (img->mask != NULL && (img->mask[i] & HILAL_MASK_UNUSABLE)) || !isfinite(img->pix[i]) ||
+           (img->var != NULL && !(img->var[i] > 0 && img->var[i] < 1e20)) ||
+           (img->sky != NULL && !isfinite(img->sky[i]));
+}
+
+/* Collects the residuals of the usable stars of img with flux / flux_err >=
+ * min_snr (the brightest max_stars whose stamps are unmasked and inside the
+ * image) against P_0 = base:
+ *  1. P_0 is shifted (Lanczos, a = 5) to the star's sub-pixel position, the
+ *     star (image minus sky) divided by its PSF-fit flux with P_0 and P_0
+ *     subtracted; the residual is shifted back so that the star's centre
+ *     falls on the central pixel. (Interpolation smooths what it shifts;
+ *     shifting P_0 and the small residual instead of the star keeps that
+ *     smoothing out of the variation: it would make narrow PSFs look
+ *     broader.) Its per-pixel weight is flux^2 / V (V from the variance
+ *     plane).
+ *  2. The mean residual of the brightest base->nstars stars (those P_0 was
+ *     built from) is kept as the bias of this stacking against P_0's own
+ *     (centroid errors broaden a plain stack): P_0 is the PSF where those
+ *     stars are, and psf_field_eval subtracts it.
+ * Fewer than FIELD_MIN_STARS stars: out->n = 0 (no model). */
+static hilal_status psf_field_fit(const hilal_image *img, const hilal_starlist *stars,
+                                  const hilal_psf *base, double min_snr, int max_stars,
+                                  psf_field *out, hilal_error *err)
+{
+    hilal_status st = HILAL_OK;
+    memset(out, 0, sizeof *out);
+    const int S = base->size, c = S / 2, W = S + 2 * FIELD_PAD;
+    const size_t s2 = (size_t)S * (size_t)S;
+    float *box = NULL, *shifted = NULL, *pmod = NULL;
+    int n = 0;
+    if (stars == NULL || stars->n == 0 || base->data == NULL || S < 3 || max_stars < 1)
+        return HILAL_OK;
+    box = malloc(sizeof *box * (size_t)W * (size_t)W);
+    shifted = malloc(sizeof *shifted * (size_t)W * (size_t)W);
+    pmod = malloc(sizeof *pmod * (size_t)W * (size_t)W);
+    out->res = malloc(sizeof *out->res * s2 * (size_t)max_stars);
+    out->wt = malloc(sizeof *out->wt * s2 * (size_t)max_stars);
+    out->sx = malloc(sizeof *out->sx * (size_t)max_stars);
+    out->sy = malloc(sizeof *out->sy * (size_t)max_stars);
+    out->bias = calloc(s2, sizeof *out->bias);
+    if (box == NULL || shifted == NULL || pmod == NULL || out->res == NULL || out->wt == NULL ||
+        out->sx == NULL || out->sy == NULL || out->bias == NULL) {
+        st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for the PSF field");
         goto cleanup;
-    const double hx = 0.5 * (double)nx, hy = 0.5 * (double)ny;
-    for (size_t i = 0; i < stars->n; i++) {
-        const hilal_star *s = &stars->stars[i];
-        if (!s->usable || !(s->fwhm_px > 0) || !isfinite(s->fwhm_px) || !(s->flux_err_adu > 0) ||
+    }
+    out->size = S;
+    out->fwhm_px = isfinite(base->fwhm_px) && base->fwhm_px > 0 ? base->fwhm_px : S / 8.0;
+    out->extent_px = 0.5 * (double)(img->nx > img->ny ? img->nx : img->ny);
+    const double s2sky = isfinite(img->sky_rms_adu) && img->sky_rms_adu > 0
+                             ? img->sky_rms_adu * img->sky_rms_adu
+                             : NAN;
+    /* 1. the residuals; the star list is sorted by decreasing flux */
+    for (size_t k = 0; k < stars->n && n < max_stars; k++) {
+        const hilal_star *s = &stars->stars[k];
+        if (!s->usable || !(s->flux_adu > 0) || !(s->flux_err_adu > 0) ||
             s->flux_adu / s->flux_err_adu < min_snr)
             continue;
-        u[n] = (s->x - 0.5 - hx) / hx;
-        v[n] = (s->y - 0.5 - hy) / hy;
-        f[n] = s->fwhm_px;
-        keep[n] = 1;
+        const double xc = s->x - 1.0, yc = s->y - 1.0;
+        const long ix = lround(xc), iy = lround(yc);
+        if (ix - c - FIELD_PAD < 0 || iy - c - FIELD_PAD < 0 || ix + c + FIELD_PAD >= img->nx ||
+            iy + c + FIELD_PAD >= img->ny)
+            continue;
+        int bad = 0;
+        for (long j = 0; j < W && !bad; j++)
+            for (long i = 0; i < W; i++) {
+                const size_t p = (size_t)(iy - c - FIELD_PAD + j) * (size_t)img->nx +
+                                 (size_t)(ix - c - FIELD_PAD + i);
+                if (pix_bad(img, p)) {
+                    bad = 1;
+                    break;
+                }
+                box[j * W + i] = img->pix[p] - (img->sky ? img->sky[p] : 0.0f);
+            }
+        if (bad)
+            continue;
+        double flux, flux_err;
+        hilal_error e = {0};
+        if (hilal_psf_fit_flux(img, base, s->x, s->y, &flux, &flux_err, &e) != HILAL_OK ||
+            !(flux > 0) || !(flux / flux_err >= 0.5 * min_snr))
+            continue;
+        const double dx = xc - (double)ix, dy = yc - (double)iy;
+        memset(pmod, 0, sizeof *pmod * (size_t)W * (size_t)W);
+        for (int j = 0; j < S; j++)
+            memcpy(pmod + (size_t)(j + FIELD_PAD) * W + FIELD_PAD, base->data + (size_t)j * S,
+                   sizeof *pmod * (size_t)S);
+        if ((st = hilal_psf_shift(pmod, W, W, -dx, -dy, shifted, err)) != HILAL_OK)
+            goto cleanup;
+        for (size_t q = 0; q < (size_t)W * (size_t)W; q++)
+            box[q] = (float)(box[q] / flux - shifted[q]);
+        if ((st = hilal_psf_shift(box, W, W, dx, dy, shifted, err)) != HILAL_OK)
+            goto cleanup;
+        float *r = out->res + (size_t)n * s2, *w = out->wt + (size_t)n * s2;
+        for (int j = 0; j < S; j++)
+            for (int i = 0; i < S; i++) {
+                const size_t p = (size_t)(iy - c + j) * (size_t)img->nx + (size_t)(ix - c + i);
+                double v = img->var != NULL ? img->var[p] : s2sky;
+                r[j * S + i] = shifted[(j + FIELD_PAD) * W + i + FIELD_PAD];
+                w[j * S + i] = v > 0 && isfinite(v) ? (float)(flux * flux / v) : 0.0f;
+            }
+        out->sx[n] = xc;
+        out->sy[n] = yc;
         n++;
     }
-    if (n < 30)
+    out->n = n;
+    if (n < FIELD_MIN_STARS) {
+        out->n = 0;
         goto cleanup;
-    double c[6] = {0};
-    for (int pass = 0; pass < 5; pass++) {
-        double a[36] = {0}, b[6] = {0}, t[6];
-        size_t m = 0;
-        for (size_t i = 0; i < n; i++) {
-            if (!keep[i])
-                continue;
-            quad_terms(u[i], v[i], t);
-            for (int p = 0; p < 6; p++) {
-                b[p] += t[p] * f[i];
-                for (int q = 0; q < 6; q++)
-                    a[p * 6 + q] += t[p] * t[q];
+    }
+    /* 2. the bias: per pixel, the weighted mean residual of P_0's stars,
+     * again without the values beyond 4 sigma of the first mean */
+    {
+        int nb = base->nstars > 0 && base->nstars < n ? base->nstars : n;
+        for (size_t p = 0; p < s2; p++) {
+            double m = 0;
+            for (int pass = 0; pass < 2; pass++) {
+                double sw = 0, swr = 0;
+                for (int k = 0; k < nb; k++) {
+                    double w = out->wt[(size_t)k * s2 + p], r = out->res[(size_t)k * s2 + p];
+                    if (w <= 0 || (pass == 1 && (r - m) * (r - m) * w > 16.0))
+                        continue;
+                    sw += w;
+                    swr += w * r;
+                }
+                if (sw > 0)
+                    m = swr / sw;
             }
-            m++;
+            out->bias[p] = m;
         }
-        if (m < 30 || !solve(a, b, 6))
-            goto cleanup;
-        memcpy(c, b, sizeof c);
-        /* robust scatter of all residuals, then the clip */
-        for (size_t i = 0; i < n; i++) {
-            quad_terms(u[i], v[i], t);
-            double model = 0;
-            for (int p = 0; p < 6; p++)
-                model += c[p] * t[p];
-            r[i] = fabs(f[i] - model);
-        }
-        double *tmp = malloc(sizeof *tmp * n);
-        if (tmp == NULL)
-            goto cleanup;
-        memcpy(tmp, r, sizeof *tmp * n);
-        double sig = 1.4826 * median_inplace(tmp, n);
-        free(tmp);
-        for (size_t i = 0; i < n; i++)
-            keep[i] = r[i] <= 3.0 * sig + 1e-9;
     }
-    double g[81];
-    for (int j = 0; j < 9; j++)
-        for (int i = 0; i < 9; i++) {
-            double t[6];
-            quad_terms(-1.0 + 0.25 * i, -1.0 + 0.25 * j, t);
-            double model = 0;
-            for (int p = 0; p < 6; p++)
-                model += c[p] * t[p];
-            g[j * 9 + i] = model;
-        }
-    double lo = g[0], hi = g[0];
-    for (int i = 1; i < 81; i++) {
-        lo = g[i] < lo ? g[i] : lo;
-        hi = g[i] > hi ? g[i] : hi;
-    }
-    double med = median_inplace(g, 81);
-    if (med > 0)
-        result = (hi - lo) / med;
-    *nused = (int)n;
 cleanup:
-    free(u);
-    free(v);
-    free(f);
-    free(r);
-    free(keep);
-    return result;
+    if (st != HILAL_OK || out->n == 0) {
+        int keep_n = n;
+        psf_field_free(out);
+        out->n = st == HILAL_OK ? 0 : 0;
+        (void)keep_n;
+    }
+    free(box);
+    free(shifted);
+    free(pmod);
+    return st;
+}
+
+/* The PSF at (x, y) (0-based): per pixel, a polynomial regression of the
+ * residuals of the given degree in the star positions about (x, y), each
+ * star weighted by its pixel weight and, for a local regression (LOESS;
+ * Cleveland 1979; scale_px > 0), a Gaussian of its distance of standard
+ * deviation scale_px (scale_px = 0: all stars alike, a global fit); twice, the
+ * second time without the values beyond 4 sigma of the first fit
+ * (neighbours, cosmic rays). The value at (x, y) minus the stacking bias is
+ * the correction to P_0, tapered to 0 between 3 and 5 FWHM from the centre
+ * (beyond, the fit is noise that would make the ZOGY kernels reach far:
+ * P_0's wings, fitted by the psf stage, stay). A local regression adapts
+ * to variations no low-order polynomial describes, where there are stars
+ * enough. The sum is normalised to 1, shifted so that
+ * its first moments vanish and its FWHM measured. *nused = stars within
+ * near_px of (x, y) (may be NULL). */
+static hilal_status psf_field_eval(const psf_field *f, const hilal_psf *base, double x, double y,
+                                   int degree, double scale_px, double near_px, int part,
+                                   int core_only, hilal_psf *out, int *nused, hilal_error *err)
+{
+    hilal_status st = HILAL_OK;
+    const int S = f->size, c = S / 2;
+    const size_t s2 = (size_t)S * (size_t)S;
+    const int nt = field_nterms(degree);
+    hilal_psf_clear(out);
+    float *tmp = malloc(sizeof *tmp * s2);
+    double *kw = malloc(sizeof *kw * (size_t)(f->n + 1));
+    double *terms = malloc(sizeof *terms * (size_t)(f->n + 1) * (size_t)nt);
+    int *idx = malloc(sizeof *idx * (size_t)(f->n + 1));
+    out->data = malloc(sizeof *out->data * s2);
+    if (tmp == NULL || kw == NULL || terms == NULL || idx == NULL || out->data == NULL) {
+        st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for a tile PSF");
+        goto cleanup;
+    }
+    out->size = S;
+    /* the stars that matter here, their distance weights and the terms,
+     * in the offsets from (x, y) scaled by the scale (or by the frame's
+     * size for a global fit) */
+    const double unit = scale_px > 0 ? scale_px : f->extent_px;
+    int m = 0;
+    if (nused != NULL)
+        *nused = 0;
+    for (int k = 0; k < f->n; k++) {
+        if (part >= 0 && k % 2 != part)
+            continue;
+        double du = (f->sx[k] - x) / unit, dv = (f->sy[k] - y) / unit;
+        double g = scale_px > 0 ? exp(-0.5 * (du * du + dv * dv)) : 1.0;
+        if (g < 1e-3)
+            continue;
+        if (nused != NULL && hypot(f->sx[k] - x, f->sy[k] - y) <= near_px)
+            (*nused)++;
+        idx[m] = k;
+        kw[m] = g;
+        field_terms(degree, du, dv, terms + (size_t)m * nt);
+        m++;
+    }
+    const double fw = f->fwhm_px, r1 = 3.0 * fw, r2 = 5.0 * fw;
+    double sum = 0;
+    for (int j = 0; j < S; j++)
+        for (int i = 0; i < S; i++) {
+            const size_t p = (size_t)j * S + i;
+            double r = hypot((double)(i - c), (double)(j - c)), taper = 1.0;
+            if (r >= r2 || (core_only && r > 2.0 * fw))
+                taper = 0.0;
+            else if (r > r1)
+                taper = 0.5 * (1.0 + cos(3.141592653589793 * (r - r1) / (r2 - r1)));
+            double corr = 0;
+            if (taper > 0 && m > 0) {
+                double coef[FIELD_MAX_TERMS] = {0};
+                int have = 0;
+                for (int pass = 0; pass < 2; pass++) {
+                    double ata[FIELD_MAX_TERMS * FIELD_MAX_TERMS] = {0}, atb[FIELD_MAX_TERMS] = {0};
+                    for (int q = 0; q < m; q++) {
+                        const int k = idx[q];
+                        double w = f->wt[(size_t)k * s2 + p], rv = f->res[(size_t)k * s2 + p];
+                        if (w <= 0)
+                            continue;
+                        const double *t = terms + (size_t)q * nt;
+                        if (have) {
+                            double mod = 0;
+                            for (int a = 0; a < nt; a++)
+                                mod += coef[a] * t[a];
+                            if ((rv - mod) * (rv - mod) * w > 16.0)
+                                continue;
+                        }
+                        w *= kw[q];
+                        for (int a = 0; a < nt; a++) {
+                            atb[a] += w * t[a] * rv;
+                            for (int b = 0; b < nt; b++)
+                                ata[a * nt + b] += w * t[a] * t[b];
+                        }
+                    }
+                    if (!solve(ata, atb, nt))
+                        break;
+                    memcpy(coef, atb, sizeof *coef * (size_t)nt);
+                    have = 1;
+                }
+                /* the constant term is the fit at (x, y) */
+                if (have)
+                    corr = taper * (coef[0] - f->bias[p]);
+            }
+            double v = base->data[p] + corr;
+            out->data[p] = (float)v;
+            sum += v;
+        }
+    if (!(sum > 0)) {
+        st = hilal_error_set(err, HILAL_ERR_DATA,
+                             "the PSF model at (%.0f, %.0f) has no positive flux", x + 1, y + 1);
+        goto cleanup;
+    }
+    for (size_t p = 0; p < s2; p++)
+        out->data[p] = (float)(out->data[p] / sum);
+    /* centre it: a feature at dx moves to 0 with a shift by dx */
+    double dx, dy;
+    hilal_psf_centroid(out, &dx, &dy);
+    if (fabs(dx) > 1e-3 || fabs(dy) > 1e-3) {
+        if (fabs(dx) > 2 || fabs(dy) > 2) {
+            st = hilal_error_set(err, HILAL_ERR_DATA,
+                                 "the PSF model at (%.0f, %.0f) is off centre by (%.2f, %.2f) px",
+                                 x + 1, y + 1, dx, dy);
+            goto cleanup;
+        }
+        if ((st = hilal_psf_shift(out->data, S, S, dx, dy, tmp, err)) != HILAL_OK)
+            goto cleanup;
+        sum = 0;
+        for (size_t p = 0; p < s2; p++)
+            sum += tmp[p];
+        for (size_t p = 0; p < s2; p++)
+            out->data[p] = (float)(tmp[p] / sum);
+    }
+    out->fwhm_px = hilal_psf_measure_fwhm(out->data, NULL, S, S, S / 2, S / 2, S / 2);
+    out->nstars = m;
+cleanup:
+    if (st != HILAL_OK)
+        hilal_psf_clear(out);
+    free(tmp);
+    free(kw);
+    free(terms);
+    free(idx);
+    return st;
 }
 
 /* ------------------------------------------------------------------------
  * Tile geometry and weights
  * ------------------------------------------------------------------------ */
 
+/* Along one axis, tile i has a centre c_i, where its PSFs and flux ratio
+ * are evaluated, and a core [b_i, b_{i+1}) (the cores partition [0, n),
+ * for the records). Its products are weighted either
+ *  - (nodes: overlap 0 or at least the tile size) linearly between the
+ *    centres, which form a regular grid from the first pixel to the last
+ *    (m = round(n / tile_px) + 1 of them): 1 at c_i, 0 at c_{i-1} and
+ *    c_{i+1}; the window spans [c_{i-1}, c_{i+1}] and the core is the part
+ *    nearer to c_i than to any other centre. The products are interpolated
+ *    bilinearly between the grid of PSFs, so that a PSF that changes
+ *    linearly between two centres leaves, to first order, no residual;
+ *  - (band) 1 over the core (round(n / tile_px) equal cores, centred on
+ *    c_i) and sin^2 / cos^2 across a band of width 2 hb centred on each
+ *    boundary. The window is the core widened by hb. Cheaper, but the PSF
+ *    is constant across each core.
+ * Either way the weights of all tiles sum to 1 at every pixel, and at most
+ * two tiles have a weight at any pixel. */
 typedef struct axis_tiles {
     long n;         /* frame size along the axis */
     long nt;        /* tiles */
-    long hb;        /* half-width of the blending band */
+    int tent;       /* 1: nodes, linear interpolation between the centres */
+    long hb;        /* band mode: half-width of the blending band */
     long *b;        /* core boundaries b[0] = 0 < ... < b[nt] = n */
+    double *c;      /* centres, 0-based pixels */
 } axis_tiles;
 
-static void axis_setup(axis_tiles *a, long n, long nt, long overlap)
+static double axis_centre(const axis_tiles *a, long i)
+{
+    return a->c[i];
+}
+
+/* The number of tiles along an axis of n pixels. */
+static long axis_count(long n, long tile_px, long overlap)
+{
+    long k = (long)llround((double)n / (double)tile_px);
+    int tent = overlap <= 0 || overlap >= tile_px;
+    if (tent)
+        return k >= 1 && n > 2 ? k + 1 : 1;
+    return k < 1 ? 1 : k;
+}
+
+static void axis_setup(axis_tiles *a, long n, long nt, long tile_px, long overlap)
 {
     a->n = n;
     a->nt = nt;
+    a->tent = nt > 1 && (overlap <= 0 || overlap >= tile_px);
+    a->hb = 0;
+    if (a->tent) {
+        for (long i = 0; i < nt; i++)
+            a->c[i] = (double)(n - 1) * (double)i / (double)(nt - 1);
+        a->b[0] = 0;
+        for (long i = 1; i < nt; i++)
+            a->b[i] = (long)ceil(0.5 * (a->c[i - 1] + a->c[i]));
+        a->b[nt] = n;
+        return;
+    }
     for (long i = 0; i <= nt; i++)
         a->b[i] = (long)llround((double)n * (double)i / (double)nt);
-    /* the bands of a core's two sides must not meet */
     long core_min = n;
-    for (long i = 0; i < nt; i++)
+    for (long i = 0; i < nt; i++) {
+        a->c[i] = 0.5 * (double)(a->b[i] + a->b[i + 1] - 1);
         if (a->b[i + 1] - a->b[i] < core_min)
             core_min = a->b[i + 1] - a->b[i];
+    }
+    /* the bands of a core's two sides must not meet */
     a->hb = nt > 1 ? overlap / 2 : 0;
     if (a->hb > core_min / 2)
         a->hb = core_min / 2;
@@ -252,16 +525,34 @@ static void axis_setup(axis_tiles *a, long n, long nt, long overlap)
 /* Window of tile i: [lo, hi). */
 static void axis_window(const axis_tiles *a, long i, long *lo, long *hi)
 {
+    if (a->tent) {
+        *lo = i > 0 ? (long)floor(axis_centre(a, i - 1)) + 1 : 0;
+        *hi = i < a->nt - 1 ? (long)ceil(axis_centre(a, i + 1)) : a->n;
+        return;
+    }
     *lo = a->b[i] - a->hb > 0 ? a->b[i] - a->hb : 0;
     *hi = a->b[i + 1] + a->hb < a->n ? a->b[i + 1] + a->hb : a->n;
 }
 
-/* Weight of tile i at pixel x: sin^2 rising across the band [b_i - hb,
- * b_i + hb), cos^2 falling across [b_{i+1} - hb, b_{i+1} + hb), 1 in
- * between, 0 outside; the weights of all tiles sum to 1 at every pixel. */
+/* Weight of tile i at pixel x. */
 static double axis_weight(const axis_tiles *a, long i, long x)
 {
     const double halfpi = 1.5707963267948966;
+    if (a->nt == 1)
+        return 1.0;
+    if (a->tent) {
+        double c = axis_centre(a, i), xx = (double)x;
+        if (xx <= c) {
+            if (i == 0)
+                return 1.0;
+            double c0 = axis_centre(a, i - 1);
+            return xx <= c0 ? 0.0 : (xx - c0) / (c - c0);
+        }
+        if (i == a->nt - 1)
+            return 1.0;
+        double c1 = axis_centre(a, i + 1);
+        return xx >= c1 ? 0.0 : (c1 - xx) / (c1 - c);
+    }
     if (a->hb <= 0)
         return (x >= a->b[i] && x < a->b[i + 1]) ? 1.0 : 0.0;
     double w = 1.0;
@@ -316,45 +607,6 @@ static int axis_cover(const axis_tiles *a, long x, long idx[2], double w[2])
 /* ------------------------------------------------------------------------
  * Tile PSFs and flux ratio
  * ------------------------------------------------------------------------ */
-
-/* Builds the PSF of img from its stars whose centres lie in [x0, x1) x
- * [y0, y1) (0-based). *ok = 0 (and out empty) when there are too few of
- * them (fewer than min_stars usable stars with the PSF's S/N); other errors
- * are returned. */
-static hilal_status tile_psf(const hilal_image *img, const hilal_starlist *stars,
-                             const hilal_psf_build_params *pp, int min_stars, long x0, long y0,
-                             long x1, long y1, hilal_psf *out, int *ok, hilal_error *err)
-{
-    *ok = 0;
-    hilal_starlist sub = {0, NULL};
-    sub.stars = malloc(sizeof *sub.stars * (stars->n + 1));
-    if (sub.stars == NULL)
-        return hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for the tile star lists");
-    for (size_t i = 0; i < stars->n; i++) {
-        double x = stars->stars[i].x - 1.0, y = stars->stars[i].y - 1.0;
-        if (x >= (double)x0 && x < (double)x1 && y >= (double)y0 && y < (double)y1)
-            sub.stars[sub.n++] = stars->stars[i];
-    }
-    hilal_psf_build_params p = *pp;
-    if (p.min_stars < min_stars)
-        p.min_stars = min_stars;
-    if (p.max_stars < p.min_stars)
-        p.max_stars = p.min_stars;
-    p.fallback = HILAL_PSF_FALLBACK_NONE;
-    hilal_error local = {0};
-    hilal_status st = HILAL_OK;
-    if (sub.n > 0) {
-        st = hilal_psf_build(img, &sub, &p, out, NULL, &local);
-        if (st == HILAL_OK)
-            *ok = 1;
-        else if (st == HILAL_ERR_DATA)
-            st = HILAL_OK; /* too few stars: the caller keeps the whole-frame PSF */
-        else
-            hilal_error_set(err, st, "%s", local.msg);
-    }
-    free(sub.stars);
-    return st;
-}
 
 /* Robust flux ratio r = F_sci / F_ref of star pairs: the weighted
  * least-squares slope through the origin with weights 1 / (e_s^2 + r^2
@@ -695,7 +947,7 @@ hilal_status hilal_zogy_run_tiled(const hilal_zogy_input *in, const hilal_zogy_t
                                   hilal_zogy_tiled_info *tinfo_out, hilal_error *err)
 {
     hilal_status st = HILAL_OK;
-    double t0 = now_s();
+    double t0 = now_s(), tm[5] = {0};
     hilal_zogy_tiled_info tinfo;
     memset(&tinfo, 0, sizeof tinfo);
     tinfo.fwhm_vary_sci = tinfo.fwhm_vary_ref = NAN;
@@ -711,6 +963,9 @@ hilal_status hilal_zogy_run_tiled(const hilal_zogy_input *in, const hilal_zogy_t
     hilal_diff td;
     memset(&td, 0, sizeof td);
     long nt = 0;
+    psf_field field[2];
+    memset(field, 0, sizeof field);
+    double scale_px = 0, spacing_px = 0;
 
     if (in == NULL || in->sci == NULL || in->ref == NULL || tp == NULL) {
         st = hilal_error_set(err, HILAL_ERR_INTERNAL, "tiled ZOGY called without inputs");
@@ -724,54 +979,183 @@ hilal_status hilal_zogy_run_tiled(const hilal_zogy_input *in, const hilal_zogy_t
     /* ---- 1. The grid, and whether to use it ---- */
     long ntx = 1, nty = 1;
     if (tp->tile_px > 0 && in->win_nx == 0 && in->win_ny == 0) {
-        ntx = (long)llround((double)nx / (double)tp->tile_px);
-        nty = (long)llround((double)ny / (double)tp->tile_px);
+        ntx = axis_count(nx, tp->tile_px, tp->overlap_px);
+        nty = axis_count(ny, tp->tile_px, tp->overlap_px);
         ntx = ntx < 1 ? 1 : ntx;
         nty = nty < 1 ? 1 : nty;
     }
     int tiled = ntx * nty > 1 && sci_stars != NULL && ref_stars != NULL;
+    nt = ntx * nty;
+    const hilal_psf *psf_whole[2] = {in->sci_psf, in->ref_psf};
+    const hilal_image *img[2] = {in->sci, in->ref};
+    const hilal_starlist *stars[2] = {sci_stars, ref_stars};
     if (tiled) {
-        int nus = 0, nur = 0;
-        tinfo.fwhm_vary_sci = fwhm_variation(sci_stars, nx, ny, pp->min_snr, &nus);
-        tinfo.fwhm_vary_ref = fwhm_variation(ref_stars, nx, ny, pp->min_snr, &nur);
-        if (tp->min_vary > 0) {
-            int vary = (isfinite(tinfo.fwhm_vary_sci) && tinfo.fwhm_vary_sci > tp->min_vary) ||
-                       (isfinite(tinfo.fwhm_vary_ref) && tinfo.fwhm_vary_ref > tp->min_vary);
-            if (!vary)
-                tiled = 0;
+        ax.b = malloc(sizeof *ax.b * (size_t)(ntx + 1));
+        ay.b = malloc(sizeof *ay.b * (size_t)(nty + 1));
+        ax.c = malloc(sizeof *ax.c * (size_t)ntx);
+        ay.c = malloc(sizeof *ay.c * (size_t)nty);
+        psfs = calloc((size_t)(2 * nt), sizeof *psfs);
+        psf_ok = calloc((size_t)(2 * nt), sizeof *psf_ok);
+        wx0 = malloc(sizeof *wx0 * (size_t)nt);
+        wy0 = malloc(sizeof *wy0 * (size_t)nt);
+        wnx = malloc(sizeof *wnx * (size_t)nt);
+        wny = malloc(sizeof *wny * (size_t)nt);
+        terr = calloc((size_t)nt, sizeof *terr);
+        rho_s = calloc((size_t)(nt * nt), sizeof *rho_s);
+        rho_d = calloc((size_t)(nt * nt), sizeof *rho_d);
+        if (ax.b == NULL || ay.b == NULL || ax.c == NULL || ay.c == NULL || psfs == NULL || psf_ok == NULL || wx0 == NULL ||
+            wy0 == NULL || wnx == NULL || wny == NULL || terr == NULL || rho_s == NULL ||
+            rho_d == NULL) {
+            st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for %ld tiles", nt);
+            goto cleanup;
         }
+        axis_setup(&ax, nx, ntx, tp->tile_px, tp->overlap_px);
+        axis_setup(&ay, ny, nty, tp->tile_px, tp->overlap_px);
+        /* the spacing of the tile centres, and the scale of the local PSF
+         * fits in it (0: global) */
+        spacing_px = 0.5 * ((ntx > 1 ? ax.c[1] - ax.c[0] : (double)nx) +
+                            (nty > 1 ? ay.c[1] - ay.c[0] : (double)ny));
+        scale_px = tp->psf_scale > 0 ? tp->psf_scale * spacing_px : 0.0;
+
+        /* ---- 2. The PSF across the field, at every tile ---- */
+        for (int w = 0; w < 2 && tiled; w++) {
+            st = psf_field_fit(img[w], stars[w], psf_whole[w], pp->min_snr, tp->psf_max_stars,
+                               &field[w], err);
+            if (st != HILAL_OK) {
+                hilal_error_context(err, "%s PSF across the field", w == 0 ? "science" : "reference");
+                goto cleanup;
+            }
+        }
+        if (field[0].n == 0 && field[1].n == 0)
+            tiled = 0; /* too few stars to see a variation */
+    }
+    int deg[2] = {0, 0};
+    if (tiled) {
+        /* the degree the stars support: 10 per term */
+        for (int w = 0; w < 2; w++) {
+            deg[w] = tp->psf_degree;
+            while (deg[w] > 0 && field[w].n < 10 * field_nterms(deg[w]))
+                deg[w]--;
+        }
+        /* Whether the PSF varies: the model's FWHM at 9 tiles (the corners,
+         * the middles of the sides and the centre of the grid), from all the
+         * stars and from each half of them. Only the core is needed for a
+         * FWHM (core_only). The variation, (max - min) / median, must stand
+         * out of the noise of the model: the FWHMs from two halves of the
+         * stars differ by twice the noise of the whole set's model (in
+         * quadrature), so sigma = rms(half difference) / 2; the range of 9
+         * values of pure noise is about 3 sigma, and a variation is taken as
+         * real beyond 6 sigma (and min_vary). */
+        double fw[2][9], dsum[2] = {0, 0}, vary[2], noise[2];
+        int nfw[2] = {0, 0}, nd[2] = {0, 0}, real[2] = {0, 0};
+        const long px[3] = {0, ntx / 2, ntx - 1}, py[3] = {0, nty / 2, nty - 1};
+        for (int w = 0; w < 2; w++) {
+            if (field[w].n == 0)
+                continue;
+            for (int q = 0; q < 9; q++) {
+                double xc = axis_centre(&ax, px[q % 3]), yc = axis_centre(&ay, py[q / 3]);
+                hilal_psf m[3];
+                memset(m, 0, sizeof m);
+                hilal_status s3 = HILAL_OK;
+                for (int h = -1; h < 2 && s3 == HILAL_OK; h++) {
+                    hilal_error e1 = {0};
+                    s3 = psf_field_eval(&field[w], psf_whole[w], xc, yc, deg[w], scale_px, 0, h,
+                                        1, &m[h + 1], NULL, &e1);
+                    if (s3 != HILAL_OK && s3 != HILAL_ERR_DATA)
+                        hilal_error_set(err, s3, "%s", e1.msg);
+                }
+                if (s3 != HILAL_OK && s3 != HILAL_ERR_DATA) {
+                    for (int h = 0; h < 3; h++)
+                        hilal_psf_clear(&m[h]);
+                    st = s3;
+                    goto cleanup;
+                }
+                if (s3 == HILAL_OK && isfinite(m[0].fwhm_px)) {
+                    fw[w][nfw[w]++] = m[0].fwhm_px;
+                    double d = m[1].fwhm_px - m[2].fwhm_px;
+                    if (isfinite(d)) {
+                        dsum[w] += d * d;
+                        nd[w]++;
+                    }
+                } else {
+                    /* a half too sparse to make a PSF: the model is noise */
+                    dsum[w] += psf_whole[w]->fwhm_px * psf_whole[w]->fwhm_px;
+                    nd[w]++;
+                }
+                for (int h = 0; h < 3; h++)
+                    hilal_psf_clear(&m[h]);
+            }
+        }
+        for (int w = 0; w < 2; w++) {
+            vary[w] = noise[w] = NAN;
+            if (nfw[w] >= 2) {
+                qsort(fw[w], (size_t)nfw[w], sizeof fw[w][0], cmp_double);
+                double med = fw[w][nfw[w] / 2];
+                vary[w] = (fw[w][nfw[w] - 1] - fw[w][0]) / med;
+                noise[w] = nd[w] > 0 ? 0.5 * sqrt(dsum[w] / nd[w]) / med : 0.0;
+                real[w] = vary[w] > 6.0 * noise[w] && (tp->min_vary <= 0 || vary[w] > tp->min_vary);
+            }
+        }
+        tinfo.fwhm_vary_sci = vary[0];
+        tinfo.fwhm_vary_ref = vary[1];
+        if (!real[0] && !real[1])
+            tiled = 0;
         hilal_log(HILAL_LOG_DEBUG,
-                  "subtract: FWHM varies by %.3f (science, %d stars) and %.3f (reference, %d "
-                  "stars) across the field: %s",
-                  tinfo.fwhm_vary_sci, nus, tinfo.fwhm_vary_ref, nur,
-                  tiled ? "tiles" : "one piece");
+                  "subtract: PSF models from %d (science) and %d (reference) stars, degree %d and "
+                  "%d over %.0f px; the FWHM varies by %.3f (noise %.3f) and %.3f (noise %.3f) "
+                  "across %ld x %ld tiles: %s",
+                  field[0].n, field[1].n, deg[0], deg[1], scale_px, vary[0], noise[0], vary[1],
+                  noise[1], ntx, nty, tiled ? "tiles" : "one piece");
+    }
+    if (tiled) {
+        /* the PSFs of every tile */
+        for (long j = 0; j < nty; j++)
+            for (long i = 0; i < ntx; i++) {
+                long t = j * ntx + i, x1, y1;
+                axis_window(&ax, i, &wx0[t], &x1);
+                axis_window(&ay, j, &wy0[t], &y1);
+                wnx[t] = x1 - wx0[t];
+                wny[t] = y1 - wy0[t];
+                /* the model at the tile's centre, unless too few stars
+                 * (min_stars within 1.5 tile spacings) constrain it there,
+                 * or it is not a PSF there (no flux, off centre, a width far
+                 * from the frame's): then the whole-frame PSF */
+                double xc = axis_centre(&ax, i), yc = axis_centre(&ay, j);
+                for (int w = 0; w < 2; w++) {
+                    if (field[w].n == 0)
+                        continue;
+                    int nused = 0;
+                    hilal_error e1 = {0};
+                    st = psf_field_eval(&field[w], psf_whole[w], xc, yc, deg[w], scale_px,
+                                        1.5 * spacing_px, -1, 0, &psfs[2 * t + w], &nused, &e1);
+                    double fr = psfs[2 * t + w].fwhm_px / psf_whole[w]->fwhm_px;
+                    if (st == HILAL_ERR_DATA || (st == HILAL_OK && !(fr > 0.5 && fr < 2.0))) {
+                        hilal_log(HILAL_LOG_DEBUG, "subtract: tile (%ld, %ld), %s: %s", i, j,
+                                  w == 0 ? "science" : "reference",
+                                  st == HILAL_OK ? "model FWHM far from the frame's" : e1.msg);
+                        hilal_psf_clear(&psfs[2 * t + w]);
+                        st = HILAL_OK;
+                        continue;
+                    }
+                    if (st != HILAL_OK) {
+                        hilal_error_set(err, st, "%s", e1.msg);
+                        hilal_error_context(err, "%s PSF of tile (%ld, %ld)",
+                                            w == 0 ? "science" : "reference", i, j);
+                        goto cleanup;
+                    }
+                    if (nused < tp->min_stars) {
+                        hilal_psf_clear(&psfs[2 * t + w]);
+                        continue;
+                    }
+                    psf_ok[2 * t + w] = 1;
+                }
+            }
     }
     if (!tiled) {
         st = run_whole(in, tp, sci_stars, ref_stars, out, &tinfo, err);
         goto cleanup;
     }
     tinfo.tiled = 1;
-
-    ax.b = malloc(sizeof *ax.b * (size_t)(ntx + 1));
-    ay.b = malloc(sizeof *ay.b * (size_t)(nty + 1));
-    nt = ntx * nty;
-    psfs = calloc((size_t)(2 * nt), sizeof *psfs);
-    psf_ok = calloc((size_t)(2 * nt), sizeof *psf_ok);
-    wx0 = malloc(sizeof *wx0 * (size_t)nt);
-    wy0 = malloc(sizeof *wy0 * (size_t)nt);
-    wnx = malloc(sizeof *wnx * (size_t)nt);
-    wny = malloc(sizeof *wny * (size_t)nt);
-    terr = calloc((size_t)nt, sizeof *terr);
-    rho_s = calloc((size_t)(nt * nt), sizeof *rho_s);
-    rho_d = calloc((size_t)(nt * nt), sizeof *rho_d);
-    if (ax.b == NULL || ay.b == NULL || psfs == NULL || psf_ok == NULL || wx0 == NULL ||
-        wy0 == NULL || wnx == NULL || wny == NULL || terr == NULL || rho_s == NULL ||
-        rho_d == NULL) {
-        st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for %ld tiles", nt);
-        goto cleanup;
-    }
-    axis_setup(&ax, nx, ntx, tp->overlap_px);
-    axis_setup(&ay, ny, nty, tp->overlap_px);
     out->ntiles_x = ntx;
     out->ntiles_y = nty;
     out->tiles = calloc((size_t)nt, sizeof *out->tiles);
@@ -779,18 +1163,9 @@ hilal_status hilal_zogy_run_tiled(const hilal_zogy_input *in, const hilal_zogy_t
         st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for %ld tile records", nt);
         goto cleanup;
     }
-
-    /* ---- 2. Tile PSFs ---- */
-    const hilal_psf *psf_whole[2] = {in->sci_psf, in->ref_psf};
-    const hilal_image *img[2] = {in->sci, in->ref};
-    const hilal_starlist *stars[2] = {sci_stars, ref_stars};
     for (long j = 0; j < nty; j++)
         for (long i = 0; i < ntx; i++) {
-            long t = j * ntx + i, x1, y1;
-            axis_window(&ax, i, &wx0[t], &x1);
-            axis_window(&ay, j, &wy0[t], &y1);
-            wnx[t] = x1 - wx0[t];
-            wny[t] = y1 - wy0[t];
+            long t = j * ntx + i;
             hilal_diff_tile *rec = &out->tiles[t];
             rec->x0 = ax.b[i];
             rec->nx = ax.b[i + 1] - ax.b[i];
@@ -800,27 +1175,12 @@ hilal_status hilal_zogy_run_tiled(const hilal_zogy_input *in, const hilal_zogy_t
             rec->wy0 = wy0[t];
             rec->wnx = wnx[t];
             rec->wny = wny[t];
-            for (int w = 0; w < 2; w++) {
-                st = tile_psf(img[w], stars[w], pp, tp->min_stars, wx0[t], wy0[t], x1, y1,
-                              &psfs[2 * t + w], &psf_ok[2 * t + w], err);
-                if (st != HILAL_OK) {
-                    hilal_error_context(err, "%s PSF of tile (%ld, %ld)",
-                                        w == 0 ? "science" : "reference", i, j);
-                    goto cleanup;
-                }
-            }
-            /* both from the tile, or both whole-frame: a tile PSF paired with
-             * the whole-frame PSF of the other image would mix two scales */
-            if (!psf_ok[2 * t] || !psf_ok[2 * t + 1]) {
-                hilal_psf_clear(&psfs[2 * t]);
-                hilal_psf_clear(&psfs[2 * t + 1]);
-                psf_ok[2 * t] = psf_ok[2 * t + 1] = 0;
-                rec->psf_whole_frame = 1;
-                tinfo.ntiles_fallback++;
-            }
+            rec->psf_whole_frame = !psf_ok[2 * t] || !psf_ok[2 * t + 1];
+            tinfo.ntiles_fallback += rec->psf_whole_frame;
         }
 #define TPSF(t, w) (psf_ok[2 * (t) + (w)] ? &psfs[2 * (t) + (w)] : psf_whole[w])
 
+    tm[0] = now_s();
     /* ---- 3. The flux ratio with the tile PSFs ---- */
     double fn = in->flux_ratio;
     for (long j = 0; j < nty; j++)
@@ -833,43 +1193,51 @@ hilal_status hilal_zogy_run_tiled(const hilal_zogy_input *in, const hilal_zogy_t
                 goto cleanup;
         }
     {
+        /* the frame's ratio with the tile PSFs, then its variation */
         double r, re;
         int nk = robust_ratio(pr.fs, pr.es, pr.fr, pr.er, pr.n, 3.0, &r, &re);
-        if (nk >= 5 && isfinite(r) && r > 0) {
-            hilal_log(HILAL_LOG_DEBUG,
-                      "subtract: flux ratio with the tile PSFs %.5f +- %.5f (%d stars; %.5f with "
-                      "the whole-frame PSFs)",
-                      r, re, nk, in->flux_ratio);
+        if (tp->refit_flux_ratio && nk >= 5 && isfinite(r) && r > 0) {
             fn = r;
             tinfo.flux_ratio_nstars = nk;
         }
         tinfo.flux_ratio = fn;
-        /* per tile, for the record */
+        hilal_log(HILAL_LOG_DEBUG,
+                  "subtract: flux ratio with the tile PSFs %.5f +- %.5f (%d stars; %.5f with the "
+                  "whole-frame PSFs)",
+                  r, re, nk, in->flux_ratio);
+        /* per tile, for the record: the ratio of the tile's own pairs (one
+         * ratio is used for the frame: the tiles' own are too noisy to
+         * improve on it) */
         double *a = malloc(sizeof *a * (pr.n + 1) * 4);
         if (a == NULL) {
             st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for tile flux ratios");
             goto cleanup;
         }
-        for (long t = 0; t < nt; t++) {
-            size_t m = 0;
-            for (size_t k = 0; k < pr.n; k++)
-                if (pr.tile[k] == t) {
-                    a[m] = pr.fs[k];
-                    a[(pr.n + 1) + m] = pr.es[k];
-                    a[2 * (pr.n + 1) + m] = pr.fr[k];
-                    a[3 * (pr.n + 1) + m] = pr.er[k];
-                    m++;
+        for (long j = 0; j < nty; j++)
+            for (long i = 0; i < ntx; i++) {
+                long t = j * ntx + i;
+                size_t m = 0;
+                for (size_t k = 0; k < pr.n; k++) {
+                    if (pr.tile[k] == t) {
+                        a[m] = pr.fs[k];
+                        a[(pr.n + 1) + m] = pr.es[k];
+                        a[2 * (pr.n + 1) + m] = pr.fr[k];
+                        a[3 * (pr.n + 1) + m] = pr.er[k];
+                        m++;
+                    }
                 }
-            double rt, rte;
-            int nkt = robust_ratio(a, a + (pr.n + 1), a + 2 * (pr.n + 1), a + 3 * (pr.n + 1), m,
-                                   3.0, &rt, &rte);
-            out->tiles[t].flux_ratio_tile = nkt >= 3 ? rt : NAN;
-            out->tiles[t].flux_ratio_nstars = nkt;
-            out->tiles[t].flux_ratio = fn;
-        }
+                double rt, rte;
+                int nkt = robust_ratio(a, a + (pr.n + 1), a + 2 * (pr.n + 1),
+                                       a + 3 * (pr.n + 1), m, 3.0, &rt, &rte);
+                hilal_diff_tile *rec = &out->tiles[t];
+                rec->flux_ratio_tile = nkt >= 3 ? rt : NAN;
+                rec->flux_ratio_nstars = nkt;
+                rec->flux_ratio = fn;
+            }
         free(a);
     }
 
+    tm[1] = now_s();
     /* ---- 4. Correlations of neighbouring tiles (background noise) ---- */
     double sig_n = in->sci->sky_rms_adu, sig_r = in->ref->sky_rms_adu;
     for (long j = 0; j < nty; j++)
@@ -889,7 +1257,7 @@ hilal_status hilal_zogy_run_tiled(const hilal_zogy_input *in, const hilal_zogy_t
                         sig_n = sig_r = 1.0;
                     }
                     st = hilal_zogy_correlation(TPSF(t, 0), TPSF(t, 1), TPSF(u, 0), TPSF(u, 1),
-                                                sig_n, sig_r, fn, fn, &rs, &rd, err);
+                                                sig_n, sig_r, out->tiles[t].flux_ratio, out->tiles[u].flux_ratio, &rs, &rd, err);
                     if (st != HILAL_OK)
                         goto cleanup;
                 }
@@ -898,6 +1266,7 @@ hilal_status hilal_zogy_run_tiled(const hilal_zogy_input *in, const hilal_zogy_t
             }
         }
 
+    tm[2] = now_s();
     /* ---- 5. ZOGY on every window, accumulated with the weights ---- */
     const size_t npix = (size_t)nx * (size_t)ny;
     out->nx = nx;
@@ -922,7 +1291,7 @@ hilal_status hilal_zogy_run_tiled(const hilal_zogy_input *in, const hilal_zogy_t
             hilal_zogy_info info;
             ti.sci_psf = TPSF(t, 0);
             ti.ref_psf = TPSF(t, 1);
-            ti.flux_ratio = fn;
+            ti.flux_ratio = out->tiles[t].flux_ratio;
             ti.win_x0 = wx0[t];
             ti.win_y0 = wy0[t];
             ti.win_nx = wnx[t];
@@ -964,20 +1333,23 @@ hilal_status hilal_zogy_run_tiled(const hilal_zogy_input *in, const hilal_zogy_t
             rec->noise_scale = info.noise_scale;
             region_rms(sci_stars, ref_stars, rec->x0, rec->y0, rec->x0 + rec->nx,
                        rec->y0 + rec->ny, tp->match_radius_px, rec);
-            if (t == 0 || info.seconds > 0) {
-                double secs = tinfo.zogy.seconds + info.seconds;
-                if (t == 0)
-                    tinfo.zogy = info;
-                tinfo.zogy.seconds = secs;
+            /* the first tile's run describes the set-up (noise levels, FFT
+             * size); times and counts add up (counts over overlapping
+             * windows) */
+            if (t == 0) {
+                tinfo.zogy = info;
+            } else {
+                tinfo.zogy.seconds += info.seconds;
+                tinfo.zogy.n_filled += info.n_filled;
+                tinfo.zogy.n_negvar += info.n_negvar;
             }
-            tinfo.zogy.n_filled += t == 0 ? 0 : info.n_filled;
-            tinfo.zogy.n_negvar += t == 0 ? 0 : info.n_negvar;
             /* keep the flux error plane for the blend */
             terr[t] = td.flux_err;
             td.flux_err = NULL;
             hilal_diff_clear(&td);
         }
 
+    tm[3] = now_s();
     /* ---- 6. The blend ---- */
     {
         blend b = {&ax, &ay, nx, ny, nt, wx0, wy0, wnx, terr, rho_s, rho_d, out};
@@ -993,6 +1365,7 @@ hilal_status hilal_zogy_run_tiled(const hilal_zogy_input *in, const hilal_zogy_t
         out->f_d = fn / sqrt(sn * sn + sr * sr * fn * fn);
     }
 
+    tm[4] = now_s();
     /* ---- 7. Statistics: the frame and every tile's core ---- */
     long radius;
     stats_radius(out, &radius);
@@ -1010,6 +1383,11 @@ hilal_status hilal_zogy_run_tiled(const hilal_zogy_input *in, const hilal_zogy_t
         tinfo.ntiles_bad += rec->bad;
     }
     tinfo.ntiles = nt;
+    hilal_log(HILAL_LOG_DEBUG,
+              "subtract: %ld tiles: PSF models %.3f s, flux ratio %.3f s, correlations %.3f s, "
+              "ZOGY %.3f s, blend %.3f s, statistics %.3f s",
+              nt, tm[0] - t0, tm[1] - tm[0], tm[2] - tm[1], tm[3] - tm[2], tm[4] - tm[3],
+              now_s() - tm[4]);
 #undef TPSF
 
 cleanup:
@@ -1033,7 +1411,11 @@ cleanup:
     free(rho_d);
     free(ax.b);
     free(ay.b);
+    free(ax.c);
+    free(ay.c);
     pairs_free(&pr);
+    psf_field_free(&field[0]);
+    psf_field_free(&field[1]);
     tinfo.seconds = now_s() - t0;
     if (tinfo_out != NULL)
         *tinfo_out = tinfo;

@@ -16,6 +16,8 @@ packages=(
   libsep-dev
   libssl-dev
   libpng-dev
+  librdkafka-dev libavro-dev libxml2-dev libxml2-utils zlib1g-dev
+  libopenmpi-dev openmpi-bin
   python3 python3-h5py python3-astropy python3-numpy
 )
 missing=()

@@ -12,6 +12,7 @@
 #include "hilal/config.h"
 #include "hilal/log.h"
 #include "hilal/stage.h"
+#include "hilal/stats.h"
 #include "hilal/wcs.h"
 #include "match.h"
 #include "phasecorr.h"
@@ -48,6 +49,26 @@ typedef struct guess {
     const hilal_poly2d *corr;         /* correction A(s) = s + c(s) applied first, or NULL */
 } guess;
 
+/* Pixel positions of one WCS to those of another through the sky:
+ * (x, y) in `from` -> (RA, Dec) -> (u, v) in `to`, for n points. */
+static hilal_status wcs_to_wcs(struct wcsprm *from, struct wcsprm *to, int n,
+                               const double *x, const double *y, double *u, double *v,
+                               hilal_error *err)
+{
+    double *ra = malloc((size_t)(n > 0 ? n : 1) * sizeof *ra);
+    double *dec = malloc((size_t)(n > 0 ? n : 1) * sizeof *dec);
+    hilal_status st = HILAL_OK;
+    if (ra == NULL || dec == NULL)
+        st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for %d coordinates", n);
+    if (st == HILAL_OK)
+        st = hilal_wcs_pix2sky(from, n, x, y, ra, dec, err);
+    if (st == HILAL_OK)
+        st = hilal_wcs_sky2pix(to, n, ra, dec, u, v, err);
+    free(ra);
+    free(dec);
+    return st;
+}
+
 /* First guess, science pixel -> reference pixel: through the sky with the
  * two WCS, or the translation. NaN where undefined. */
 static hilal_status guess_forward(const guess *g, int n, const double *x, const double *y,
@@ -60,18 +81,7 @@ static hilal_status guess_forward(const guess *g, int n, const double *x, const 
         }
         return HILAL_OK;
     }
-    double *ra = malloc((size_t)(n > 0 ? n : 1) * sizeof *ra);
-    double *dec = malloc((size_t)(n > 0 ? n : 1) * sizeof *dec);
-    hilal_status st = HILAL_OK;
-    if (ra == NULL || dec == NULL)
-        st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for %d coordinates", n);
-    if (st == HILAL_OK)
-        st = hilal_wcs_pix2sky(g->sci_wcs, n, x, y, ra, dec, err);
-    if (st == HILAL_OK)
-        st = hilal_wcs_sky2pix(g->ref_wcs, n, ra, dec, u, v, err);
-    free(ra);
-    free(dec);
-    return st;
+    return wcs_to_wcs(g->sci_wcs, g->ref_wcs, n, x, y, u, v, err);
 }
 
 /* Inverse of the first guess, reference pixel -> science pixel. */
@@ -85,18 +95,7 @@ static hilal_status guess_inverse(const guess *g, int n, const double *u, const 
         }
         return HILAL_OK;
     }
-    double *ra = malloc((size_t)(n > 0 ? n : 1) * sizeof *ra);
-    double *dec = malloc((size_t)(n > 0 ? n : 1) * sizeof *dec);
-    hilal_status st = HILAL_OK;
-    if (ra == NULL || dec == NULL)
-        st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for %d coordinates", n);
-    if (st == HILAL_OK)
-        st = hilal_wcs_pix2sky(g->ref_wcs, n, u, v, ra, dec, err);
-    if (st == HILAL_OK)
-        st = hilal_wcs_sky2pix(g->sci_wcs, n, ra, dec, x, y, err);
-    free(ra);
-    free(dec);
-    return st;
+    return wcs_to_wcs(g->ref_wcs, g->sci_wcs, n, u, v, x, y, err);
 }
 
 /* The full transform for the resampling grid: reference = guess(A(s)). */
@@ -628,18 +627,6 @@ cleanup:
  * Registration RMS of already aligned catalogues
  * ------------------------------------------------------------------------ */
 
-static int cmp_dbl(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
-
-static double median_of(double *v, size_t n)
-{
-    qsort(v, n, sizeof *v, cmp_dbl);
-    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
-
 hilal_status hilal_align_region_rms(const hilal_starlist *a, const hilal_starlist *b, double x0,
                                     double y0, double x1, double y1, double radius_px,
                                     double *rms_x_px, double *rms_y_px, int *nmatch,
@@ -694,15 +681,15 @@ hilal_status hilal_align_region_rms(const hilal_starlist *a, const hilal_starlis
     /* Clip at 3 robust sigma about the median, then the RMS about zero
      * (a residual offset is a registration error too). */
     memcpy(t, ex, n * sizeof *t);
-    double mx = median_of(t, n);
+    double mx = hilal_median_double(t, n);
     memcpy(t, ey, n * sizeof *t);
-    double my = median_of(t, n);
+    double my = hilal_median_double(t, n);
     for (size_t k = 0; k < n; k++)
         t[k] = fabs(ex[k] - mx);
-    double sgx = fmax(1.4826 * median_of(t, n), 1e-3);
+    double sgx = fmax(1.4826 * hilal_median_double(t, n), 1e-3);
     for (size_t k = 0; k < n; k++)
         t[k] = fabs(ey[k] - my);
-    double sgy = fmax(1.4826 * median_of(t, n), 1e-3);
+    double sgy = fmax(1.4826 * hilal_median_double(t, n), 1e-3);
     double s2x = 0, s2y = 0;
     int kept = 0;
     for (size_t k = 0; k < n; k++)

@@ -29,6 +29,8 @@ static const hilal_param archive_params[] = {
      "deflate level (with shuffle) of the float stamps; 0 = none (fastest: noise compresses little)"},
     {"fsync", HILAL_PARAM_BOOL, "false", 0, 0, "",
      "also fsync() the archive at each commit (committed data on the disk, not full power-loss safety)"},
+    {"assoc_radius_arcsec", HILAL_PARAM_DOUBLE, "1.0", 0.01, 60, "arcsec",
+     "candidates this close to an object's mean position are detections of that object"},
 };
 
 typedef struct archive_state {
@@ -51,6 +53,7 @@ static hilal_status archive_init(const hilal_config *cfg, void **state, hilal_er
     opt.compress_level = (int)hilal_config_get_int(cfg, "archive.compress");
     opt.cutout_compress_level = (int)hilal_config_get_int(cfg, "archive.cutout_compress");
     opt.fsync = hilal_config_get_bool(cfg, "archive.fsync");
+    opt.assoc_radius_arcsec = hilal_config_get_double(cfg, "archive.assoc_radius_arcsec");
     if (path == NULL || path[0] == '\0') {
         st = hilal_error_set(err, HILAL_ERR_CONFIG,
                              "archive.path is empty; give the archive file with --archive FILE "

@@ -1,6 +1,8 @@
-/* The fluxscale stage: the ratio of science to reference flux of the same
+/* The fluxscale stage: the photometric match of the (aligned) reference to
+ * the science frame: the ratio of science to reference flux of the same
  * stars, ZOGY's F_n with F_r = 1 (Zackay, Ofek & Gal-Yam 2016, section 3.4
- * and eq. 13: D depends on the flux-based zero points F_n, F_r).
+ * and eq. 13: D depends on the flux-based zero points F_n, F_r), and the
+ * differential background.
  *
  * 1. Match: every usable science star is paired with the nearest usable
  *    reference star (both in science-grid pixels after align) within
@@ -11,7 +13,10 @@
  *    circular aperture of radius aper_fwhm x the larger of the two PSF
  *    FWHMs, the same radius on both images.
  *    Pairs with S/N < min_snr in either image or a failed measurement are
- *    dropped.
+ *    dropped. Each flux error gets a systematic part sys_err_frac x flux
+ *    in quadrature (PSF-model errors, faint neighbours): without it the
+ *    brightest star, with errors far below everyone else's, sets the ratio
+ *    alone, and a variable star among a handful of matches goes unnoticed.
  * 3. Robust scale: the weighted least-squares slope through the origin of
  *    F_sci = r F_ref, with weights w = 1 / (s_sci^2 + r^2 s_ref^2) (errors in
  *    both coordinates), iterated with clipping: a pair is rejected when its
@@ -20,9 +25,24 @@
  *    and blends drop out. Starts from the median of the ratios.
  * 4. Error: the formal slope error 1 / sqrt(sum w F_ref^2), scaled up by
  *    sqrt(chi^2 / (N - 1)) when the scatter exceeds the errors.
- * Too few pairs (< min_stars): with zp_fallback and both zero points known,
- * r = 10^(0.4 (zp_sci - zp_ref)) with an error of zp_err_mag; otherwise
- * HILAL_ERR_DATA.
+ * Too few pairs (< min_stars matched, or fewer than 3 left after clipping):
+ * with zp_fallback and both zero points known, r = 10^(0.4 (zp_sci -
+ * zp_ref)) with an error of zp_err_mag; otherwise HILAL_ERR_DATA.
+ * 5. Differential background (bg_match; Alard & Lupton 1998, ApJ 503, 325,
+ *    fit a differential background with the kernel for the same reason):
+ *    each image's mesh background responds to the unresolved light of
+ *    faint sources according to its own depth and PSF, so the two sky
+ *    maps do not differ by the factor r that the sources do, and
+ *    N - r R keeps a background offset that ZOGY turns into a bias of
+ *    S_corr (a simulated pair: 0.2 ADU, S_corr -0.05 sigma everywhere).
+ *    The mean of N - r R, away from the sources of both star lists and
+ *    clipped at 3 sigma, is taken in meshes of bg_mesh_px, a polynomial of
+ *    order bg_order is fitted to the meshes, and the reference's sky map is
+ *    adjusted by it divided by r, so that N - r R has no background. The
+ *    mean (not a mode) is right here: every source left in N - r R sums to
+ *    zero flux whatever the two PSFs, so only the masked bright sources and
+ *    the clipped outliers (cosmic rays, defects) need leaving out. The
+ *    stage therefore modifies the reference's sky plane in place.
  */
 #include <math.h>
 #include <stdint.h>
@@ -30,9 +50,11 @@
 #include <string.h>
 
 #include "hilal/config.h"
+#include "hilal/fft.h"
 #include "hilal/log.h"
 #include "hilal/psf.h"
 #include "hilal/stage.h"
+#include "parallel.h"
 #include "sepw.h"
 
 static const hilal_param fluxscale_params[] = {
@@ -52,6 +74,14 @@ static const hilal_param fluxscale_params[] = {
      "too few stars: use the header zero points of both images when known"},
     {"zp_err_mag", HILAL_PARAM_DOUBLE, "0.05", 0, 5, "mag",
      "uncertainty assumed for the zero-point difference in the fallback"},
+    {"sys_err_frac", HILAL_PARAM_DOUBLE, "0.01", 0, 1, "",
+     "systematic error of a star's flux, as a fraction of it, added in quadrature"},
+    {"bg_match", HILAL_PARAM_BOOL, "true", 0, 0, "",
+     "adjust the reference's sky map so that science - ratio x reference has no background"},
+    {"bg_mesh_px", HILAL_PARAM_INT, "128", 16, 8192, "px",
+     "mesh size for the differential background"},
+    {"bg_order", HILAL_PARAM_INT, "1", 0, 3, "",
+     "polynomial order of the differential background (0: a constant)"},
 };
 
 typedef struct fluxscale_state {
@@ -63,6 +93,9 @@ typedef struct fluxscale_state {
     double aper_fwhm;
     int zp_fallback;
     double zp_err_mag;
+    double sys_err_frac;
+    int bg_match, bg_mesh_px, bg_order;
+    int threads;
 } fluxscale_state;
 
 static hilal_status fluxscale_init(const hilal_config *cfg, void **state, hilal_error *err)
@@ -77,6 +110,12 @@ static hilal_status fluxscale_init(const hilal_config *cfg, void **state, hilal_
     s->aper_fwhm = hilal_config_get_double(cfg, "fluxscale.aper_fwhm");
     s->zp_fallback = hilal_config_get_bool(cfg, "fluxscale.zp_fallback");
     s->zp_err_mag = hilal_config_get_double(cfg, "fluxscale.zp_err_mag");
+    s->sys_err_frac = hilal_config_get_double(cfg, "fluxscale.sys_err_frac");
+    s->bg_match = hilal_config_get_bool(cfg, "fluxscale.bg_match");
+    s->bg_mesh_px = (int)hilal_config_get_int(cfg, "fluxscale.bg_mesh_px");
+    s->bg_order = (int)hilal_config_get_int(cfg, "fluxscale.bg_order");
+    /* pipeline.threads = 0: one per core. */
+    s->threads = hilal_fft_threads((int)hilal_config_get_int(cfg, "pipeline.threads"));
     const char *m = hilal_config_get_string(cfg, "fluxscale.method");
     if (strcmp(m, "psf") == 0)
         s->aperture = 0;
@@ -279,6 +318,329 @@ static void robust_slope(pair *p, size_t n, double clip, double *r_out, double *
     *nkept = k;
 }
 
+/* ------------------------------------------------------------------------
+ * Step 5: the differential background
+ * ------------------------------------------------------------------------ */
+
+#define BG_BETA 2.5       /* Moffat beta of the source masks (heavy wings) */
+#define BG_MASK_SIGMA 0.5 /* sources masked down to this many sigma of N - r R */
+#define BG_FLUX_SIGMA 1.0 /* ... and until the flux beyond is below this many sigma */
+#define BG_FLUX_FRAC 0.01 /* ... or this fraction of the source's flux */
+#define BG_MIN_FILL 0.25  /* meshes with fewer usable pixels than this fraction are skipped */
+
+/* Marks (1) the pixels of mask m (nx x ny) that carry light of a star of
+ * list L: out to where a Moffat profile (BG_BETA, FWHM fwhm) of the star's
+ * peak times scale falls to lim; extended sources (second-moment axes
+ * larger than the stars', a_star) get an ellipse scaled by their size. */
+static void mask_list(uint8_t *m, long nx, long ny, const hilal_starlist *L, double scale,
+                      double fwhm, double lim, double flim)
+{
+    double alpha = fwhm / (2.0 * sqrt(pow(2.0, 1.0 / BG_BETA) - 1.0));
+    double ppf = (BG_BETA - 1.0) / (3.14159265358979323846 * alpha * alpha);
+    /* The stars' size: median semi-major axis of the usable stars. */
+    double a_star = 0.0;
+    {
+        double *v = malloc((L->n + 1) * sizeof *v);
+        size_t n = 0;
+        if (v != NULL) {
+            for (size_t i = 0; i < L->n; i++)
+                if (L->stars[i].usable && L->stars[i].a_px > 0.0)
+                    v[n++] = L->stars[i].a_px;
+            a_star = n > 0 ? median_inplace(v, n) : 0.0;
+        }
+        free(v);
+    }
+    for (size_t k = 0; k < L->n; k++) {
+        const hilal_star *o = &L->stars[k];
+        if (!isfinite(o->x) || !isfinite(o->y))
+            continue;
+        double pk = scale * fmax(isfinite(o->peak_adu) ? o->peak_adu : 0.0,
+                                 isfinite(o->flux_adu) ? o->flux_adu * ppf : 0.0);
+        double r = 1.5 * fwhm;
+        if (pk > lim)
+            r = fmax(r, alpha * sqrt(pow(pk / lim, 1.0 / BG_BETA) - 1.0));
+        /* ... and out to where the flux it has beyond, F (1 + r^2 /
+         * alpha^2)^(1 - beta), is below max(flim, BG_FLUX_FRAC F): N - r R
+         * of a star sums to zero only as a whole, its wings (the broader
+         * PSF's) are positive, and summed over all stars they biased the
+         * mean by ~0.5% of their light with masks of 1.5 FWHM. */
+        double fl = scale * (isfinite(o->flux_adu) ? o->flux_adu : 0.0);
+        double lf = fmax(flim, BG_FLUX_FRAC * fl);
+        if (lf > 0.0 && fl > lf)
+            r = fmax(r, alpha * sqrt(pow(fl / lf, 1.0 / (BG_BETA - 1.0)) - 1.0));
+        double A = r, B = r;
+        if (a_star > 0.0 && isfinite(o->a_px) && isfinite(o->b_px)) {
+            A = r * fmax(1.0, o->a_px / a_star);
+            B = r * fmax(1.0, o->b_px / a_star);
+        }
+        double ct = isfinite(o->theta_rad) ? cos(o->theta_rad) : 1.0;
+        double sn = isfinite(o->theta_rad) ? sin(o->theta_rad) : 0.0;
+        double x0 = o->x - 1.0, y0 = o->y - 1.0;
+        long i0 = (long)floor(x0 - A), i1 = (long)ceil(x0 + A);
+        long j0 = (long)floor(y0 - A), j1 = (long)ceil(y0 + A);
+        for (long j = j0 < 0 ? 0 : j0; j <= j1 && j < ny; j++)
+            for (long i = i0 < 0 ? 0 : i0; i <= i1 && i < nx; i++) {
+                double du = i - x0, dv = j - y0;
+                double pu = (du * ct + dv * sn) / A, pv = (-du * sn + dv * ct) / B;
+                if (pu * pu + pv * pv <= 1.0)
+                    m[j * nx + i] = 1;
+            }
+    }
+}
+
+typedef struct bg_job {
+    const hilal_image *sci, *ref;
+    const uint8_t *srcmask;
+    double r, sigma;
+    long mesh, mx, my;
+    double *sum;           /* per mesh */
+    long *cnt;
+} bg_job;
+
+/* Accumulates the sums of N - r R, clipped at +-BG_CLIP sigma, over the
+ * meshes of mesh rows [lo, hi); each mesh row belongs to one call, so no
+ * locking is needed. (The clip is centred on 0: the offsets sought are a
+ * small fraction of sigma, so the symmetric clip leaves their mean
+ * unbiased while cosmic rays, defects and residuals of unlisted bright
+ * sources go.) */
+#define BG_CLIP 4.0
+static void bg_rows(void *ctx, long lo, long hi, int tid)
+{
+    (void)tid;
+    const bg_job *b = ctx;
+    const hilal_image *sci = b->sci, *ref = b->ref;
+    long nx = sci->nx, ny = sci->ny;
+    const float lim = (float)(BG_CLIP * b->sigma), rr = (float)b->r;
+    for (long my = lo; my < hi; my++) {
+        long y0 = my * b->mesh, y1 = y0 + b->mesh < ny ? y0 + b->mesh : ny;
+        for (long mx = 0; mx < b->mx; mx++) {
+            long x0 = mx * b->mesh, x1 = x0 + b->mesh < nx ? x0 + b->mesh : nx;
+            double s = 0.0;
+            long n = 0;
+            for (long y = y0; y < y1; y++) {
+                const long o = y * nx;
+                for (long x = x0; x < x1; x++) {
+                    long q = o + x;
+                    if (b->srcmask[q] || ((sci->mask[q] | ref->mask[q]) & HILAL_MASK_UNUSABLE) ||
+                        (sci->var != NULL && !(sci->var[q] < 1e29f)) ||
+                        (ref->var != NULL && !(ref->var[q] < 1e29f)))
+                        continue;
+                    float d = (sci->pix[q] - (sci->sky ? sci->sky[q] : 0.0f)) -
+                              rr * (ref->pix[q] - (ref->sky ? ref->sky[q] : 0.0f));
+                    if (!(fabsf(d) <= lim))
+                        continue;
+                    s += d;
+                    n++;
+                }
+            }
+            b->sum[my * b->mx + mx] = s;
+            b->cnt[my * b->mx + mx] = n;
+        }
+    }
+}
+
+/* Solves the n x n system A x = b (row-major, destroyed) by Gaussian
+ * elimination with partial pivoting. Returns 0 if singular. */
+static int solve_small(double *A, double *b, int n, double *x)
+{
+    for (int c = 0; c < n; c++) {
+        int p = c;
+        for (int r = c + 1; r < n; r++)
+            if (fabs(A[r * n + c]) > fabs(A[p * n + c]))
+                p = r;
+        if (!(fabs(A[p * n + c]) > 1e-300))
+            return 0;
+        for (int k = 0; k < n; k++) {
+            double t = A[c * n + k];
+            A[c * n + k] = A[p * n + k];
+            A[p * n + k] = t;
+        }
+        double t = b[c];
+        b[c] = b[p];
+        b[p] = t;
+        for (int r = c + 1; r < n; r++) {
+            double f = A[r * n + c] / A[c * n + c];
+            for (int k = c; k < n; k++)
+                A[r * n + k] -= f * A[c * n + k];
+            b[r] -= f * b[c];
+        }
+    }
+    for (int r = n - 1; r >= 0; r--) {
+        double t = b[r];
+        for (int k = r + 1; k < n; k++)
+            t -= A[r * n + k] * x[k];
+        x[r] = t / A[r * n + r];
+    }
+    return 1;
+}
+
+/* The polynomial terms u^a v^b, a + b <= order, in a fixed order. */
+static int poly_terms(int order, double u, double v, double *t)
+{
+    int n = 0;
+    for (int d = 0; d <= order; d++)
+        for (int a = d; a >= 0; a--) {
+            int b = d - a;
+            t[n++] = pow(u, a) * pow(v, b);
+        }
+    return n;
+}
+
+typedef struct bg_apply_job {
+    hilal_image *ref;
+    const double *coef;
+    int order;
+    double r;
+} bg_apply_job;
+
+/* ref->sky -= poly(u, v) / r over rows [lo, hi): per row the polynomial
+ * collapses to one in u, evaluated by Horner's rule. */
+static void bg_apply_rows(void *ctx, long lo, long hi, int tid)
+{
+    (void)tid;
+    const bg_apply_job *a = ctx;
+    long nx = a->ref->nx, ny = a->ref->ny;
+    double cu[4];
+    for (long y = lo; y < hi; y++) {
+        double v = (y - 0.5 * (ny - 1)) / (0.5 * ny);
+        /* cu[p] = sum over terms u^p v^q of coef v^q. */
+        for (int p = 0; p <= a->order; p++)
+            cu[p] = 0.0;
+        int k = 0;
+        for (int d = 0; d <= a->order; d++)
+            for (int p = d; p >= 0; p--, k++)
+                cu[p] += a->coef[k] * pow(v, d - p);
+        float *row = a->ref->sky + y * nx;
+        for (long x = 0; x < nx; x++) {
+            double u = (x - 0.5 * (nx - 1)) / (0.5 * nx), pv = 0.0;
+            for (int p = a->order; p >= 0; p--)
+                pv = pv * u + cu[p];
+            row[x] = (float)(row[x] - pv / a->r);
+        }
+    }
+}
+
+/* Step 5 (see the file header). */
+static hilal_status match_background(const fluxscale_state *s, hilal_frame *frame,
+                                     hilal_error *err)
+{
+    hilal_status st = HILAL_OK;
+    const hilal_image *sci = frame->sci;
+    hilal_image *ref = frame->ref;
+    long nx = sci->nx, ny = sci->ny, mesh = s->bg_mesh_px;
+    double r = frame->flux_ratio;
+    double sn = sci->sky_rms_adu, sr = ref->sky_rms_adu;
+    double sigma = sqrt(sn * sn + r * r * sr * sr);
+    long mx = (nx + mesh - 1) / mesh, my = (ny + mesh - 1) / mesh, nm = mx * my;
+    uint8_t *srcmask = calloc((size_t)nx * (size_t)ny, 1);
+    double *sum = malloc((size_t)nm * sizeof *sum);
+    long *cnt = malloc((size_t)nm * sizeof *cnt);
+    if (srcmask == NULL || sum == NULL || cnt == NULL) {
+        st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for the differential background");
+        goto cleanup;
+    }
+    if (!(sigma > 0.0) || !isfinite(sigma) || !(r > 0.0)) {
+        hilal_log(HILAL_LOG_WARN, "frame %s: no background RMS; differential background not "
+                  "matched", frame->frame_id);
+        goto cleanup;
+    }
+    /* Sources of both lists, in units of N - r R. */
+    double fs = isfinite(frame->sci_psf.fwhm_px) ? frame->sci_psf.fwhm_px : 3.0;
+    double fr = isfinite(frame->ref_psf.fwhm_px) ? frame->ref_psf.fwhm_px : 3.0;
+    mask_list(srcmask, nx, ny, &frame->sci_stars, 1.0, fs, BG_MASK_SIGMA * sigma,
+              BG_FLUX_SIGMA * sigma);
+    mask_list(srcmask, nx, ny, &frame->ref_stars, r, fr, BG_MASK_SIGMA * sigma,
+              BG_FLUX_SIGMA * sigma);
+
+    /* Clipped means per mesh. */
+    bg_job job = {sci, ref, srcmask, r, sigma, mesh, mx, my, sum, cnt};
+    hilal_parallel_for(s->threads, my, bg_rows, &job);
+
+    /* Weighted polynomial fit to the mesh means (weight: pixel count),
+     * with meshes more than 4 sigma off the fit dropped once. */
+    int order = s->bg_order;
+    double coef[16] = {0}, t[16];
+    int nterm = poly_terms(order, 0.0, 0.0, t);
+    long nvalid = 0;
+    uint8_t *use = malloc((size_t)nm);
+    if (use == NULL) {
+        st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for the differential background");
+        goto cleanup;
+    }
+    for (long k = 0; k < nm; k++) {
+        long mxk = k % mx, myk = k / mx;
+        long area = ((mxk + 1) * mesh < nx ? mesh : nx - mxk * mesh) *
+                    ((myk + 1) * mesh < ny ? mesh : ny - myk * mesh);
+        use[k] = cnt[k] >= BG_MIN_FILL * area && cnt[k] > 10;
+        nvalid += use[k];
+    }
+    while (order > 0 && nvalid < 2 * poly_terms(order, 0.0, 0.0, t))
+        order--;
+    nterm = poly_terms(order, 0.0, 0.0, t);
+    int fitted = 0;
+    for (int round = 0; round < 2 && nvalid >= nterm && nvalid > 0; round++) {
+        double A[256] = {0}, b[16] = {0};
+        for (long k = 0; k < nm; k++) {
+            if (!use[k])
+                continue;
+            double u = (((k % mx) + 0.5) * mesh - 0.5 * nx) / (0.5 * nx);
+            double v = (((k / mx) + 0.5) * mesh - 0.5 * ny) / (0.5 * ny);
+            poly_terms(order, u, v, t);
+            double w = (double)cnt[k], m = sum[k] / cnt[k];
+            for (int i = 0; i < nterm; i++) {
+                b[i] += w * t[i] * m;
+                for (int j = 0; j < nterm; j++)
+                    A[i * nterm + j] += w * t[i] * t[j];
+            }
+        }
+        if (!solve_small(A, b, nterm, coef))
+            break;
+        fitted = 1;
+        long dropped = 0;
+        for (long k = 0; k < nm && round == 0; k++) {
+            if (!use[k])
+                continue;
+            double u = (((k % mx) + 0.5) * mesh - 0.5 * nx) / (0.5 * nx);
+            double v = (((k / mx) + 0.5) * mesh - 0.5 * ny) / (0.5 * ny);
+            poly_terms(order, u, v, t);
+            double p = 0.0;
+            for (int i = 0; i < nterm; i++)
+                p += coef[i] * t[i];
+            if (fabs(sum[k] / cnt[k] - p) > 4.0 * sigma / sqrt((double)cnt[k])) {
+                use[k] = 0;
+                dropped++;
+            }
+        }
+        nvalid -= dropped;
+        if (dropped == 0)
+            break;
+    }
+    free(use);
+    if (!fitted) {
+        hilal_log(HILAL_LOG_WARN,
+                  "frame %s: too few source-free pixels to match the backgrounds of science and "
+                  "reference; the reference's sky map is left as it is",
+                  frame->frame_id);
+        goto cleanup;
+    }
+
+    /* Apply: R gains poly / r, so N - r R loses poly. */
+    if (ref->sky == NULL && (st = hilal_image_alloc_sky(ref, err)) != HILAL_OK)
+        goto cleanup;
+    bg_apply_job aj = {ref, coef, order, r};
+    hilal_parallel_for(s->threads, ny, bg_apply_rows, &aj);
+    hilal_log(HILAL_LOG_DEBUG,
+              "frame %s: differential background (science - %.4f x reference) %.3f ADU at the "
+              "centre (order %d, %ld meshes of %ld px); removed through the reference's sky map",
+              frame->frame_id, r, coef[0], order, nvalid, mesh);
+
+cleanup:
+    free(srcmask);
+    free(sum);
+    free(cnt);
+    return st;
+}
+
 static hilal_status fluxscale_run(const void *state, hilal_frame *frame, hilal_error *err)
 {
     const fluxscale_state *s = state;
@@ -328,10 +690,17 @@ static hilal_status fluxscale_run(const void *state, hilal_frame *frame, hilal_e
         if (!(p.fs > 0.0) || !(p.fr > 0.0) || !(p.es > 0.0) || !(p.er > 0.0) ||
             p.fs / p.es < s->min_snr || p.fr / p.er < s->min_snr)
             continue;
+        p.es = hypot(p.es, s->sys_err_frac * p.fs);
+        p.er = hypot(p.er, s->sys_err_frac * p.fr);
         pairs[npair++] = p;
     }
 
-    if (npair < (size_t)s->min_stars) {
+    /* 3-4. Robust ratio and its error (when there are enough pairs). */
+    double r = NAN, re = NAN;
+    int nk = 0;
+    if (npair >= (size_t)s->min_stars)
+        robust_slope(pairs, npair, s->clip_sigma, &r, &re, &nk, scratch);
+    if (npair < (size_t)s->min_stars || !(r > 0.0) || !isfinite(r) || nk < 3) {
         double zs = sci->meta.zeropoint_mag, zr = ref->meta.zeropoint_mag;
         if (s->zp_fallback && isfinite(zs) && isfinite(zr)) {
             /* Same star: zs - 2.5 log10 Fs = zr - 2.5 log10 Fr, so
@@ -340,44 +709,46 @@ static hilal_status fluxscale_run(const void *state, hilal_frame *frame, hilal_e
             frame->flux_ratio_err = frame->flux_ratio * 0.4 * log(10.0) * s->zp_err_mag;
             frame->flux_ratio_nstars = 0;
             hilal_log(HILAL_LOG_WARN,
-                      "frame %s: only %zu matched stars with S/N >= %g (fluxscale.min_stars = "
-                      "%ld); flux ratio %.4f from the zero points %.3f (science) and %.3f "
-                      "(reference)",
-                      frame->frame_id, npair, s->min_snr, s->min_stars, frame->flux_ratio, zs,
-                      zr);
-            frame->products |= HILAL_PROD_FLUXSCALE;
+                      "frame %s: only %zu matched stars with S/N >= %g (%d consistent; "
+                      "fluxscale.min_stars = %ld); flux ratio %.4f from the zero points %.3f "
+                      "(science) and %.3f (reference)",
+                      frame->frame_id, npair, s->min_snr, nk, s->min_stars, frame->flux_ratio,
+                      zs, zr);
+        } else if (npair < (size_t)s->min_stars) {
+            st = hilal_error_set(
+                err, HILAL_ERR_DATA,
+                "only %zu stars usable in both %s and %s with S/N >= %g (%zu usable science "
+                "stars, %zu usable reference stars, %zu matched within %.2f px; "
+                "fluxscale.min_stars = %ld) and no zero points to fall back on; check the "
+                "alignment, raise fluxscale.match_radius_px, lower fluxscale.min_snr or "
+                "stars.thresh_sigma, or give both images a zero point",
+                npair, sci->meta.path[0] ? sci->meta.path : "the science image",
+                ref->meta.path[0] ? ref->meta.path : "the reference image", s->min_snr, ns, nr,
+                nmatch, s->match_radius_px, s->min_stars);
+            goto cleanup;
+        } else {
+            st = hilal_error_set(err, HILAL_ERR_DATA,
+                                 "the flux ratio of %zu matched stars is undefined (%g, %d kept "
+                                 "after clipping) and there are no zero points to fall back "
+                                 "on; check the star lists and PSFs",
+                                 npair, r, nk);
             goto cleanup;
         }
-        st = hilal_error_set(
-            err, HILAL_ERR_DATA,
-            "only %zu stars usable in both %s and %s with S/N >= %g (%zu usable science stars, "
-            "%zu usable reference stars, %zu matched within %.2f px; fluxscale.min_stars = %ld) "
-            "and no zero points to fall back on; check the alignment, raise "
-            "fluxscale.match_radius_px, lower fluxscale.min_snr or stars.thresh_sigma, or give "
-            "both images a zero point",
-            npair, sci->meta.path[0] ? sci->meta.path : "the science image",
-            ref->meta.path[0] ? ref->meta.path : "the reference image", s->min_snr, ns, nr,
-            nmatch, s->match_radius_px, s->min_stars);
-        goto cleanup;
+    } else {
+        frame->flux_ratio = r;
+        frame->flux_ratio_err = re;
+        frame->flux_ratio_nstars = nk;
+        hilal_log(HILAL_LOG_DEBUG, "frame %s: flux ratio %.5f +- %.5f from %d of %zu stars (%s)",
+                  frame->frame_id, r, re, nk, npair, s->aperture ? "aperture" : "PSF fit");
     }
 
-    /* 3-4. Robust ratio and its error. */
-    double r, re;
-    int nk;
-    robust_slope(pairs, npair, s->clip_sigma, &r, &re, &nk, scratch);
-    if (!(r > 0.0) || !isfinite(r) || nk < s->min_stars) {
-        st = hilal_error_set(err, HILAL_ERR_DATA,
-                             "the flux ratio of %zu matched stars is undefined (%g, %d kept "
-                             "after clipping); check the star lists and PSFs",
-                             npair, r, nk);
-        goto cleanup;
+    /* 5. Differential background. */
+    if (s->bg_match) {
+        st = match_background(s, frame, err);
+        if (st != HILAL_OK)
+            goto cleanup;
     }
-    frame->flux_ratio = r;
-    frame->flux_ratio_err = re;
-    frame->flux_ratio_nstars = nk;
     frame->products |= HILAL_PROD_FLUXSCALE;
-    hilal_log(HILAL_LOG_DEBUG, "frame %s: flux ratio %.5f +- %.5f from %d of %zu stars (%s)",
-              frame->frame_id, r, re, nk, npair, s->aperture ? "aperture" : "PSF fit");
 
 cleanup:
     free(sx);
@@ -394,13 +765,14 @@ static void fluxscale_fini(void *state)
 
 const hilal_stage hilal_stage_fluxscale = {
     .name = "fluxscale",
-    .summary = "flux ratio science/reference (ZOGY F_n with F_r = 1) from matched stars",
+    .summary = "flux ratio science/reference (ZOGY F_n with F_r = 1) from matched stars, and "
+               "the differential background (adjusts the reference's sky map in place)",
     .params = fluxscale_params,
     .nparams = sizeof fluxscale_params / sizeof fluxscale_params[0],
     .needs = HILAL_PROD_SCIENCE | HILAL_PROD_REFERENCE | HILAL_PROD_BACKGROUND |
              HILAL_PROD_STARS | HILAL_PROD_ALIGNED | HILAL_PROD_PSF,
     .makes = HILAL_PROD_FLUXSCALE,
-    .flags = 0,
+    .flags = HILAL_STAGE_INPLACE,
     .init = fluxscale_init,
     .run = fluxscale_run,
     .fini = fluxscale_fini,

@@ -48,6 +48,31 @@ static double median_inplace(double *v, size_t n)
     return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
 }
 
+/* Index records sorted by a key (thread-safe qsort without a global). */
+typedef struct keyed_val {
+    double key;
+    int idx;
+} keyed_val;
+
+static int cmp_keyed_val_desc(const void *a, const void *b)
+{
+    double x = ((const keyed_val *)a)->key, y = ((const keyed_val *)b)->key;
+    return (x < y) - (x > y);
+}
+
+/* Model error allowed for in the stack and the star screening: no star's
+ * normalised stamp is trusted to better than this fraction of the PSF
+ * (stack_combine). */
+#define PSF_MODEL_EPS 0.02
+/* Star screening (hilal_psf_build step 4b): a star is dropped when its
+ * chi^2 / nu against the median PSF exceeds CHI2_MIN and CHI2_FACTOR times
+ * the median over the stars. */
+#define CHI2_MIN 3.0
+/* Radius, in units of the stars' FWHM, beyond which the PSF wings are the
+ * Moffat profile fitted to the PSF inside it (stack_finish, step 6c). */
+#define WING_FWHM 2.0
+#define CHI2_FACTOR 3.0
+
 static int pix_unusable(const hilal_image *img, long i)
 {
     return (img->mask != NULL && (img->mask[i] & HILAL_MASK_UNUSABLE) != 0) ||
@@ -204,10 +229,22 @@ static void lanczos_taps(double s, long *n0, double w[2 * LANCZOS_A])
         w[k] /= sum;
 }
 
+/* Mask bits of the stamps of the empirical PSF: a HARD pixel has no usable
+ * value (masked in the image: the value is replaced by 0), a SOFT one holds
+ * a valid value contaminated by a neighbouring source. */
+#define STAMP_HARD 1u
+#define STAMP_SOFT 2u
+/* A shifted pixel is flagged SOFT when an input tap of weight above this
+ * was SOFT: Lanczos weights fall below 0.05 beyond 2.5 px, and the
+ * contaminating light is small where the neighbour's mask ends. */
+#define SOFT_TAP_WEIGHT 0.05
+
 /* Separable shift out(u, v) = in(u + sx, v + sy) of an nx x ny array, with
  * tmp (nx*ny) as scratch. When min/mout are given, an output pixel is
- * flagged when any input pixel with non-zero weight was flagged. Samples
- * outside the array count as 0 (and unflagged). */
+ * flagged HARD when any input pixel with non-zero weight was HARD (its value
+ * is unknown), and SOFT when an input pixel with a weight above
+ * SOFT_TAP_WEIGHT was SOFT. Samples outside the array count as 0 (and
+ * unflagged). */
 static void shift_separable(const float *in, const uint8_t *min, int nx, int ny, double sx,
                             double sy, float *tmp, uint8_t *mtmp, float *out, uint8_t *mout)
 {
@@ -225,8 +262,13 @@ static void shift_separable(const float *in, const uint8_t *min, int nx, int ny,
                 if (t < 0 || t >= nx || wx[k] == 0.0)
                     continue;
                 acc += wx[k] * in[(long)v * nx + t];
-                if (min != NULL && fabs(wx[k]) > 1e-9)
-                    m |= min[(long)v * nx + t];
+                if (min != NULL) {
+                    uint8_t mi = min[(long)v * nx + t];
+                    if (fabs(wx[k]) > 1e-9)
+                        m |= mi & STAMP_HARD;
+                    if (fabs(wx[k]) > SOFT_TAP_WEIGHT)
+                        m |= mi & STAMP_SOFT;
+                }
             }
             tmp[(long)v * nx + u] = (float)acc;
             if (mtmp != NULL)
@@ -242,8 +284,13 @@ static void shift_separable(const float *in, const uint8_t *min, int nx, int ny,
                 if (t < 0 || t >= ny || wy[k] == 0.0)
                     continue;
                 acc += wy[k] * tmp[t * nx + u];
-                if (mtmp != NULL && fabs(wy[k]) > 1e-9)
-                    m |= mtmp[t * nx + u];
+                if (mtmp != NULL) {
+                    uint8_t mi = mtmp[t * nx + u];
+                    if (fabs(wy[k]) > 1e-9)
+                        m |= mi & STAMP_HARD;
+                    if (fabs(wy[k]) > SOFT_TAP_WEIGHT)
+                        m |= mi & STAMP_SOFT;
+                }
             }
             out[(long)v * nx + u] = (float)acc;
             if (mout != NULL)
@@ -497,7 +544,7 @@ typedef struct stack_star {
     double dx, dy;       /* star centre - (ix, iy), px */
     double flux;         /* current flux estimate, ADU */
     float *d, *v;        /* w*w data and variance */
-    uint8_t *m;          /* w*w: 1 = masked */
+    uint8_t *m;          /* w*w: STAMP_HARD / STAMP_SOFT bits */
     int ok;              /* still in the stack */
 } stack_star;
 
@@ -525,7 +572,7 @@ static double stamp_background(const stack_work *wk, const stack_star *s, double
     for (int j = 0; j < w; j++)
         for (int i = 0; i < w; i++) {
             double rx = i - c - s->dx, ry = j - c - s->dy;
-            if (rx * rx + ry * ry <= (double)wk->half * wk->half || s->m[j * w + i])
+            if (rx * rx + ry * ry <= (double)wk->half * wk->half || s->m[j * w + i] != 0)
                 continue;
             scratch[n++] = s->d[j * w + i];
         }
@@ -616,12 +663,27 @@ static void stack_model_star(stack_work *wk, int k, const float *P)
 /* Per-pixel combination of the normalised stamps: median and robust scatter
  * (1.4826 MAD), rejection of values farther than clip x max(own sigma,
  * scatter) from the median, then the inverse-variance weighted mean of the
- * rest. psf_err receives the error of the mean (for the taper). */
-static int stack_combine(stack_work *wk, double clip, float *psf, float *psf_err)
+ * rest. psf_err receives the error of the mean (for the taper).
+ *
+ * Each stamp's variance gets a floor (eps P)^2, P being the current PSF
+ * estimate pref at that pixel (when given): no stamp is trusted to better
+ * than the fraction eps of the PSF, which is about what interpolation and
+ * centring allow. Without it the brightest star's weight in the core grows
+ * as its flux squared and any defect of that one star (a faint neighbour, a
+ * residual cosmic ray) becomes the PSF; with it the core is a mean over the
+ * bright stars while the wings, where only bright stars have signal, still
+ * come from them.
+ *
+ * robust = 1 makes the median itself the estimate and 1.2533 x scatter /
+ * sqrt(n) its error (for the first estimate, which must not be dominated
+ * by any one stamp). */
+static int stack_combine(stack_work *wk, double clip, int robust, const float *pref, double eps,
+                         float *psf, float *psf_err)
 {
     int sz = wk->size, used = 0;
     for (int q = 0; q < sz * sz; q++) {
         size_t n = 0;
+        double floor2 = pref != NULL ? eps * eps * (double)pref[q] * pref[q] : 0.0;
         for (int k = 0; k < wk->n; k++) {
             if (!wk->stars[k].ok)
                 continue;
@@ -630,7 +692,7 @@ static int stack_combine(stack_work *wk, double clip, float *psf, float *psf_err
             if (!isfinite(v) || !(s2 > 0.0f) || !isfinite(s2))
                 continue;
             wk->vals[n] = v;
-            wk->ws[n] = s2;
+            wk->ws[n] = s2 + floor2;
             n++;
         }
         if (n == 0) {
@@ -645,6 +707,12 @@ static int stack_combine(stack_work *wk, double clip, float *psf, float *psf_err
         for (size_t i = 0; i < n; i++)
             tmpv[i] = fabs(wk->vals[i] - med);
         double scatter = n >= 3 ? 1.4826 * median_inplace(tmpv, n) : 0.0;
+        used = 1;
+        if (robust && n >= 3) {
+            psf[q] = (float)med;
+            psf_err[q] = scatter > 0.0 ? (float)(1.2533 * scatter / sqrt((double)n)) : INFINITY;
+            continue;
+        }
         double sw = 0.0, swv = 0.0;
         for (size_t i = 0; i < n; i++) {
             double sig = sqrt(wk->ws[i]);
@@ -655,7 +723,6 @@ static int stack_combine(stack_work *wk, double clip, float *psf, float *psf_err
         }
         psf[q] = sw > 0.0 ? (float)(swv / sw) : (float)med;
         psf_err[q] = sw > 0.0 ? (float)sqrt(1.0 / sw) : INFINITY;
-        used = 1;
     }
     return used;
 }
@@ -728,6 +795,328 @@ static int fit_offset(const float *T, const float *P, int sz, double rfit, doubl
     return isfinite(*ex) && isfinite(*ey);
 }
 
+/* Neighbour masks. A detected source j of the list puts light into star
+ * k's stamp out to the radius R_j at which a Moffat profile of its peak
+ * (beta NB_BETA, the stellar FWHM; heavier wings than most PSFs, so the
+ * radius errs on the large side) falls to NB_SIGMA times the background
+ * RMS. Those pixels are marked SOFT: they keep their values (so the
+ * interpolation around them stays smooth) but take no part in the stack or
+ * the fits. Clipping cannot do this job: the brightest stars carry most of
+ * the weight of the stack, and a neighbour of a few per cent of such a
+ * star's flux is far below the scatter of the fainter stars at that pixel,
+ * so it survived the clipping and went into the PSF (6% of the flux 7.8 px
+ * away shifted the PSF core by 0.3 px on a simulated field). A star whose
+ * normalisation aperture is reached by a mask is dropped (as for masked
+ * pixels). */
+#define NB_BETA 2.5
+#define NB_SIGMA 0.5
+static void stack_mask_neighbours(stack_work *wk, int k, const hilal_starlist *stars,
+                                  size_t self, double fwhm0, double a_star, double sky_rms)
+{
+    stack_star *s = &wk->stars[k];
+    int w = wk->w, c = w / 2;
+    double alpha = fwhm0 / (2.0 * sqrt(pow(2.0, 1.0 / NB_BETA) - 1.0));
+    double peak_per_flux = (NB_BETA - 1.0) / (PSF_PI * alpha * alpha);
+    double reach = (double)c * PSF_SQRT2 + 1.0; /* stamp corner distance */
+    double xs = (double)s->ix, ys = (double)s->iy;
+    for (size_t j = 0; j < stars->n; j++) {
+        const hilal_star *o = &stars->stars[j];
+        if (j == self || !isfinite(o->x) || !isfinite(o->y))
+            continue;
+        double xo = o->x - 1.0, yo = o->y - 1.0;
+        double d = hypot(xo - (xs + s->dx), yo - (ys + s->dy));
+        if (d < 0.5 * fwhm0)
+            continue; /* the star itself (a second entry) */
+        /* Peak above the background: the measured one, or the Moffat peak
+         * of its flux if larger (a saturated neighbour's peak is clipped). */
+        double pk = fmax(isfinite(o->peak_adu) ? o->peak_adu : 0.0,
+                         isfinite(o->flux_adu) ? o->flux_adu * peak_per_flux : 0.0);
+        double lim = NB_SIGMA * sky_rms, r = 0.75 * fwhm0;
+        if (lim > 0.0 && pk > lim)
+            r = fmax(r, alpha * sqrt(pow(pk / lim, 1.0 / NB_BETA) - 1.0));
+        /* Extended sources (galaxies, also trails and bad columns) are
+         * brighter far out than a star of the same peak: the masked region
+         * is an ellipse with the source's orientation whose semi-axes are r
+         * scaled by the source's second-moment axes relative to the stars'
+         * (at least r). */
+        double A = r, B = r;
+        if (a_star > 0.0 && isfinite(o->a_px) && isfinite(o->b_px)) {
+            A = r * fmax(1.0, o->a_px / a_star);
+            B = r * fmax(1.0, o->b_px / a_star);
+        }
+        double ct = isfinite(o->theta_rad) ? cos(o->theta_rad) : 1.0;
+        double sn = isfinite(o->theta_rad) ? sin(o->theta_rad) : 0.0;
+        if (d - A > reach)
+            continue;
+        /* Stamp pixel (i, j) is image pixel (ix + i - c, iy + j - c). */
+        double u0 = xo - xs + c, v0 = yo - ys + c;
+        int i0 = (int)floor(u0 - A), i1 = (int)ceil(u0 + A);
+        int j0 = (int)floor(v0 - A), j1 = (int)ceil(v0 + A);
+        for (int jj = j0 < 0 ? 0 : j0; jj <= j1 && jj < w; jj++)
+            for (int ii = i0 < 0 ? 0 : i0; ii <= i1 && ii < w; ii++) {
+                double du = ii - u0, dv = jj - v0;
+                double pu = (du * ct + dv * sn) / A, pv = (-du * sn + dv * ct) / B;
+                if (pu * pu + pv * pv <= 1.0)
+                    s->m[jj * w + ii] |= STAMP_SOFT;
+            }
+    }
+}
+
+/* Goodness of fit of star k with the PSF P (error Perr): the star's flux
+ * and centre are refitted with P (fit_offset), then
+ *     chi2 / nu = sum (T - F P_shifted)^2 / (var + F^2 (Perr^2 + (eps P)^2)) / (n - 3)
+ * over the unmasked pixels within rfit of the star. A galaxy, a blend or a
+ * star hit by a cosmic ray is not described by the PSF of the others and
+ * stands out; the PSF error term keeps bright stars from standing out only
+ * because the PSF is noisier than they are. NaN when there are too few
+ * pixels or the fit fails. */
+static double stack_chi2(stack_work *wk, int k, const float *P, const float *Perr, double rfit,
+                         double eps)
+{
+    stack_star *s = &wk->stars[k];
+    int w = wk->w, c = w / 2, sz = wk->size, h = wk->half;
+    size_t w2 = (size_t)w * w;
+    stack_model_star(wk, k, P);
+    for (size_t q = 0; q < w2; q++) {
+        wk->resid[q] = s->m[q] ? NAN : s->d[q];
+        wk->model[q] = (float)(wk->model[q] / s->flux);
+    }
+    double fl, ex, ey;
+    if (fit_offset(wk->resid, wk->model, w, rfit, &fl, &ex, &ey) && fabs(ex) < 0.5 &&
+        fabs(ey) < 0.5) {
+        s->flux = fl;
+        s->dx += ex;
+        s->dy += ey;
+    }
+    stack_model_star(wk, k, P);
+    double chi2 = 0.0, F2 = s->flux * s->flux;
+    int n = 0;
+    for (int j = 0; j < w; j++)
+        for (int i = 0; i < w; i++) {
+            double rx = i - c - s->dx, ry = j - c - s->dy;
+            if (rx * rx + ry * ry > rfit * rfit || s->m[j * w + i])
+                continue;
+            int pi = (int)lround(rx) + h, pj = (int)lround(ry) + h;
+            if (pi < 0 || pj < 0 || pi >= sz || pj >= sz)
+                continue;
+            double pv = P[pj * sz + pi], pe = Perr[pj * sz + pi];
+            if (!isfinite(pe))
+                continue;
+            double var = s->v[j * w + i] + F2 * (pe * pe + eps * eps * pv * pv);
+            double r = s->d[j * w + i] - wk->model[j * w + i];
+            if (!(var > 0.0))
+                continue;
+            chi2 += r * r / var;
+            n++;
+        }
+    return n > 6 ? chi2 / (n - 3) : NAN;
+}
+
+/* ------------------------------------------------------------------------
+ * Moffat model of the PSF core, for the wings
+ * ------------------------------------------------------------------------ */
+
+/* Elliptical Moffat profile (1 + q(x, y) / alpha^2)^-beta with the quadratic
+ * form q = (1 + e1) x^2 + (1 - e1) y^2 + 2 e2 x y, integrated over the
+ * pixels (midpoint rule on n x n sub-pixels: 7 within 1.5 FWHM of the
+ * centre, where the profile curves, 3 beyond), into m (sz x sz, centred on
+ * the central pixel). */
+typedef struct moffat_par {
+    double fwhm, beta, e1, e2;
+} moffat_par;
+
+static void moffat_pixels(const moffat_par *mp, int sz, double rmax, float *m)
+{
+    int h = sz / 2;
+    double alpha = mp->fwhm / (2.0 * sqrt(pow(2.0, 1.0 / mp->beta) - 1.0));
+    double ia2 = 1.0 / (alpha * alpha);
+    for (int j = 0; j < sz; j++)
+        for (int i = 0; i < sz; i++) {
+            double x = i - h, y = j - h;
+            if (x * x + y * y > rmax * rmax) {
+                m[j * sz + i] = 0.0f;
+                continue;
+            }
+            int n = x * x + y * y < 2.25 * mp->fwhm * mp->fwhm ? 7 : 3;
+            double acc = 0.0;
+            for (int b = 0; b < n; b++) {
+                double yy = y - 0.5 + (b + 0.5) / n;
+                for (int a = 0; a < n; a++) {
+                    double xx = x - 0.5 + (a + 0.5) / n;
+                    double q = (1.0 + mp->e1) * xx * xx + (1.0 - mp->e1) * yy * yy +
+                               2.0 * mp->e2 * xx * yy;
+                    acc += pow(1.0 + q * ia2, -mp->beta);
+                }
+            }
+            m[j * sz + i] = (float)(acc / ((double)n * n));
+        }
+}
+
+/* Weighted least-squares misfit of P by A M(mp) within rfit (A solved
+ * linearly); fills r (one residual per pixel of the fit region, weighted)
+ * and returns chi^2, with *amp the amplitude. */
+static double moffat_misfit(const moffat_par *mp, const float *P, const float *W, int sz,
+                            double rfit, float *m, double *r, double *amp)
+{
+    int h = sz / 2;
+    moffat_pixels(mp, sz, rfit + 1.0, m);
+    double smm = 0.0, smp = 0.0;
+    for (int j = 0; j < sz; j++)
+        for (int i = 0; i < sz; i++) {
+            double x = i - h, y = j - h;
+            if (x * x + y * y > rfit * rfit)
+                continue;
+            int q = j * sz + i;
+            smm += W[q] * (double)m[q] * m[q];
+            smp += W[q] * (double)m[q] * P[q];
+        }
+    double A = smm > 0.0 ? smp / smm : 0.0, chi2 = 0.0;
+    int k = 0;
+    for (int j = 0; j < sz; j++)
+        for (int i = 0; i < sz; i++) {
+            double x = i - h, y = j - h;
+            if (x * x + y * y > rfit * rfit)
+                continue;
+            int q = j * sz + i;
+            r[k] = sqrt(W[q]) * (P[q] - A * m[q]);
+            chi2 += r[k] * r[k];
+            k++;
+        }
+    *amp = A;
+    return chi2;
+}
+
+/* Fits an elliptical Moffat profile (amplitude, FWHM, beta, e1, e2) to the
+ * PSF P within rfit px of the centre, weighted by 1 / (err^2 + (eps P)^2),
+ * by Levenberg-Marquardt on the four non-linear parameters (the amplitude
+ * is solved linearly at each step; numerical derivatives). Returns 0 if the
+ * fit fails. The wings of the PSF beyond about 2 FWHM are taken from this
+ * model (stack_finish). */
+static int fit_moffat_core(const float *P, const float *err, int sz, double fwhm0, double rfit,
+                           moffat_par *out, double *amp)
+{
+    int h = sz / 2, npar = 4, ok = 0;
+    int nmax = (2 * h + 1) * (2 * h + 1);
+    float *W = malloc((size_t)sz * sz * sizeof *W), *m = malloc((size_t)sz * sz * sizeof *m);
+    double *r0 = malloc((size_t)nmax * sizeof *r0), *r1 = malloc((size_t)nmax * sizeof *r1);
+    double *J = malloc((size_t)nmax * npar * sizeof *J);
+    if (W == NULL || m == NULL || r0 == NULL || r1 == NULL || J == NULL)
+        goto cleanup;
+    int npix = 0;
+    for (int j = 0; j < sz; j++)
+        for (int i = 0; i < sz; i++) {
+            int q = j * sz + i;
+            double e = isfinite(err[q]) ? err[q] : 0.0, v = PSF_MODEL_EPS * P[q];
+            double var = e * e + v * v;
+            W[q] = var > 0.0 && isfinite(err[q]) ? (float)(1.0 / var) : 0.0f;
+            double x = i - h, y = j - h;
+            npix += x * x + y * y <= rfit * rfit;
+        }
+    if (npix < 12)
+        goto cleanup;
+    double p[4] = {fwhm0, 3.0, 0.0, 0.0};
+    const double lo[4] = {0.3 * fwhm0, 1.2, -0.5, -0.5}, hi[4] = {3.0 * fwhm0, 20.0, 0.5, 0.5};
+    double lambda = 1e-3, A = 0.0;
+    moffat_par mp = {p[0], p[1], p[2], p[3]};
+    double chi2 = moffat_misfit(&mp, P, W, sz, rfit, m, r0, &A);
+    for (int iter = 0; iter < 40; iter++) {
+        /* Numerical Jacobian of the weighted residuals. */
+        for (int a = 0; a < npar; a++) {
+            double dp = a == 0 ? 1e-3 * p[0] : (a == 1 ? 1e-3 * p[1] : 1e-4);
+            double pa[4] = {p[0], p[1], p[2], p[3]};
+            pa[a] += dp;
+            moffat_par mq = {pa[0], pa[1], pa[2], pa[3]};
+            double Aq;
+            moffat_misfit(&mq, P, W, sz, rfit, m, r1, &Aq);
+            for (int k = 0; k < npix; k++)
+                J[k * npar + a] = (r1[k] - r0[k]) / dp;
+        }
+        double JTJ[4][4] = {{0}}, JTr[4] = {0};
+        for (int k = 0; k < npix; k++)
+            for (int a = 0; a < npar; a++) {
+                JTr[a] += J[k * npar + a] * r0[k];
+                for (int b = 0; b < npar; b++)
+                    JTJ[a][b] += J[k * npar + a] * J[k * npar + b];
+            }
+        int improved = 0;
+        for (int tries = 0; tries < 10 && !improved; tries++) {
+            /* Solve (JTJ + lambda diag) dp = -JTr by Gaussian elimination. */
+            double M[4][5];
+            for (int a = 0; a < npar; a++) {
+                for (int b = 0; b < npar; b++)
+                    M[a][b] = JTJ[a][b] + (a == b ? lambda * (JTJ[a][a] + 1e-12) : 0.0);
+                M[a][4] = -JTr[a];
+            }
+            int singular = 0;
+            for (int c = 0; c < npar && !singular; c++) {
+                int piv = c;
+                for (int r = c + 1; r < npar; r++)
+                    if (fabs(M[r][c]) > fabs(M[piv][c]))
+                        piv = r;
+                if (!(fabs(M[piv][c]) > 0.0)) {
+                    singular = 1;
+                    break;
+                }
+                for (int k = 0; k < 5; k++) {
+                    double t = M[c][k];
+                    M[c][k] = M[piv][k];
+                    M[piv][k] = t;
+                }
+                for (int r = c + 1; r < npar; r++) {
+                    double f = M[r][c] / M[c][c];
+                    for (int k = c; k < 5; k++)
+                        M[r][k] -= f * M[c][k];
+                }
+            }
+            if (singular) {
+                lambda *= 10.0;
+                continue;
+            }
+            double d[4];
+            for (int r = npar - 1; r >= 0; r--) {
+                double t = M[r][4];
+                for (int k = r + 1; k < npar; k++)
+                    t -= M[r][k] * d[k];
+                d[r] = t / M[r][r];
+            }
+            double pn[4];
+            for (int a = 0; a < npar; a++)
+                pn[a] = fmin(hi[a], fmax(lo[a], p[a] + d[a]));
+            moffat_par mq = {pn[0], pn[1], pn[2], pn[3]};
+            double An, c2 = moffat_misfit(&mq, P, W, sz, rfit, m, r1, &An);
+            if (c2 < chi2) {
+                double rel = (chi2 - c2) / chi2;
+                memcpy(p, pn, sizeof p);
+                memcpy(r0, r1, (size_t)npix * sizeof *r0);
+                chi2 = c2;
+                A = An;
+                lambda = fmax(lambda / 10.0, 1e-7);
+                improved = 1;
+                if (rel < 1e-7)
+                    iter = 1000; /* converged */
+            } else {
+                lambda *= 10.0;
+            }
+        }
+        if (!improved)
+            break;
+    }
+    out->fwhm = p[0];
+    out->beta = p[1];
+    out->e1 = p[2];
+    out->e2 = p[3];
+    *amp = A;
+    ok = A > 0.0 && isfinite(A);
+
+cleanup:
+    free(W);
+    free(m);
+    free(r0);
+    free(r1);
+    free(J);
+    return ok;
+}
+
 /* Step 6: residual background, taper, normalisation, recentring, FWHM. */
 static hilal_status stack_finish(float *psf, const float *psf_err, int sz, double fwhm0,
                                  int fit_b, hilal_psf *out, hilal_error *err)
@@ -765,22 +1154,25 @@ static hilal_status stack_finish(float *psf, const float *psf_err, int sz, doubl
         double mk[256], wk2[256], rk[256];
         int na = 0;
         for (int k = k0; k <= h && na < 256; k++) {
-            double sum = 0.0, e2 = 0.0;
+            double e2 = 0.0;
             int n = 0;
             for (int j = 0; j < sz; j++)
                 for (int i = 0; i < sz; i++) {
                     double r = hypot(i - h, j - h);
                     if (r < k - 0.5 || r >= k + 0.5)
                         continue;
-                    sum += psf[j * sz + i];
+                    ring[n] = psf[j * sz + i];
                     double e = psf_err[j * sz + i];
                     e2 += isfinite(e) ? e * e : 1e30;
                     n++;
                 }
             if (n == 0 || !(e2 > 0.0))
                 continue;
-            mk[na] = sum / n;
-            wk2[na] = (double)n * n / e2; /* 1 / error^2 of the mean */
+            /* The median of the annulus: a neighbour's leftover light
+             * covers a few of its pixels, not its median. Its variance is
+             * pi/2 that of the mean. */
+            mk[na] = median_inplace(ring, (size_t)n);
+            wk2[na] = (double)n * n / e2 / 1.5708; /* 1 / error^2 of the median */
             rk[na] = k;
             na++;
         }
@@ -884,6 +1276,34 @@ static hilal_status stack_finish(float *psf, const float *psf_err, int sz, doubl
             }
         }
     }
+
+    /* 6c. With a sky map, the wings beyond WING_FWHM x FWHM are a Moffat
+     *     profile fitted to the PSF within that radius (fit_moffat_core):
+     *     out there the stack measures the sky map's local errors and the
+     *     unresolved sources around the few brightest stars (which carry
+     *     the weight in the wings) as much as the PSF, and their sum over
+     *     the large area of the wings moved the PSF normalisation, and so
+     *     every PSF-fit flux, by about 1% between simulated frames; the
+     *     core fixes width, shape and beta far better. Without a sky map
+     *     (or when the fit fails) the annulus fit of 6a is the wing model
+     *     beyond the noise radius, as before. */
+    float *wing_img = tmp2;
+    int core_wing = 0;
+    if (!fit_b) {
+        moffat_par mp;
+        double amp = 0.0, rw = WING_FWHM * fwhm0;
+        if (rw < h - 1.0 && fit_moffat_core(psf, psf_err, sz, fwhm0, rw, &mp, &amp)) {
+            moffat_pixels(&mp, sz, 2.0 * sz, wing_img);
+            for (int q = 0; q < sz * sz; q++)
+                wing_img[q] = (float)(amp * wing_img[q]);
+            r_cut = fmin(r_cut, rw);
+            core_wing = 1;
+            hilal_log(HILAL_LOG_DEBUG,
+                      "PSF core Moffat fit: FWHM %.3f px, beta %.2f, e (%.3f, %.3f); wings beyond "
+                      "%.1f px from it",
+                      mp.fwhm, mp.beta, mp.e1, mp.e2, r_cut);
+        }
+    }
     for (int j = 0; j < sz; j++)
         for (int i = 0; i < sz; i++) {
             double r = hypot(i - h, j - h), t;
@@ -894,7 +1314,8 @@ static hilal_status stack_finish(float *psf, const float *psf_err, int sz, doubl
                 t = c * c;
             } else
                 t = 0.0;
-            double wing = wing_a * pow(1.0 + (r / wing_c) * (r / wing_c), -wing_beta);
+            double wing = core_wing ? wing_img[j * sz + i]
+                                    : wing_a * pow(1.0 + (r / wing_c) * (r / wing_c), -wing_beta);
             psf[j * sz + i] = (float)(t * psf[j * sz + i] + (1.0 - t) * wing);
         }
 
@@ -1153,18 +1574,101 @@ hilal_status hilal_psf_build(const hilal_image *img, const hilal_starlist *stars
         s->ok = 1;
     }
 
+    /* 3b. Neighbours: the light of other detected sources in each stamp is
+     *     marked SOFT (stack_mask_neighbours). */
+    {
+        /* The stars' size: median semi-major axis of the usable stars. */
+        double *av = malloc((stars->n + 1) * sizeof *av);
+        size_t na = 0;
+        if (av == NULL) {
+            st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory");
+            goto cleanup;
+        }
+        for (size_t i = 0; i < stars->n; i++)
+            if (stars->stars[i].usable && stars->stars[i].a_px > 0.0)
+                av[na++] = stars->stars[i].a_px;
+        double a_star = median_inplace(av, na);
+        free(av);
+        for (int k = 0; k < ncand; k++)
+            stack_mask_neighbours(&wk, k, stars, (size_t)cand[k], fwhm0, a_star, sqrt(rms2));
+    }
+
     /* 3-4. First estimate: every stamp shifted to the centre (catalogue
-     *      centroid), divided by its flux within r_norm, combined. */
+     *      centroid), divided by its flux within r_norm, combined by the
+     *      per-pixel median, which no single star can dominate. */
     int nused = 0;
     for (int k = 0; k < ncand; k++) {
         wk.stars[k].ok = stack_prepare_star(&wk, k, wk.stars[k].d, 1);
         nused += wk.stars[k].ok;
     }
-    if (nused == 0 || !stack_combine(&wk, p->clip_sigma, psf, psf_err)) {
+    if (nused == 0 || !stack_combine(&wk, p->clip_sigma, 1, NULL, 0.0, psf, psf_err)) {
         st = hilal_error_set(err, HILAL_ERR_DATA,
                              "%s: none of the %d PSF stars has an unmasked core with positive "
                              "flux; check the mask and the background",
                              img_name(img), ncand);
+        goto cleanup;
+    }
+
+    /* 4b. Screening: every star is fitted with the median PSF and those
+     *     whose chi^2 / nu exceeds max(CHI2_MIN, CHI2_FACTOR x the median
+     *     over the stars) are dropped (galaxies with star-like sizes,
+     *     blends, stars hit by cosmic rays). At most a third of the stars
+     *     go, the worst first, so a PSF that varies across the field does
+     *     not lose its stars. */
+    {
+        double rfit = fmax(2.0 * fwhm0, 3.0);
+        keyed_val *chi = malloc((size_t)ncand * sizeof *chi);
+        double *cv = malloc((size_t)ncand * sizeof *cv);
+        if (chi == NULL || cv == NULL) {
+            free(chi);
+            free(cv);
+            st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory stacking %d stars", ncand);
+            goto cleanup;
+        }
+        int nc = 0;
+        for (int k = 0; k < ncand; k++) {
+            if (!wk.stars[k].ok)
+                continue;
+            double c2 = stack_chi2(&wk, k, psf, psf_err, rfit, PSF_MODEL_EPS);
+            if (!isfinite(c2))
+                c2 = 1e30;
+            chi[nc].key = c2;
+            chi[nc].idx = k;
+            cv[nc] = c2;
+            nc++;
+        }
+        double med = median_inplace(cv, (size_t)nc);
+        double lim = fmax(CHI2_MIN, CHI2_FACTOR * med);
+        qsort(chi, (size_t)nc, sizeof *chi, cmp_keyed_val_desc);
+        int nrej = 0;
+        for (int q = 0; q < nc && nrej < nc / 3; q++) {
+            if (!(chi[q].key > lim))
+                break;
+            wk.stars[chi[q].idx].ok = 0;
+            nrej++;
+        }
+        hilal_log(HILAL_LOG_DEBUG,
+                  "%s: PSF stars: median chi2/nu %.2f against the median PSF, %d of %d rejected "
+                  "above %.2f",
+                  img_name(img), med, nrej, nc, lim);
+        free(chi);
+        free(cv);
+    }
+
+    /* 4c. The weighted estimate from the stars kept, with the refitted
+     *     centres, and the median estimate as the reference of the
+     *     variance floor (stack_combine). */
+    nused = 0;
+    for (int k = 0; k < ncand; k++) {
+        if (wk.stars[k].ok)
+            wk.stars[k].ok = stack_prepare_star(&wk, k, wk.stars[k].d, 1);
+        nused += wk.stars[k].ok;
+    }
+    if (nused == 0 || !stack_combine(&wk, p->clip_sigma, 0, psf, PSF_MODEL_EPS, psf, psf_err)) {
+        st = hilal_error_set(err, HILAL_ERR_DATA,
+                             "%s: no PSF star is left after rejecting those the PSF does not "
+                             "describe; check the star list",
+                             img_name(img));
         goto cleanup;
     }
 
@@ -1203,12 +1707,14 @@ hilal_status hilal_psf_build(const hilal_image *img, const hilal_starlist *stars
             if (!s->ok)
                 continue;
             stack_model_star(&wk, k, psf);
+            /* Residuals; SOFT pixels keep theirs so the shift around them
+             * stays smooth (they are flagged and left out). */
             for (size_t q = 0; q < w2; q++)
-                wk.resid[q] = s->m[q] ? 0.0f : s->d[q] - wk.model[q];
+                wk.resid[q] = (s->m[q] & STAMP_HARD) ? 0.0f : s->d[q] - wk.model[q];
             s->ok = stack_prepare_star(&wk, k, wk.resid, 0);
             nused += s->ok;
         }
-        if (nused == 0 || !stack_combine(&wk, p->clip_sigma, wk.tmp, psf_err))
+        if (nused == 0 || !stack_combine(&wk, p->clip_sigma, 0, psf, PSF_MODEL_EPS, wk.tmp, psf_err))
             break;
         for (size_t q = 0; q < s2; q++)
             psf[q] += wk.tmp[q];

@@ -1,6 +1,8 @@
 /* The stars stage: source extraction on the sky-subtracted science and
  * reference images, photometry, shape, and the `usable` flag that selects
- * stars fit for the PSF, alignment and flux scaling.
+ * stars fit for the PSF, alignment and flux scaling. The two images are
+ * processed concurrently when pipeline.threads allows (libsep's extraction
+ * itself runs under a process-wide lock, the measurements do not).
  *
  * For each image:
  *  1. libsep extraction (SExtractor's algorithm, Bertin & Arnouts 1996) on
@@ -8,10 +10,14 @@
  *     smoothing with the 3x3 pyramid kernel, with minarea, multi-threshold
  *     deblending and cleaning. Masked pixels are set to 0 and masked,
  *     except saturated ones, which keep their value (see below).
- *  2. For every detection: the half-light radius r50 (sep_flux_radius),
- *     the windowed centroid (SExtractor's XWIN, Gaussian weight of
- *     sigma = 2 r50 / 2.3548), the FWHM from the half-maximum area
- *     (hilal_psf_measure_fwhm).
+ *  2. The max_stars detections of highest isophotal S/N (flux over the
+ *     noise of its footprint) are measured: the half-light radius r50
+ *     (sep_flux_radius), the windowed centroid (SExtractor's XWIN: the
+ *     Gaussian-weighted centroid of sigma = 2 r50 / 2.3548, iterated),
+ *     the FWHM from the half-maximum area (hilal_psf_measure_fwhm). The
+ *     other detections only get an aperture flux (for the isolation test):
+ *     on a 4096^2 frame of 3000 detections this keeps the stage's cost to
+ *     the objects that can matter.
  *  3. The stellar FWHM (the densest cluster of FWHM values of clean, round,
  *     bright detections: stellar_fwhm) sets the photometric aperture
  *     (radius aper_fwhm x FWHM): flux_adu and flux_err_adu are the exact
@@ -25,18 +31,24 @@
  *       - round: b/a >= min_axis_ratio;
  *       - point-like: FWHM within [min_fwhm_frac, max_fwhm_frac] x the
  *         stellar FWHM (rejects cosmic rays and hot pixels, and galaxies),
- *         and as concentrated as the median star (flux within 1 FWHM over
- *         flux within 2.5 FWHM, within conc_tol and 3 sigma: rejects
- *         galaxies with star-like cores);
+ *         and no wider than (1 + max(fwhm_tol, 7.5 / SNR)) x the stellar
+ *         FWHM (three times the FWHM scatter of stars at that S/N: a bright
+ *         compact galaxy, 20% wider than the stars at S/N 100, is not a
+ *         star, while faint stars keep their noise), and as concentrated as
+ *         the median star (flux within 1 FWHM over flux within 2.5 FWHM,
+ *         within conc_tol and 3 sigma: rejects galaxies with star-like
+ *         cores);
  *       - positive flux.
- *  5. The max_stars detections of highest S/N are kept, sorted by flux.
+ *  5. The measured detections are sorted by flux.
  */
 #include <math.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "hilal/config.h"
+#include "hilal/fft.h"
 #include "hilal/log.h"
 #include "hilal/psf.h"
 #include "hilal/stage.h"
@@ -71,6 +83,8 @@ static const hilal_param stars_params[] = {
      "usable stars have FWHM >= this x the stellar FWHM (smaller: cosmic ray, hot pixel)"},
     {"max_fwhm_frac", HILAL_PARAM_DOUBLE, "1.3", 1, 100, "",
      "usable stars have FWHM <= this x the stellar FWHM (larger: galaxy, blend)"},
+    {"fwhm_tol", HILAL_PARAM_DOUBLE, "0.05", 0, 10, "",
+     "usable stars are at most max(this, 7.5/SNR) wider than the stellar FWHM"},
     {"conc_tol", HILAL_PARAM_DOUBLE, "0.05", 0, 1, "",
      "usable stars are at most this fraction (plus 3 sigma) less concentrated than the median star"},
 };
@@ -79,8 +93,9 @@ typedef struct stars_state {
     hilal_sepw_extract_params xp;
     long max_stars;
     double aper_fwhm, iso_fwhm, iso_flux_frac, sat_frac, min_axis_ratio;
-    double min_fwhm_frac, max_fwhm_frac, conc_tol;
+    double min_fwhm_frac, max_fwhm_frac, fwhm_tol, conc_tol;
     long edge_margin;
+    int threads;
 } stars_state;
 
 static hilal_status stars_init(const hilal_config *cfg, void **state, hilal_error *err)
@@ -104,7 +119,10 @@ static hilal_status stars_init(const hilal_config *cfg, void **state, hilal_erro
     s->min_axis_ratio = hilal_config_get_double(cfg, "stars.min_axis_ratio");
     s->min_fwhm_frac = hilal_config_get_double(cfg, "stars.min_fwhm_frac");
     s->max_fwhm_frac = hilal_config_get_double(cfg, "stars.max_fwhm_frac");
+    s->fwhm_tol = hilal_config_get_double(cfg, "stars.fwhm_tol");
     s->conc_tol = hilal_config_get_double(cfg, "stars.conc_tol");
+    /* pipeline.threads = 0: one per core. */
+    s->threads = hilal_fft_threads((int)hilal_config_get_int(cfg, "pipeline.threads"));
     s->edge_margin = hilal_config_get_int(cfg, "pipeline.edge_margin");
     *state = s;
     return HILAL_OK;
@@ -202,17 +220,71 @@ static int masked_within(const hilal_image *img, double x, double y, double r)
     return 0;
 }
 
+/* SExtractor's windowed centroid (XWIN/YWIN; Bertin's SExtractor manual,
+ * "windowed positional parameters"): starting from (x, y), iterate
+ *     x <- x + 2 sum w I (x_i - x) / sum w I,  w = exp(-r_i^2 / (2 sig^2)),
+ * over the unmasked pixels within 4 sig (the weight is 3e-4 there, so
+ * pixel centres decide membership), until the step falls below 1e-4 px or
+ * after 16 steps; the factor 2 makes each step exact for a Gaussian
+ * profile. Returns 0 (and leaves the output alone) when the weighted flux
+ * is not positive. Coordinates 0-based. */
+/* Values of the stage's SEP mask. */
+#define MASK_SAT 1 /* saturated: detected, not measured */
+#define MASK_BAD 2 /* unusable */
+
+/* Largest radius of the per-detection measurements, px. */
+#define MEASURE_RMAX 25.0
+
+#define WIN_NSIG 4.0
+#define WIN_NITER 16
+#define WIN_STEPMIN 1e-4
+static int windowed_centroid(const float *d, const uint8_t *mask, long nx, long ny, double x,
+                             double y, double sig, double *xo, double *yo)
+{
+    if (!(sig > 0.0))
+        return 0;
+    double r = WIN_NSIG * sig, r2 = r * r, inv2s2 = 0.5 / (sig * sig);
+    for (int it = 0; it < WIN_NITER; it++) {
+        long i0 = (long)floor(x - r), i1 = (long)ceil(x + r);
+        long j0 = (long)floor(y - r), j1 = (long)ceil(y + r);
+        double sw = 0.0, sx = 0.0, sy = 0.0;
+        for (long j = j0 < 0 ? 0 : j0; j <= j1 && j < ny; j++) {
+            double dy = j - y;
+            for (long i = i0 < 0 ? 0 : i0; i <= i1 && i < nx; i++) {
+                double dx = i - x, dd = dx * dx + dy * dy;
+                long q = j * nx + i;
+                if (dd > r2 || mask[q])
+                    continue;
+                double wi = exp(-dd * inv2s2) * d[q];
+                sw += wi;
+                sx += wi * dx;
+                sy += wi * dy;
+            }
+        }
+        if (!(sw > 0.0))
+            return 0;
+        double stepx = 2.0 * sx / sw, stepy = 2.0 * sy / sw;
+        x += stepx;
+        y += stepy;
+        if (stepx * stepx + stepy * stepy < WIN_STEPMIN * WIN_STEPMIN)
+            break;
+    }
+    *xo = x;
+    *yo = y;
+    return isfinite(x) && isfinite(y);
+}
+
 static hilal_status stars_image(const stars_state *s, const hilal_image *img,
                                 hilal_starlist *out, const char *which, hilal_error *err)
 {
     hilal_status st = HILAL_OK;
     size_t n = (size_t)img->nx * (size_t)img->ny;
-    float *sub = NULL, *dvar = NULL;
+    float *sub = NULL;
     uint8_t *mask = NULL;
     hilal_sepw_object *objs = NULL;
     size_t nobj = 0;
     det *d = NULL;
-    keyed *order = NULL;
+    keyed *order = NULL, *byx = NULL;
     double *tmp = NULL;
     hilal_star *list = NULL;
     const char *path = img->meta.path[0] != '\0' ? img->meta.path : "(unnamed)";
@@ -225,40 +297,39 @@ static hilal_status stars_image(const stars_state *s, const hilal_image *img,
         goto cleanup;
     }
     sub = malloc(n * sizeof *sub);
-    dvar = malloc(n * sizeof *dvar);
     mask = malloc(n);
-    if (sub == NULL || dvar == NULL || mask == NULL) {
+    if (sub == NULL || mask == NULL) {
         st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for star extraction");
         goto cleanup;
     }
-    /* Detection planes. Saturated pixels keep their (clipped) value and get
-     * the background variance, so a saturated star is detected whole (for
+    /* Detection planes: pix - sky, and SEP's mask. Saturated pixels keep
+     * their (clipped) value, so a saturated star is detected whole (for
      * alignment) rather than as a ring of fragments around a hole; it is
      * not usable (saturation test below). Other unusable pixels are 0 and
-     * masked. */
-    float rms2 = (float)(img->sky_rms_adu * img->sky_rms_adu);
+     * masked. The threshold is relative to the global background RMS (as
+     * SExtractor's default): at an isophote a few sigma above the sky the
+     * source's own noise is negligible, so the variance plane would change
+     * little, and leaving it out saves a full-size plane. */
     for (size_t i = 0; i < n; i++) {
         hilal_mask_t bits = img->mask[i] & HILAL_MASK_UNUSABLE;
         int fin = isfinite(img->pix[i]);
-        if (bits == HILAL_MASK_SAT && fin && rms2 > 0.0f) {
-            mask[i] = 0;
-            sub[i] = img->pix[i] - img->sky[i];
-            dvar[i] = rms2;
-            continue;
-        }
-        int bad = bits != 0 || !fin || !(img->var[i] < 1e29f);
-        mask[i] = (uint8_t)bad;
+        int sat = fin && bits == HILAL_MASK_SAT;
+        int bad = !sat && (!fin || bits != 0 || !(img->var[i] < 1e29f));
+        mask[i] = (uint8_t)(bad ? MASK_BAD : sat ? MASK_SAT : 0);
         sub[i] = bad ? 0.0f : img->pix[i] - img->sky[i];
-        dvar[i] = bad ? 1e30f : img->var[i];
     }
 
-    /* 1. Extraction. */
-    hilal_sepw_image im = {sub, dvar, mask, img->nx, img->ny};
-    st = hilal_sepw_extract(&im, &s->xp, &objs, &nobj, err);
+    /* 1. Extraction (saturated pixels take part: mask_level MASK_SAT). */
+    hilal_sepw_extract_params xp = s->xp;
+    xp.noise_sigma = img->sky_rms_adu;
+    hilal_sepw_image dim = {sub, NULL, mask, img->nx, img->ny, MASK_SAT};
+    st = hilal_sepw_extract(&dim, &xp, &objs, &nobj, err);
     if (st != HILAL_OK) {
         hilal_error_context(err, "%s image %s", which, path);
         goto cleanup;
     }
+    /* The measurements: variance plane, saturated pixels masked too. */
+    hilal_sepw_image im = {sub, img->var, mask, img->nx, img->ny, 0};
     if (nobj == 0) {
         hilal_log(HILAL_LOG_WARN, "%s image %s: no sources above %.1f sigma", which, path,
                   s->xp.thresh_sigma);
@@ -267,33 +338,58 @@ static hilal_status stars_image(const stars_state *s, const hilal_image *img,
 
     d = calloc(nobj, sizeof *d);
     order = calloc(nobj, sizeof *order);
+    byx = malloc(nobj * sizeof *byx);
     tmp = calloc(nobj, sizeof *tmp);
-    if (d == NULL || order == NULL || tmp == NULL) {
+    if (d == NULL || order == NULL || byx == NULL || tmp == NULL) {
         st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for %zu detections", nobj);
         goto cleanup;
     }
 
-    /* 2. Radius, windowed centroid and FWHM of every detection. */
+    /* 2. The detections to measure: the max_stars of highest isophotal S/N,
+     *    flux_iso / sqrt(npix rms^2 + flux_iso / gain) (the footprint's
+     *    background noise and the source's Poisson noise). */
+    double gain = img->meta.gain_e_per_adu;
+    double inv_gain = isfinite(gain) && gain > 0.0 ? 1.0 / gain : 0.0;
+    double rms2 = img->sky_rms_adu * img->sky_rms_adu;
     for (size_t k = 0; k < nobj; k++) {
         const hilal_sepw_object *o = &objs[k];
-        det *e = &d[k];
+        double nv = (double)o->npix * rms2 + fmax(o->flux_iso, 0.0) * inv_gain;
+        order[k].key = nv > 0.0 ? o->flux_iso / sqrt(nv) : -1e300;
+        order[k].idx = k;
+    }
+    qsort(order, nobj, sizeof *order, cmp_keyed_desc);
+    size_t nkeep = nobj < (size_t)s->max_stars ? nobj : (size_t)s->max_stars;
+
+    /* Radius, windowed centroid and FWHM of the detections measured; the
+     * others keep their barycentre. */
+    for (size_t k = 0; k < nobj; k++) {
+        d[k].o = &objs[k];
+        d[k].x = objs[k].x;
+        d[k].y = objs[k].y;
+        d[k].flags = objs[k].flags;
+        d[k].fwhm = NAN;
+        d[k].r50 = NAN;
+    }
+    for (size_t m = 0; m < nkeep; m++) {
+        det *e = &d[order[m].idx];
+        const hilal_sepw_object *o = e->o;
         unsigned fl = 0;
-        e->o = o;
-        e->x = o->x;
-        e->y = o->y;
-        e->flags = o->flags;
-        double rmax = fmax(4.0, 5.0 * o->a);
+        /* Radii capped: cosmic-ray tracks, bleed trails and large
+         * galaxies (a of tens of px) would cost much and are never
+         * usable. */
+        double rmax = fmin(MEASURE_RMAX, fmax(4.0, 5.0 * o->a));
         double r50 = NAN;
         st = hilal_sepw_flux_radius(&im, o->x, o->y, rmax, 0.5, &r50, &fl, err);
         if (st != HILAL_OK)
             goto cleanup;
         e->r50 = r50 > 0.0 && isfinite(r50) ? r50 : fmax(o->a, 0.5);
         double xw, yw;
-        st = hilal_sepw_windowed(&im, o->x, o->y, 2.0 * e->r50 / 2.3548, &xw, &yw, &fl, err);
-        if (st != HILAL_OK)
-            goto cleanup;
-        /* Keep the barycentre when the windowed centroid wandered off. */
-        if (isfinite(xw) && isfinite(yw) && hypot(xw - o->x, yw - o->y) < 1.0) {
+        /* Keep the barycentre when the windowed centroid wandered off (or
+         * for sources too large to be stars). */
+        if (e->r50 <= MEASURE_RMAX / 4.0 &&
+            windowed_centroid(sub, mask, img->nx, img->ny, o->x, o->y, 2.0 * e->r50 / 2.3548,
+                              &xw, &yw) &&
+            hypot(xw - o->x, yw - o->y) < 1.0) {
             e->x = xw;
             e->y = yw;
         }
@@ -304,26 +400,30 @@ static hilal_status stars_image(const stars_state *s, const hilal_image *img,
                                          fmin(15.0, fmax(3.0, 2.0 * e->r50)));
     }
 
-    /* 3. The stellar FWHM from clean, round detections with a peak of at
-     *    least 10 sigma (all measured ones when fewer than 3 qualify). */
+    /* 3. The stellar FWHM from clean, round measured detections with a peak
+     *    of at least 10 sigma (all measured ones when fewer than 3
+     *    qualify). */
     size_t nm = 0;
-    for (size_t k = 0; k < nobj; k++) {
-        const hilal_sepw_object *o = d[k].o;
+    for (size_t m = 0; m < nkeep; m++) {
+        const det *e = &d[order[m].idx];
+        const hilal_sepw_object *o = e->o;
         long q = (long)o->ypeak * img->nx + o->xpeak;
-        double sig = sqrt(dvar[q]);
-        if (isfinite(d[k].fwhm) && d[k].fwhm > 0.0 && o->flags == 0 && o->peak >= 10.0 * sig &&
+        double sig = img->var[q] < 1e29f ? sqrt(img->var[q]) : img->sky_rms_adu;
+        if (isfinite(e->fwhm) && e->fwhm > 0.0 && o->flags == 0 && o->peak >= 10.0 * sig &&
             o->a > 0.0 && o->b / o->a >= s->min_axis_ratio)
-            tmp[nm++] = d[k].fwhm;
+            tmp[nm++] = e->fwhm;
     }
     if (nm < 3) {
         nm = 0;
-        for (size_t k = 0; k < nobj; k++)
-            if (isfinite(d[k].fwhm) && d[k].fwhm > 0.0)
-                tmp[nm++] = d[k].fwhm;
+        for (size_t m = 0; m < nkeep; m++)
+            if (isfinite(d[order[m].idx].fwhm) && d[order[m].idx].fwhm > 0.0)
+                tmp[nm++] = d[order[m].idx].fwhm;
     }
     double med_fwhm = stellar_fwhm(tmp, nm);
     double r_ap = isfinite(med_fwhm) ? fmax(2.0, s->aper_fwhm * med_fwhm) : 3.0;
 
+    /* Aperture photometry of every detection (the isolation test compares
+     * fluxes with all of them); the concentration of the measured ones. */
     for (size_t k = 0; k < nobj; k++) {
         det *e = &d[k];
         double sum = NAN, sumerr = NAN;
@@ -335,46 +435,35 @@ static hilal_status stars_image(const stars_state *s, const hilal_image *img,
         e->flux_err = sumerr;
         e->flags |= fl;
         e->snr = sumerr > 0.0 ? sum / sumerr : 0.0;
+        e->conc = e->conc_err = NAN;
+    }
+    for (size_t m = 0; m < nkeep && isfinite(med_fwhm); m++) {
         /* Concentration: the fraction of the light within 2.5 FWHM that
          * falls within 1 FWHM. It is the same for every star (the PSF's)
          * and lower for galaxies, whose cores can be as sharp as a star's
          * while their wings are not. */
-        e->conc = e->conc_err = NAN;
-        if (isfinite(med_fwhm)) {
-            double s1, e1, s2, e2;
-            unsigned f1 = 0, f2 = 0;
-            st = hilal_sepw_sum_circle(&im, e->x, e->y, fmax(1.0, med_fwhm), &s1, &e1, &f1, err);
-            if (st == HILAL_OK)
-                st = hilal_sepw_sum_circle(&im, e->x, e->y, 2.5 * med_fwhm, &s2, &e2, &f2, err);
-            if (st != HILAL_OK)
-                goto cleanup;
-            if (s1 > 0.0 && s2 > 0.0) {
-                e->conc = s1 / s2;
-                e->conc_err = e->conc * sqrt((e1 / s1) * (e1 / s1) + (e2 / s2) * (e2 / s2));
-            }
+        det *e = &d[order[m].idx];
+        double s1, e1, s2, e2;
+        unsigned f1 = 0, f2 = 0;
+        st = hilal_sepw_sum_circle(&im, e->x, e->y, fmax(1.0, med_fwhm), &s1, &e1, &f1, err);
+        if (st == HILAL_OK)
+            st = hilal_sepw_sum_circle(&im, e->x, e->y, 2.5 * med_fwhm, &s2, &e2, &f2, err);
+        if (st != HILAL_OK)
+            goto cleanup;
+        if (s1 > 0.0 && s2 > 0.0) {
+            e->conc = s1 / s2;
+            e->conc_err = e->conc * sqrt((e1 / s1) * (e1 / s1) + (e2 / s2) * (e2 / s2));
         }
     }
 
-    /* 5 (first half). Keep the max_stars detections of highest S/N. */
-    for (size_t k = 0; k < nobj; k++) {
-        order[k].key = isfinite(d[k].snr) ? d[k].snr : -1e300;
-        order[k].idx = k;
-    }
-    qsort(order, nobj, sizeof *order, cmp_keyed_desc);
-    size_t nkeep = nobj < (size_t)s->max_stars ? nobj : (size_t)s->max_stars;
     list = calloc(nkeep > 0 ? nkeep : 1, sizeof *list);
     if (list == NULL) {
         st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for %zu stars", nkeep);
         goto cleanup;
     }
 
-    /* 4. usable. Isolation is tested against every detection (kept or not),
-     *    through detections sorted by x. */
-    keyed *byx = malloc(nobj * sizeof *byx);
-    if (byx == NULL) {
-        st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for %zu detections", nobj);
-        goto cleanup;
-    }
+    /* 4. usable. Isolation is tested against every detection (measured or
+     *    not), through detections sorted by x. */
     for (size_t k = 0; k < nobj; k++) {
         byx[k].key = d[k].x;
         byx[k].idx = k;
@@ -410,10 +499,15 @@ static hilal_status stars_image(const stars_state *s, const hilal_image *img,
             long q = (long)o->ypeak * img->nx + o->xpeak;
             ok = o->peak + img->sky[q] < s->sat_frac * sat;
         }
-        /* Shape. */
+        /* Shape: round, and the stellar FWHM within the bounds and within
+         * the noise of the FWHM at this S/N (about 2.5 / SNR relative,
+         * measured on simulated frames). */
         ok = ok && o->a > 0.0 && o->b / o->a >= s->min_axis_ratio;
-        if (ok && isfinite(med_fwhm))
-            ok = e->fwhm >= s->min_fwhm_frac * med_fwhm && e->fwhm <= s->max_fwhm_frac * med_fwhm;
+        if (ok && isfinite(med_fwhm)) {
+            double tol = fmax(s->fwhm_tol, 3.0 * 2.5 / fmax(e->snr, 1e-3));
+            ok = e->fwhm >= s->min_fwhm_frac * med_fwhm && e->fwhm <= s->max_fwhm_frac * med_fwhm &&
+                 e->fwhm <= (1.0 + tol) * med_fwhm;
+        }
         /* Isolation: binary search for x - r_iso, scan to x + r_iso. */
         if (ok && r_iso > 0.0) {
             size_t lo = 0, hi = nobj;
@@ -437,7 +531,6 @@ static hilal_status stars_image(const stars_state *s, const hilal_image *img,
         }
         t->usable = ok;
     }
-    free(byx);
 
     /* Concentration: the median over the stars usable so far is the
      * stellar value c0; a usable star must not be less concentrated than
@@ -461,7 +554,7 @@ static hilal_status stars_image(const stars_state *s, const hilal_image *img,
             nusable += (size_t)list[m].usable;
     }
 
-    /* 5 (second half). Sort the kept stars by decreasing flux. */
+    /* 5. Sort the measured stars by decreasing flux. */
     for (size_t m = 0; m < nkeep; m++) {
         order[m].key = isfinite(list[m].flux_adu) ? list[m].flux_adu : -1e300;
         order[m].idx = m;
@@ -482,16 +575,32 @@ static hilal_status stars_image(const stars_state *s, const hilal_image *img,
 
 cleanup:
     free(sub);
-    free(dvar);
     free(mask);
     free(objs);
     free(d);
     free(order);
+    free(byx);
     free(tmp);
     free(list);
     if (st != HILAL_OK)
         hilal_starlist_clear(out);
     return st;
+}
+
+/* The reference image in a second thread. */
+typedef struct stars_thread {
+    const stars_state *s;
+    const hilal_image *img;
+    hilal_starlist *out;
+    hilal_error err;
+    hilal_status st;
+} stars_thread;
+
+static void *stars_thread_main(void *arg)
+{
+    stars_thread *t = arg;
+    t->st = stars_image(t->s, t->img, t->out, "reference", &t->err);
+    return NULL;
 }
 
 static hilal_status stars_run(const void *state, hilal_frame *frame, hilal_error *err)
@@ -500,9 +609,19 @@ static hilal_status stars_run(const void *state, hilal_frame *frame, hilal_error
     if (frame->sci == NULL || frame->ref == NULL)
         return hilal_error_set(err, HILAL_ERR_INTERNAL,
                                "stars stage needs the science and reference images");
+    /* Science here, reference in a second thread when allowed (or when the
+     * thread cannot be started, afterwards here); the science error wins. */
+    stars_thread t = {s, frame->ref, &frame->ref_stars, {0}, HILAL_OK};
+    hilal_error_clear(&t.err);
+    pthread_t tid;
+    int threaded = s->threads >= 2 && pthread_create(&tid, NULL, stars_thread_main, &t) == 0;
     hilal_status st = stars_image(s, frame->sci, &frame->sci_stars, "science", err);
-    if (st == HILAL_OK)
-        st = stars_image(s, frame->ref, &frame->ref_stars, "reference", err);
+    if (threaded)
+        pthread_join(tid, NULL);
+    else if (st == HILAL_OK)
+        stars_thread_main(&t);
+    if (st == HILAL_OK && t.st != HILAL_OK)
+        st = hilal_error_set(err, t.st, "%s", t.err.msg);
     if (st != HILAL_OK) {
         hilal_starlist_clear(&frame->sci_stars);
         hilal_starlist_clear(&frame->ref_stars);

@@ -189,7 +189,7 @@ typedef struct zogy {
     /* outputs (borrowed from the hilal_diff), window-sized */
     float *d, *s, *scorr, *flux, *flux_err;
     hilal_mask_t *mask;
-    float *sn;                               /* S_N, window size (astrometric term only) */
+    float *sn, *sb;                          /* S_N and S with a 1-px border (astrometric term) */
 } zogy;
 
 /* Index into the extent-sized fill map of image pixel (X, Y). */
@@ -590,34 +590,66 @@ static void crop(zogy *z, float *dst)
     hilal_parallel_for(z->threads, z->ny, crop_rows, &job);
 }
 
+/* The same with a border of one pixel: dst is (nx + 2) x (ny + 2), pixel
+ * (x, y) of the window at [(y + 1)(nx + 2) + x + 1], x, y = -1 .. n (the
+ * padded grid is periodic: index -1 is mx - 1). */
+static void crop_border_rows(void *ctx, long lo, long hi, int tid)
+{
+    (void)tid;
+    const crop_job *job = ctx;
+    const zogy *z = job->z;
+    const float scale = (float)(1.0 / ((double)z->mx * (double)z->my));
+    const long w = z->nx + 2;
+    for (long yb = lo; yb < hi; yb++) {
+        const long y = yb - 1;
+        const float *src = z->rbuf + (size_t)(y < 0 ? z->my - 1 : y) * (size_t)z->mx;
+        float *dst = job->dst + (size_t)yb * (size_t)w;
+        for (long xb = 0; xb < w; xb++) {
+            const long x = xb - 1;
+            dst[xb] = src[x < 0 ? z->mx - 1 : x] * scale;
+        }
+    }
+}
+
+static void crop_border(zogy *z, float *dst)
+{
+    crop_job job = {z, dst};
+    hilal_parallel_for(z->threads, z->ny + 2, crop_border_rows, &job);
+}
+
 /* ------------------------------------------------------------------------
  * Steps 5-8: per-pixel combination
  * ------------------------------------------------------------------------ */
 
 /* Astrometric noise, eqs. 30-31:
  *   V_ast(S_N) = sigma_x^2 (dS_N/dx)^2 + sigma_y^2 (dS_N/dy)^2, same for S_R,
- * with S_R = S_N - S and central differences (one-sided at the edges).
+ * with S_R = S_N - S and central differences (one-sided at the image
+ * edges; a window's edges inside the image use the pixels beyond them).
+ * z->sn and z->sb hold S_N and S with a border of one pixel (crop_border).
  * Written into z->flux_err (used as scratch until the final pass). */
 static void astrometric_rows(void *ctx, long lo, long hi, int tid)
 {
     (void)tid;
     zogy *z = ctx;
-    const long nx = z->nx, ny = z->ny;
+    const long nx = z->nx, w = nx + 2;
     const double sx2 = z->sx * z->sx, sy2 = z->sy * z->sy;
-    for (long y = lo; y < hi; y++)
+    for (long y = lo; y < hi; y++) {
+        const long Y = z->oy + y;
+        const long y0 = Y > 0 ? y - 1 : y, y1 = Y < z->fny - 1 ? y + 1 : y;
         for (long x = 0; x < nx; x++) {
+            const long X = z->ox + x;
+            const long x0 = X > 0 ? x - 1 : x, x1 = X < z->fnx - 1 ? x + 1 : x;
             size_t i = (size_t)y * (size_t)nx + (size_t)x;
-            long x0 = x > 0 ? x - 1 : x, x1 = x < nx - 1 ? x + 1 : x;
-            long y0 = y > 0 ? y - 1 : y, y1 = y < ny - 1 ? y + 1 : y;
-            size_t ix0 = (size_t)y * nx + x0, ix1 = (size_t)y * nx + x1;
-            size_t iy0 = (size_t)y0 * nx + x, iy1 = (size_t)y1 * nx + x;
+            size_t ix0 = (size_t)(y + 1) * w + x0 + 1, ix1 = (size_t)(y + 1) * w + x1 + 1;
+            size_t iy0 = (size_t)(y0 + 1) * w + x + 1, iy1 = (size_t)(y1 + 1) * w + x + 1;
             double dx = (double)(x1 - x0), dy = (double)(y1 - y0);
             double gnx = dx > 0 ? (z->sn[ix1] - z->sn[ix0]) / dx : 0;
             double gny = dy > 0 ? (z->sn[iy1] - z->sn[iy0]) / dy : 0;
-            double grx = dx > 0 ? ((z->sn[ix1] - z->s[ix1]) - (z->sn[ix0] - z->s[ix0])) / dx : 0;
-            double gry = dy > 0 ? ((z->sn[iy1] - z->s[iy1]) - (z->sn[iy0] - z->s[iy0])) / dy : 0;
+            double grx = dx > 0 ? ((z->sn[ix1] - z->sb[ix1]) - (z->sn[ix0] - z->sb[ix0])) / dx : 0;
+            double gry = dy > 0 ? ((z->sn[iy1] - z->sb[iy1]) - (z->sn[iy0] - z->sb[iy0])) / dy : 0;
             z->flux_err[i] = (float)(sx2 * (gnx * gnx + grx * grx) + sy2 * (gny * gny + gry * gry));
         }
+    }
 }
 
 /* Per-thread scratch for the edge strip: the folded kernels on a window of
@@ -1339,17 +1371,21 @@ hilal_status hilal_zogy_run(const hilal_zogy_input *in, hilal_diff *out, hilal_z
         goto cleanup;
     crop(z, z->s);
     if (z->use_ast) {
-        z->sn = malloc(sizeof *z->sn * npix);
-        if (z->sn == NULL) {
+        const size_t nb = (size_t)(z->nx + 2) * (size_t)(z->ny + 2);
+        z->sn = malloc(sizeof *z->sn * nb);
+        z->sb = malloc(sizeof *z->sb * nb);
+        if (z->sn == NULL || z->sb == NULL) {
             st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for S_N");
             goto cleanup;
         }
+        crop_border(z, z->sb);
         if ((st = hilal_fft_c2r(z->plan, z->c[0], z->rbuf, err)) != HILAL_OK)
             goto cleanup;
-        crop(z, z->sn);
+        crop_border(z, z->sn);
         hilal_parallel_for(z->threads, z->ny, astrometric_rows, z);
         free(z->sn);
-        z->sn = NULL;
+        free(z->sb);
+        z->sn = z->sb = NULL;
     }
 
     tstep[3] = now_s();
@@ -1452,20 +1488,26 @@ hilal_status hilal_zogy_run(const hilal_zogy_input *in, hilal_diff *out, hilal_z
         final_job fj = {z, kappa};
         hilal_parallel_for(z->threads, z->ny, final_rows, &fj);
     }
-    if (calibrated && (size_t)nfilled < npix) {
+    if (calibrated && (size_t)nfilled < npix && in->win_nx == 0 && in->win_ny == 0) {
         st = scorr_statistics(z, radius, &out->scorr_mean, &out->scorr_std, err);
         if (st != HILAL_OK)
             goto cleanup;
+    } else if (calibrated && (size_t)nfilled < npix) {
+        /* a window (a tile, whose statistics are measured again after the
+         * blend): the background pixels scale by 1 / sqrt(kappa) */
+        out->scorr_mean = model_med / sqrt(kappa);
+        out->scorr_std = model_std / sqrt(kappa);
     } else {
         out->scorr_mean = (size_t)nfilled < npix ? model_med : 0.0;
         out->scorr_std = (size_t)nfilled < npix ? model_std : 0.0;
     }
     tstep[6] = now_s();
     hilal_log(HILAL_LOG_DEBUG,
-              "ZOGY %ld x %ld (FFT %ld x %ld, %d threads): inputs %.3f s, kernels %.3f s, "
+              "ZOGY %ld x %ld at (%ld, %ld) (FFT %ld x %ld, kernel radius %d px, %d threads): "
+              "inputs %.3f s, kernels %.3f s, "
               "forward FFTs and spectra %.3f s, D and S %.3f s, source noise %.3f s, S_corr and "
               "flux %.3f s, statistics %.3f s",
-              z->nx, z->ny, z->mx, z->my, z->threads, tstep[0] - t0, tstep[1] - tstep[0],
+              z->nx, z->ny, z->ox, z->oy, z->mx, z->my, z->h, z->threads, tstep[0] - t0, tstep[1] - tstep[0],
               tstep[2] - tstep[1], tstep[3] - tstep[2], tstep[4] - tstep[3], tstep[5] - tstep[4],
               tstep[6] - tstep[5]);
 
@@ -1500,6 +1542,7 @@ cleanup:
     free(z->iymap);
     free(z->bad);
     free(z->sn);
+    free(z->sb);
     hilal_fft_free(z->rbuf);
     for (int q = 0; q < 4; q++)
         hilal_fft_free(z->c[q]);
@@ -1669,6 +1712,43 @@ cleanup:
     return st;
 }
 
+hilal_status hilal_diff_scorr_stats(const hilal_diff *diff, long x0, long y0, long nx, long ny,
+                                    long radius_px, int threads, double *median, double *std,
+                                    long *nused, hilal_error *err)
+{
+    *median = *std = NAN;
+    if (nused != NULL)
+        *nused = 0;
+    if (diff == NULL || diff->scorr == NULL || x0 < 0 || y0 < 0 || nx < 1 || ny < 1 ||
+        x0 + nx > diff->nx || y0 + ny > diff->ny)
+        return hilal_error_set(err, HILAL_ERR_RANGE,
+                               "the region %ld x %ld px at (%ld, %ld) is not inside the difference",
+                               nx, ny, x0, y0);
+    size_t n = (size_t)nx * (size_t)ny;
+    unsigned char *bad = malloc(n);
+    if (bad == NULL)
+        return hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for S_corr statistics");
+    for (long y = 0; y < ny; y++)
+        for (long x = 0; x < nx; x++) {
+            hilal_mask_t m =
+                diff->mask ? diff->mask[(size_t)(y0 + y) * (size_t)diff->nx + (size_t)(x0 + x)] : 0;
+            bad[(size_t)y * (size_t)nx + (size_t)x] =
+                (m & (HILAL_MASK_UNUSABLE | HILAL_MASK_INTERP)) != 0;
+        }
+    near_job job = {diff->scorr + (size_t)y0 * (size_t)diff->nx + (size_t)x0,
+                    diff->nx,
+                    bad,
+                    nx,
+                    nx,
+                    ny,
+                    radius_px > 0 ? radius_px : 1,
+                    NULL,
+                    NULL};
+    hilal_status st = region_statistics(&job, hilal_fft_threads(threads), median, std, nused, err);
+    free(bad);
+    return st;
+}
+
 /* ------------------------------------------------------------------------
  * The stage
  * ------------------------------------------------------------------------ */
@@ -1676,16 +1756,45 @@ cleanup:
 static const hilal_param subtract_params[] = {
     {"fft_rigor", HILAL_PARAM_STRING, "estimate", 0, 0, "",
      "FFTW planning: estimate (instant), measure (seconds once per size, then ~2x faster FFTs) "
-     "or patient", HILAL_PARAM_EXECUTION},
+     "or patient"},
     {"fft_wisdom", HILAL_PARAM_STRING, "", 0, 0, "",
      "file FFTW plans are loaded from at start and saved to at the end (\"\" = none); makes "
-     "measure plans instant after the first run", HILAL_PARAM_EXECUTION},
+     "measure plans instant after the first run"},
     {"pad_margin", HILAL_PARAM_INT, "8", 0, 512, "px",
      "mirror padding beyond the larger of the kernel radius and the PSF half-size"},
     {"source_noise", HILAL_PARAM_BOOL, "true", 0, 0, "",
      "include the source noise of both images (variance planes) in S_corr (ZOGY eqs. 26-27)"},
     {"astrometric_noise", HILAL_PARAM_BOOL, "true", 0, 0, "",
      "include the registration noise (ZOGY eqs. 30-31) from the alignment RMS in S_corr"},
+    {"noise_calibration", HILAL_PARAM_BOOL, "true", 0, 0, "",
+     "scale the background noise of S to the measured S_corr scatter on source-free pixels "
+     "(per tile), for noise the white-noise model misses (flat-field structure, correlations)"},
+    {"calib_max_factor", HILAL_PARAM_DOUBLE, "2", 1, 100, "",
+     "noise calibration only when the measured S_corr std is within [1/f, f] of 1"},
+    {"tile_px", HILAL_PARAM_INT, "512", 0, 1000000, "px",
+     "nominal tile side for a PSF that varies across the field (0 = always one piece)"},
+    {"tile_overlap", HILAL_PARAM_INT, "0", 0, 100000, "px",
+     "width of the band over which neighbouring tiles are blended; 0 (or at least the tile "
+     "size): interpolate linearly between the tile centres"},
+    {"tile_min_vary", HILAL_PARAM_DOUBLE, "0.05", 0, 10, "",
+     "use tiles only when the star FWHM varies across the field by more than this fraction "
+     "(0 = whenever the frame holds more than one tile)"},
+    {"tile_psf_degree", HILAL_PARAM_INT, "2", 0, 2, "",
+     "degree of the polynomial regression of the PSF across the field at each tile"},
+    {"tile_psf_scale", HILAL_PARAM_DOUBLE, "2", 0, 1000, "tiles",
+     "distance weighting of the stars in that regression: Gaussian of this many tile spacings "
+     "(0 = one polynomial for the whole field)"},
+    {"tile_psf_max_stars", HILAL_PARAM_INT, "500", 20, 100000, "",
+     "brightest usable stars of each image that model the PSF across the field"},
+    {"tile_min_stars", HILAL_PARAM_INT, "5", 1, 100000, "",
+     "PSF stars an image needs within 1.5 tile spacings of a tile for its own PSF there (else "
+     "the whole-frame PSF)"},
+    {"tile_refit_flux_ratio", HILAL_PARAM_BOOL, "true", 0, 0, "",
+     "measure the flux ratio again with the tile PSFs (else the fluxscale stage's is used)"},
+    {"tile_scorr_std_min", HILAL_PARAM_DOUBLE, "0.8", 0, 100, "",
+     "tiles whose S_corr std is below this are flagged bad (BAD_TILE)"},
+    {"tile_scorr_std_max", HILAL_PARAM_DOUBLE, "1.25", 0, 100, "",
+     "tiles whose S_corr std is above this are flagged bad (BAD_TILE)"},
 };
 
 typedef struct subtract_state {
@@ -1693,8 +1802,31 @@ typedef struct subtract_state {
     int threads;
     int pad_margin_px;
     int source_noise, astrometric_noise;
+    int noise_calibration;
+    double calib_max_factor;
+    hilal_zogy_tiling tiling;
+    hilal_psf_build_params psf;
     char wisdom[1024];
 } subtract_state;
+
+/* The tile PSFs are built like the whole-frame ones: with the psf stage's
+ * settings when the configuration has them, else the defaults. */
+static void psf_params_from_config(const hilal_config *cfg, hilal_psf_build_params *p)
+{
+    hilal_psf_build_params_default(p);
+    if (hilal_config_param(cfg, "psf.size") == NULL)
+        return;
+    p->size = (int)hilal_config_get_int(cfg, "psf.size");
+    p->half_size_fwhm = hilal_config_get_double(cfg, "psf.half_size_fwhm");
+    p->size_min = (int)hilal_config_get_int(cfg, "psf.size_min");
+    p->size_max = (int)hilal_config_get_int(cfg, "psf.size_max");
+    p->max_stars = (int)hilal_config_get_int(cfg, "psf.max_stars");
+    p->min_stars = (int)hilal_config_get_int(cfg, "psf.min_stars");
+    p->min_snr = hilal_config_get_double(cfg, "psf.min_snr");
+    p->clip_sigma = hilal_config_get_double(cfg, "psf.clip_sigma");
+    p->refine_iter = (int)hilal_config_get_int(cfg, "psf.refine_iter");
+    p->moffat_beta = hilal_config_get_double(cfg, "psf.moffat_beta");
+}
 
 static hilal_status subtract_init(const hilal_config *cfg, void **state, hilal_error *err)
 {
@@ -1713,6 +1845,28 @@ static hilal_status subtract_init(const hilal_config *cfg, void **state, hilal_e
     s->pad_margin_px = (int)hilal_config_get_int(cfg, "subtract.pad_margin");
     s->source_noise = hilal_config_get_bool(cfg, "subtract.source_noise");
     s->astrometric_noise = hilal_config_get_bool(cfg, "subtract.astrometric_noise");
+    s->noise_calibration = hilal_config_get_bool(cfg, "subtract.noise_calibration");
+    s->calib_max_factor = hilal_config_get_double(cfg, "subtract.calib_max_factor");
+    hilal_zogy_tiling_default(&s->tiling);
+    s->tiling.tile_px = hilal_config_get_int(cfg, "subtract.tile_px");
+    s->tiling.overlap_px = hilal_config_get_int(cfg, "subtract.tile_overlap");
+    s->tiling.min_vary = hilal_config_get_double(cfg, "subtract.tile_min_vary");
+    s->tiling.min_stars = (int)hilal_config_get_int(cfg, "subtract.tile_min_stars");
+    s->tiling.psf_degree = (int)hilal_config_get_int(cfg, "subtract.tile_psf_degree");
+    s->tiling.psf_scale = hilal_config_get_double(cfg, "subtract.tile_psf_scale");
+    s->tiling.refit_flux_ratio = hilal_config_get_bool(cfg, "subtract.tile_refit_flux_ratio");
+    s->tiling.psf_max_stars = (int)hilal_config_get_int(cfg, "subtract.tile_psf_max_stars");
+    s->tiling.scorr_std_min = hilal_config_get_double(cfg, "subtract.tile_scorr_std_min");
+    s->tiling.scorr_std_max = hilal_config_get_double(cfg, "subtract.tile_scorr_std_max");
+    if (s->tiling.scorr_std_min >= s->tiling.scorr_std_max) {
+        st = hilal_error_set(err, HILAL_ERR_CONFIG,
+                             "subtract.tile_scorr_std_min = %g must be below "
+                             "subtract.tile_scorr_std_max = %g",
+                             s->tiling.scorr_std_min, s->tiling.scorr_std_max);
+        free(s);
+        return st;
+    }
+    psf_params_from_config(cfg, &s->psf);
     const char *wisdom = hilal_config_get_string(cfg, "subtract.fft_wisdom");
     if (wisdom != NULL && wisdom[0] != '\0') {
         if (strlen(wisdom) >= sizeof s->wisdom) {
@@ -1738,8 +1892,12 @@ static hilal_status subtract_run(const void *state, hilal_frame *frame, hilal_er
 {
     const subtract_state *s = state;
     hilal_zogy_input in;
-    hilal_zogy_info info;
+    hilal_zogy_tiled_info info;
+    hilal_zogy_tiling tiling;
+    hilal_psf_build_params pdef;
     hilal_zogy_input_init(&in);
+    hilal_zogy_tiling_default(&tiling);
+    hilal_psf_build_params_default(&pdef);
     in.sci = frame->sci;
     in.ref = frame->ref;
     in.sci_psf = &frame->sci_psf;
@@ -1747,30 +1905,65 @@ static hilal_status subtract_run(const void *state, hilal_frame *frame, hilal_er
     in.flux_ratio = frame->flux_ratio;
     in.reg_rms_x_px = frame->reg_rms_x_px;
     in.reg_rms_y_px = frame->reg_rms_y_px;
+    in.noise_calibration = 1;
     if (s != NULL) {
         in.threads = s->threads;
         in.rigor = s->rigor;
         in.pad_margin_px = s->pad_margin_px;
         in.source_noise = s->source_noise;
         in.astrometric_noise = s->astrometric_noise;
+        in.noise_calibration = s->noise_calibration;
+        in.calib_max_factor = s->calib_max_factor;
+        tiling = s->tiling;
     }
     hilal_diff_clear(&frame->diff);
-    hilal_status st = hilal_zogy_run(&in, &frame->diff, &info, err);
+    const hilal_starlist *ss = (frame->products & HILAL_PROD_STARS) ? &frame->sci_stars : NULL;
+    const hilal_starlist *rs = (frame->products & HILAL_PROD_STARS) ? &frame->ref_stars : NULL;
+    hilal_status st = hilal_zogy_run_tiled(&in, &tiling, ss, rs, s != NULL ? &s->psf : &pdef,
+                                           &frame->diff, &info, err);
     if (st != HILAL_OK)
         return st;
+    const hilal_diff *d = &frame->diff;
     hilal_log(HILAL_LOG_INFO,
               "frame %s: ZOGY F_n = %.4g, sigma_N = %.4g, sigma_R = %.4g ADU, FWHM N/R/D = "
-              "%.2f/%.2f/%.2f px, S_corr median %.3f std %.3f, %ld px filled, FFT %ld x %ld, "
-              "%.2f s",
-              frame->frame_id, in.flux_ratio, info.sigma_n_adu, info.sigma_r_adu,
-              frame->sci_psf.fwhm_px, frame->ref_psf.fwhm_px, frame->diff.psf_d.fwhm_px,
-              frame->diff.scorr_mean, frame->diff.scorr_std, info.n_filled, info.fft_nx,
-              info.fft_ny, info.seconds);
-    if (fabs(frame->diff.scorr_std - 1.0) > 0.1 || fabs(frame->diff.scorr_mean) > 0.1)
+              "%.2f/%.2f/%.2f px, S_corr median %.3f std %.3f (noise model %.3f), %ld px filled, "
+              "FFT %ld x %ld, %.2f s",
+              frame->frame_id, info.flux_ratio, info.zogy.sigma_n_adu, info.zogy.sigma_r_adu,
+              frame->sci_psf.fwhm_px, frame->ref_psf.fwhm_px, d->psf_d.fwhm_px, d->scorr_mean,
+              d->scorr_std, info.zogy.scorr_std_model, info.zogy.n_filled, info.zogy.fft_nx,
+              info.zogy.fft_ny, info.seconds);
+    if (info.tiled) {
+        hilal_log(HILAL_LOG_INFO,
+                  "frame %s: PSF FWHM varies by %.0f%% (science) and %.0f%% (reference) across "
+                  "the field: %ld x %ld tiles, %ld with the whole-frame PSFs, %ld flagged bad; F_n "
+                  "= %.4g with the tile PSFs (%.4g with the whole-frame ones)",
+                  frame->frame_id, 100 * info.fwhm_vary_sci, 100 * info.fwhm_vary_ref,
+                  d->ntiles_x, d->ntiles_y, info.ntiles_fallback, info.ntiles_bad,
+                  info.flux_ratio, frame->flux_ratio);
+        for (long t = 0; t < d->ntiles_x * d->ntiles_y; t++) {
+            const hilal_diff_tile *r = &d->tiles[t];
+            hilal_log(HILAL_LOG_DEBUG,
+                      "frame %s: tile %ld (%ld, %ld) %ld x %ld px: FWHM N/R/D %.2f/%.2f/%.2f px "
+                      "(%d/%d stars%s), F_n(tile) %.4g (%d stars), registration RMS %.3f/%.3f px "
+                      "(%d), S_corr model std %.3f, median %.3f std %.3f%s",
+                      frame->frame_id, t, r->x0, r->y0, r->nx, r->ny, r->fwhm_sci_px,
+                      r->fwhm_ref_px, r->fwhm_d_px, r->nstars_sci, r->nstars_ref,
+                      r->psf_whole_frame ? ", whole-frame PSFs" : "", r->flux_ratio_tile,
+                      r->flux_ratio_nstars, r->reg_rms_x_px, r->reg_rms_y_px, r->reg_nmatch,
+                      r->scorr_std_model, r->scorr_median, r->scorr_std, r->bad ? " BAD" : "");
+        }
+    }
+    if (fabs(d->scorr_std - 1.0) > 0.1 || fabs(d->scorr_mean) > 0.1)
         hilal_log(HILAL_LOG_WARN,
                   "frame %s: S_corr has median %.3f and robust std %.3f instead of 0 and 1; "
                   "the PSFs, flux ratio or noise model may be off",
-                  frame->frame_id, frame->diff.scorr_mean, frame->diff.scorr_std);
+                  frame->frame_id, d->scorr_mean, d->scorr_std);
+    else if (fabs(info.zogy.scorr_std_model - 1.0) > 0.1)
+        hilal_log(HILAL_LOG_WARN,
+                  "frame %s: S_corr had a robust std of %.3f under the white-noise model, "
+                  "calibrated to %.3f: the images carry noise the model does not describe "
+                  "(flat-field structure, correlated noise)",
+                  frame->frame_id, info.zogy.scorr_std_model, d->scorr_std);
     return HILAL_OK;
 }
 

@@ -42,7 +42,7 @@ extern "C" {
 
 /* Version of the layout written by this library (root attribute
  * `hilal_archive_schema`). Readers accept this version and older ones. */
-#define HILAL_ARCHIVE_SCHEMA_VERSION 1
+#define HILAL_ARCHIVE_SCHEMA_VERSION 2
 
 typedef struct hilal_archive hilal_archive;
 
@@ -54,6 +54,9 @@ typedef struct hilal_archive_options {
     int compress_level;        /* deflate level (with shuffle) of mask stamps and PSFs, 0..9 (default 1) */
     int cutout_compress_level; /* deflate level of the float stamps, 0..9 (default 0: see docs/archive.md) */
     int fsync;                 /* also fsync() the file at each commit (default 0; see docs/archive.md) */
+    double assoc_radius_arcsec; /* candidates within this distance of an object's mean position
+                                   are detections of that object (default 1.0; see docs/archive.md,
+                                   "Objects") */
 } hilal_archive_options;
 
 /* Fills the defaults above. */
@@ -96,7 +99,25 @@ typedef struct hilal_archive_cand {
     int64_t frame_row;      /* 0-based row of its frame in /frames */
     int32_t stamp_x0, stamp_y0; /* FITS 1-based science pixel of the stamps' first pixel */
     uint8_t valid;          /* 1 when current (frame committed, not superseded) */
+    /* Schema 2 (0 / NaN when read from a schema-1 archive): */
+    int64_t object_id;      /* /objects.object_id of the object it was associated with; 0: none
+                               (no sky position) */
+    int64_t prev_cand_id;   /* the object's previous detection (cand_id), 0 for its first */
+    double pos_err_arcsec;  /* 1-sigma position error, arcsec (see docs/archive.md, "Objects") */
 } hilal_archive_cand;
+
+/* One row of /objects (schema 2): a source seen at the same sky position in
+ * one or more frames. Detections are candidates of current frames. */
+typedef struct hilal_archive_object {
+    int64_t object_id;      /* 1-based row number in /objects */
+    double ra, dec;         /* inverse-variance weighted mean position, deg */
+    double pos_err_arcsec;  /* 1-sigma error of the mean position, arcsec */
+    int32_t ndet;           /* detections (current candidate rows) */
+    int32_t npos, nneg;     /* of which brightening (snr > 0) and fading */
+    double first_mjd, last_mjd;         /* MJD of the first and last detection */
+    int64_t first_cand_id, last_cand_id; /* their cand_ids (last = head of the history chain) */
+    double sum_w, sum_wx, sum_wy, sum_wz; /* sums of w and w * unit vector, w = 1/pos_err^2 */
+} hilal_archive_object;
 
 /* One row of /frames. Strings are NUL-terminated. */
 typedef struct hilal_archive_frame {
@@ -160,8 +181,8 @@ typedef struct hilal_archive_column {
     const char *description;
 } hilal_archive_column;
 
-/* Columns of "candidates", "frames" or "runs" in file order; NULL (n = 0)
- * for another name. */
+/* Columns of "candidates", "frames", "runs" or "objects" in file order; NULL
+ * (n = 0) for another name. */
 const hilal_archive_column *hilal_archive_columns(const char *table, size_t *n);
 
 /* ------------------------------------------------------------------------
@@ -225,11 +246,35 @@ hilal_status hilal_archive_record_failure(hilal_archive *ar, int32_t run_id,
                                           const hilal_frame *frame, const char *message,
                                           hilal_error *err);
 
+/* Copies into ar every frame of the archive at src_path (a shard written by
+ * one rank of an MPI night, or any archive with the same cutout and PSF
+ * sizes) that is current there or FAILED, with its candidates, cutouts,
+ * PSFs and header, in src's row order. Each source run becomes the run of
+ * ar with the same configuration hash and software version (added, with
+ * its configuration text, when missing). Each frame is committed as by
+ * hilal_archive_append_frame() (new cand_ids; a current row of the same
+ * frame and run in ar becomes superseded) and keeps its commit time. A row
+ * already copied before (same frame id, run, status and commit time) is not
+ * copied again, so a merge cut short by a crash can simply be repeated. src
+ * is first recovered if its writer died (HILAL_ERR_IO while a writer is
+ * active on it); HILAL_ERR_MISMATCH when the sizes differ. nframes and
+ * ncands (may be NULL) receive the frames and candidates copied. */
+hilal_status hilal_archive_merge(hilal_archive *ar, const char *src_path, size_t *nframes,
+                                 size_t *ncands, hilal_error *err);
+
 /* The frame id stored for an input: the first 15 hex digits (60 bits) of
  * SHA-256("<sha256 of the file>:<hdu>") as a positive integer; when the file's
  * SHA-256 is unknown, of "name:<name>:<hdu>" instead. In Python:
  * int(hashlib.sha256(f"{sha}:{hdu}".encode()).hexdigest()[:15], 16). */
 int64_t hilal_archive_frame_id(const char *sha256_hex, int hdu, const char *name);
+
+/* The writer handle this process holds on path (opened with
+ * hilal_archive_open_write() and not closed yet), or NULL. Lets a stage that
+ * runs after `archive` in the same process (alerts) read what was just
+ * committed through the writer, since a second handle on a file being
+ * written is not possible within one process. The handle stays owned by its
+ * opener; the caller must stop using it before the opener closes it. */
+hilal_archive *hilal_archive_writer_lookup(const char *path);
 
 /* Flushes, closes and frees. Returns the first error met while closing (the
  * handle is freed in every case). */
@@ -310,6 +355,31 @@ hilal_status hilal_archive_query(hilal_archive *ar, const hilal_archive_filter *
 hilal_status hilal_archive_get_candidate(hilal_archive *ar, int64_t cand_id,
                                          hilal_archive_cand *cand, hilal_archive_frame *frame,
                                          int *current, hilal_error *err);
+
+/* Rows [first_cand_id, first_cand_id + n) of /candidates as stored, without
+ * looking at their frames (for a caller that knows they belong to a
+ * committed frame, such as the range a commit returned; `valid` is as stored).
+ * HILAL_ERR_NOTFOUND when the range passes the end. *rows is malloc'd. */
+hilal_status hilal_archive_read_candidates(hilal_archive *ar, int64_t first_cand_id, size_t n,
+                                           hilal_archive_cand **rows, hilal_error *err);
+
+/* Objects (schema 2; HILAL_ERR_NOTFOUND for an older archive). */
+
+/* All rows of /objects (malloc'd, caller frees; *rows NULL when n = 0). */
+hilal_status hilal_archive_read_objects(hilal_archive *ar, hilal_archive_object **rows, size_t *n,
+                                        hilal_error *err);
+
+/* One object. HILAL_ERR_NOTFOUND when there is no such object. */
+hilal_status hilal_archive_get_object(hilal_archive *ar, int64_t object_id,
+                                      hilal_archive_object *obj, hilal_error *err);
+
+/* The history of an object: its detections (candidates of current frames),
+ * oldest first (in cand_id order), up to and including cand_id `upto`
+ * (0 = all). When a frame was processed by several runs only the latest
+ * run's detection of that frame is kept. malloc'd, caller frees. */
+hilal_status hilal_archive_object_history(hilal_archive *ar, int64_t object_id, int64_t upto,
+                                          hilal_archive_cand **rows, size_t *n,
+                                          hilal_error *err);
 
 /* The stamps of one candidate. */
 typedef struct hilal_archive_cutout {

@@ -11,7 +11,9 @@
  * under a temporary name in the target directory and renamed over the target
  * when it is complete, so an existing file is replaced only by a complete one
  * and a failed write leaves the old file untouched. Every written HDU gets
- * CHECKSUM and DATASUM cards; the result passes fitsverify.
+ * CHECKSUM and DATASUM cards; the result passes fitsverify. A header can also
+ * be built in memory alone (hilal_fits_header_open()), with the same key
+ * functions as a file.
  *
  * HDU numbers are 1-based throughout (1 = primary HDU), unlike CFITSIO's
  * extended file-name syntax where file.fits[0] is the primary HDU and
@@ -149,6 +151,16 @@ hilal_fits_writer *hilal_fits_writer_open(const char *path, hilal_error *err);
 hilal_status hilal_fits_writer_add_float(hilal_fits_writer *w, const char *extname, long nx,
                                          long ny, const float *pix, hilal_error *err);
 
+/* Appends an image HDU of unsigned 16-bit integers (BITPIX 16, BZERO 32768,
+ * what CFITSIO calls USHORT_IMG) of nx x ny pixels given as floats: each
+ * value is rounded to the nearest integer (halves away from 32768) as it is
+ * stored. A NaN pixel or one outside [0, 65535] after rounding is an error
+ * (HILAL_ERR_RANGE, naming the pixel) and nothing is written; clip and round
+ * beforehand to store a float image this way. Otherwise as
+ * hilal_fits_writer_add_float(). */
+hilal_status hilal_fits_writer_add_uint16(hilal_fits_writer *w, const char *extname, long nx,
+                                          long ny, const float *pix, hilal_error *err);
+
 /* Appends a mask HDU of nx x ny hilal_mask_t values, stored as unsigned
  * 16-bit integers (BITPIX 16, BZERO 32768), with one MASKBnn card per mask
  * bit naming it ("MASKB02 = 'NODATA'"), so the file documents its bits. */
@@ -178,10 +190,17 @@ hilal_status hilal_fits_writer_key_int(hilal_fits_writer *w, const char *key, lo
 hilal_status hilal_fits_writer_key_string(hilal_fits_writer *w, const char *key,
                                           const char *value, const char *comment,
                                           hilal_error *err);
+/* An unsigned integer (up to 2^64 - 1, e.g. a random seed), written in full. */
+hilal_status hilal_fits_writer_key_uint(hilal_fits_writer *w, const char *key,
+                                        unsigned long long value, const char *comment,
+                                        hilal_error *err);
 hilal_status hilal_fits_writer_key_bool(hilal_fits_writer *w, const char *key, int value,
                                         const char *comment, hilal_error *err);
 /* A HISTORY card (long text is split over several cards). */
 hilal_status hilal_fits_writer_history(hilal_fits_writer *w, const char *text,
+                                       hilal_error *err);
+/* A COMMENT card (long text is split over several cards). */
+hilal_status hilal_fits_writer_comment(hilal_fits_writer *w, const char *text,
                                        hilal_error *err);
 
 /* Which cards hilal_fits_writer_copy_cards() copies. */
@@ -205,6 +224,22 @@ typedef enum hilal_fits_copy {
 hilal_status hilal_fits_writer_copy_cards(hilal_fits_writer *w, const char *header, int ncards,
                                           hilal_fits_copy what, hilal_error *err);
 
+/* How hilal_fits_writer_close() comments the CHECKSUM and DATASUM cards. */
+typedef enum hilal_fits_checksum {
+    /* CFITSIO's comments, which hold the time of writing ("HDU checksum
+     * updated 2026-01-31T22:10:05"): the default */
+    HILAL_FITS_CHECKSUM_DATED = 0,
+    /* Fixed comments ("HDU checksum", "data unit checksum"), so that the
+     * same content gives the same bytes whenever it is written (simulated
+     * data, golden files). The checksum values are the same kind and verify
+     * the same way. */
+    HILAL_FITS_CHECKSUM_FIXED = 1
+} hilal_fits_checksum;
+
+/* Chooses the CHECKSUM/DATASUM comments of the file (default
+ * HILAL_FITS_CHECKSUM_DATED). Accepts NULL (does nothing). */
+void hilal_fits_writer_set_checksum(hilal_fits_writer *w, hilal_fits_checksum how);
+
 /* Writes CHECKSUM/DATASUM for every HDU, closes the file and renames it
  * over the target path. The writer is freed in every case; on failure the
  * target is left as it was and the temporary file is removed. */
@@ -213,6 +248,26 @@ hilal_status hilal_fits_writer_close(hilal_fits_writer *w, hilal_error *err);
 /* Abandons the file: closes and removes the temporary file, frees the
  * writer. The target is left as it was. Accepts NULL. */
 void hilal_fits_writer_free(hilal_fits_writer *w);
+
+/* Starts a header built in memory, with no file and no pixels: the
+ * structural cards of a primary image HDU of nx x ny pixels stored as bitpix
+ * (-32 float, or 16 for unsigned 16-bit with BZERO 32768 as
+ * hilal_fits_writer_add_uint16() stores them), after which the key functions
+ * above add cards exactly as they would to a file, so a header kept in memory
+ * and the file written with the same calls cannot disagree. No pixel memory
+ * of the full size is used. Adding HDUs to it or closing it is an error
+ * (HILAL_ERR_INTERNAL); take the cards with hilal_fits_writer_header() and
+ * free it with hilal_fits_writer_free(). On failure (HILAL_ERR_RANGE for
+ * another bitpix or a size that is not positive) *out is NULL. */
+hilal_status hilal_fits_header_open(int bitpix, long nx, long ny, hilal_fits_writer **out,
+                                    hilal_error *err);
+
+/* The current HDU's header as 80-character cards, END last, in one
+ * NUL-terminated string (*cards, malloc'd, the caller frees it), and the
+ * number of cards, END included (*ncards): the form of hilal_meta.header.
+ * On failure *cards is NULL and *ncards 0. */
+hilal_status hilal_fits_writer_header(hilal_fits_writer *w, char **cards, int *ncards,
+                                      hilal_error *err);
 
 /* Convenience: writes img->pix as the primary HDU of a new file at path
  * (replacing it), copying the non-structural cards of img->meta.header (if

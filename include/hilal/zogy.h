@@ -30,6 +30,7 @@
 #include "hilal/fft.h"
 #include "hilal/frame.h"
 #include "hilal/image.h"
+#include "hilal/psf.h"
 #include "hilal/status.h"
 
 #ifdef __cplusplus
@@ -141,6 +142,123 @@ typedef struct hilal_zogy_info {
  * HILAL_ERR_NOMEM, HILAL_ERR_FFT. */
 hilal_status hilal_zogy_run(const hilal_zogy_input *in, hilal_diff *out, hilal_zogy_info *info,
                             hilal_error *err);
+
+/* P_D (eq. 14) of a pair of PSFs with background RMS sigma_n, sigma_r (ADU)
+ * and flux ratio F_n (F_r = 1), as hilal_zogy_run() makes it: odd size
+ * (the larger PSF size), sum 1, fwhm_px measured. out is cleared first.
+ * HILAL_ERR_RANGE / HILAL_ERR_DATA / HILAL_ERR_NOMEM / HILAL_ERR_FFT. */
+hilal_status hilal_zogy_psf_d(const hilal_psf *sci_psf, const hilal_psf *ref_psf, double sigma_n,
+                              double sigma_r, double flux_ratio, hilal_psf *out, hilal_error *err);
+
+/* Correlation coefficients, for background noise of RMS sigma_n and sigma_r,
+ * between the scores S (eq. 17) of two ZOGY runs on the same images with
+ * the PSF pairs a and b (and flux ratios F_n,a, F_n,b), and between their
+ * difference images D (eq. 13): rho = Cov(X_a, X_b) / sqrt(Var X_a Var X_b)
+ * at the same pixel, from the kernels (Parseval). 1 for identical inputs.
+ * Used to blend overlapping tiles. HILAL_ERR_RANGE for non-positive noise
+ * or flux ratios, HILAL_ERR_DATA for unusable PSFs. */
+hilal_status hilal_zogy_correlation(const hilal_psf *sci_a, const hilal_psf *ref_a,
+                                    const hilal_psf *sci_b, const hilal_psf *ref_b, double sigma_n,
+                                    double sigma_r, double flux_ratio_a, double flux_ratio_b,
+                                    double *rho_s, double *rho_d, hilal_error *err);
+
+/* Median and 1.4826 MAD of diff->scorr over the nx x ny region at (x0, y0)
+ * (0-based) of the difference, using the pixels not masked unusable or
+ * INTERP (HILAL_MASK_UNUSABLE | HILAL_MASK_INTERP in diff->mask) and farther
+ * than radius_px (Chebyshev) from any such pixel with |S_corr| > 5; all of
+ * them when fewer than min(1000, a quarter of the region) remain. NaN when
+ * no pixel is usable. *nused = values used (may be NULL). threads: 0 = one
+ * per processor. HILAL_ERR_RANGE for a region outside the difference,
+ * HILAL_ERR_NOMEM. */
+hilal_status hilal_diff_scorr_stats(const hilal_diff *diff, long x0, long y0, long nx, long ny,
+                                    long radius_px, int threads, double *median, double *std,
+                                    long *nused, hilal_error *err);
+
+/* ------------------------------------------------------------------------
+ * Tiles: a PSF that varies across the field (docs/zogy.md, "Tiles")
+ * ------------------------------------------------------------------------ */
+
+typedef struct hilal_zogy_tiling {
+    /* Nominal side of a tile, px: the frame is cut into round(n / tile_px)
+     * tiles along each axis (at least 1). 0: always one piece. Default 512. */
+    long tile_px;
+    /* Width of the band over which neighbouring tiles are blended, px
+     * (limited to half the smallest tile). 0, or at least the tile size:
+     * the products are interpolated linearly between the tile centres, each
+     * tile's window reaching its neighbours' centres, so that a PSF that
+     * changes linearly between them leaves no residual to first order.
+     * Default 0. */
+    long overlap_px;
+    /* Tiles are used only when the FWHM of the PSF model of either image
+     * varies across the tiles by more than this fraction ((max - min) /
+     * median); 0: whenever there is more than one tile and a model. Default
+     * 0.05. */
+    double min_vary;
+    /* The PSF of each image across the field: the residuals of up to
+     * psf_max_stars usable stars (with the PSF stage's S/N) against the
+     * whole-frame PSF, fitted at each tile centre by a polynomial regression
+     * of degree psf_degree (0..2) in the star positions, weighted by a
+     * Gaussian of the distance with a standard deviation of psf_scale tile
+     * spacings (0: unweighted, one polynomial for the whole field). At least
+     * 20 stars are needed for a model. Defaults 2, 2.0 and 500. */
+    int psf_degree;
+    double psf_scale;
+    int psf_max_stars;
+    /* A tile with fewer PSF stars of an image than this within 1.5 tile
+     * spacings of its centre uses that image's whole-frame PSF (recorded):
+     * the model is not constrained there. Default 5. */
+    int min_stars;
+    /* Tiles whose final S_corr standard deviation is outside this range are
+     * flagged bad (hilal_diff_tile.bad). Default 0.8, 1.25. */
+    double scorr_std_min, scorr_std_max;
+    /* Match radius for the per-tile registration RMS and flux ratio, px.
+     * Default 1.5. */
+    double match_radius_px;
+    /* 1: F_n is measured again with the tile PSFs (each star pair with the
+     * PSFs of its tile) and used for every tile; 0: the input's F_n is used.
+     * Default 1. */
+    int refit_flux_ratio;
+} hilal_zogy_tiling;
+
+/* Fills t with the defaults above. */
+void hilal_zogy_tiling_default(hilal_zogy_tiling *t);
+
+typedef struct hilal_zogy_tiled_info {
+    hilal_zogy_info zogy;        /* the whole-frame run, or the first tile's with the times and
+                                    pixel counts of all tiles summed */
+    int tiled;                   /* 1 when tiles were used */
+    double fwhm_vary_sci, fwhm_vary_ref; /* measured FWHM variation (NaN: not measured) */
+    double flux_ratio;           /* F_n used (measured again with the tile PSFs when tiled) */
+    int flux_ratio_nstars;       /* stars behind it when measured again (0: the input's) */
+    long ntiles, ntiles_fallback, ntiles_bad; /* tiles, with whole-frame PSFs, flagged bad */
+    double seconds;              /* wall time, PSFs and blending included */
+} hilal_zogy_tiled_info;
+
+/* ZOGY with PSFs that vary across the field. in holds the whole frame (no
+ * window), its whole-frame PSFs, flux ratio, registration RMS and options;
+ * sci_stars and ref_stars the star lists of the science image and the
+ * aligned reference (science pixels, FITS 1-based; NULL: one piece);
+ * psf_params how to build the tile PSFs (NULL: the defaults). The grid and
+ * the decision to use it follow `tiling`; each tile gets PSFs built from
+ * the stars of its window (hilal_psf_build), F_n is measured again with
+ * them, ZOGY runs on the overlapping windows and the products are blended
+ * so that D, S_corr and the flux have no seams: the flux linearly, its
+ * variance with the correlation of the tiles' estimates, S_corr = flux /
+ * flux_err (docs/zogy.md). out receives the frame-size products like
+ * hilal_zogy_run() plus the tile records (out->tiles; one record covering
+ * the frame when it was done in one piece); psf_d is P_D of the whole-frame
+ * PSFs. info may be NULL. Errors as hilal_zogy_run(), with the tile named. */
+hilal_status hilal_zogy_run_tiled(const hilal_zogy_input *in, const hilal_zogy_tiling *tiling,
+                                  const hilal_starlist *sci_stars,
+                                  const hilal_starlist *ref_stars,
+                                  const hilal_psf_build_params *psf_params, hilal_diff *out,
+                                  hilal_zogy_tiled_info *info, hilal_error *err);
+
+/* The tile record whose core holds the FITS 1-based science pixel (x, y);
+ * NULL when the difference has no tile records or the pixel is outside it.
+ * A candidate at (x, y) deserves HILAL_CAND_BAD_TILE when the record's
+ * `bad` is set. */
+const hilal_diff_tile *hilal_diff_tile_at(const hilal_diff *diff, double x, double y);
 
 #ifdef __cplusplus
 }

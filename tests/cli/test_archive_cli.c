@@ -69,7 +69,7 @@ static void test_info(const char *path)
     char *out = NULL;
     int rc = hilal(&out, "info '%s'", path);
     CHECK(rc == 0, "info exits 0 (%d): %s", rc, out);
-    CHECK(out && strstr(out, "schema version: 1") && strstr(out, "runs: 1") &&
+    CHECK(out && strstr(out, "schema version: 2") && strstr(out, "runs: 1") &&
               strstr(out, "frames: 2 current, 0 superseded, 1 failed (3 rows)") &&
               strstr(out, "candidates: 55 current (55 rows)") && strstr(out, HASH) &&
               strstr(out, "cutouts: 63 x 63 px") && strstr(out, "writer: none"),

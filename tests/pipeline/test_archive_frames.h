@@ -299,4 +299,22 @@ static inline int tf_cutout_matches(const hilal_archive_cutout *cut, const hilal
     return 1;
 }
 
+/* The python3 that the interoperability checks run: $HILAL_PYTHON when
+ * set, else the first of /usr/bin/python3 and python3 that imports
+ * `modules` (e.g. "h5py" or "h5py, astropy.table"); NULL when none does. */
+static inline const char *tf_find_python(const char *modules)
+{
+    static const char *const candidates[] = {"/usr/bin/python3", "python3"};
+    const char *env = getenv("HILAL_PYTHON");
+    if (env != NULL && *env)
+        return env;
+    for (size_t i = 0; i < 2; i++) {
+        char cmd[512];
+        snprintf(cmd, sizeof cmd, "%s -c 'import %s' >/dev/null 2>&1", candidates[i], modules);
+        if (system(cmd) == 0)
+            return candidates[i];
+    }
+    return NULL;
+}
+
 #endif

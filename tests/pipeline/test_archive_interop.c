@@ -148,22 +148,6 @@ static int write_expected(const char *json, const written *w, size_t nw)
     return fclose(fp) == 0 ? 0 : -1;
 }
 
-/* python3 with h5py and astropy, or NULL. */
-static const char *find_python(void)
-{
-    static const char *candidates[] = {"/usr/bin/python3", "python3"};
-    const char *env = getenv("HILAL_PYTHON");
-    if (env != NULL && *env)
-        return env;
-    for (size_t i = 0; i < 2; i++) {
-        char cmd[256];
-        snprintf(cmd, sizeof cmd, "%s -c 'import h5py, astropy.table' >/dev/null 2>&1", candidates[i]);
-        if (system(cmd) == 0)
-            return candidates[i];
-    }
-    return NULL;
-}
-
 int main(void)
 {
     char dir[4096], path[4200], json[4200], cmd[13000], src[4096];
@@ -178,7 +162,7 @@ int main(void)
     CHECK(write_archive(path, w, &nw) == 0, "archive written");
     CHECK(nw == 4 && write_expected(json, w, nw) == 0, "expectations written");
 
-    const char *py = find_python();
+    const char *py = tf_find_python("h5py, astropy.table");
     if (py == NULL) {
         const char *skip = getenv("HILAL_SKIP_PYTHON");
         if (skip != NULL && strcmp(skip, "1") == 0) {

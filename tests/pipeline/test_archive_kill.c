@@ -182,22 +182,6 @@ static void verify(const char *path, int r, const report *reps, size_t nrep, siz
     hilal_archive_free(ar);
 }
 
-/* A python3 with h5py, or NULL. */
-static const char *find_python(void)
-{
-    static const char *candidates[] = {"/usr/bin/python3", "python3"};
-    const char *env = getenv("HILAL_PYTHON");
-    if (env != NULL && *env)
-        return env;
-    for (size_t i = 0; i < 2; i++) {
-        char cmd[256];
-        snprintf(cmd, sizeof cmd, "%s -c 'import h5py' >/dev/null 2>&1", candidates[i]);
-        if (system(cmd) == 0)
-            return candidates[i];
-    }
-    return NULL;
-}
-
 /* Kills a writer `rounds` times on one archive, checking it after each
  * kill, then recovers it and checks it with plain HDF5 and h5py. */
 static void kill_series(const char *path, int compressed, int rounds, const char *py)
@@ -390,7 +374,7 @@ int main(void)
     unsigned seed = seed_env ? (unsigned)strtoul(seed_env, NULL, 10) : (unsigned)time(NULL);
     srand(seed);
     printf("kill times from seed %u (HILAL_TEST_SEED=%u repeats them)\n", seed, seed);
-    const char *py = find_python();
+    const char *py = tf_find_python("h5py");
     snprintf(path, sizeof path, "%s/night.h5", dir);
     kill_series(path, 0, 7, py);
     snprintf(path, sizeof path, "%s/night_compressed.h5", dir);

@@ -128,21 +128,6 @@ cleanup:
     return n;
 }
 
-static const char *find_python(void)
-{
-    static const char *candidates[] = {"/usr/bin/python3", "python3"};
-    const char *env = getenv("HILAL_PYTHON");
-    if (env != NULL && *env)
-        return env;
-    for (size_t i = 0; i < 2; i++) {
-        char cmd[256];
-        snprintf(cmd, sizeof cmd, "%s -c 'import h5py' >/dev/null 2>&1", candidates[i]);
-        if (system(cmd) == 0)
-            return candidates[i];
-    }
-    return NULL;
-}
-
 int main(void)
 {
     char dir[4096], path[4200], cmd[9000];
@@ -172,7 +157,7 @@ int main(void)
         return 2;
     close(go[1]);
 
-    const char *py = find_python();
+    const char *py = tf_find_python("h5py");
     size_t last = 0, distinct = 0, bad = 0, polls = 0, decreases = 0;
     int cli_runs = 0, py_runs = 0, active_seen = 0, status = 0, done = 0;
     while (!done) {

@@ -28,14 +28,6 @@
 #include "hilal/wcs.h"
 #include "testutil.h"
 
-/* CHECK_OK evaluates its argument twice; this runs the call once. */
-#define EXPECT_OK(expr, errp)                                                              \
-    do {                                                                                   \
-        hilal_status st_ = (expr);                                                         \
-        hilal_test_check(st_ == HILAL_OK, __FILE__, __LINE__, #expr, "status %d: %s",      \
-                         (int)st_, (errp)->msg);                                           \
-    } while (0)
-
 typedef struct expect {
     const char *file;   /* relative to testdata/fits_edge */
     int hdu;            /* argument to the reader */
@@ -159,7 +151,7 @@ static void check_case(const expect *c)
         hilal_image_free(img);
         return;
     }
-    EXPECT_OK(st, &err);
+    CHECK_OK(st, &err);
     if (st != HILAL_OK)
         return;
     CHECK(img->meta.hdu == c->got_hdu, "%s: HDU %d, expected %d", c->file, img->meta.hdu,
@@ -262,13 +254,13 @@ static void test_m13_identical(void)
     hilal_error_clear(&err);
     hilal_image *ref = NULL;
     hilal_test_data("fits_edge/astropy_compressed/m13.fits", path, sizeof path);
-    EXPECT_OK(hilal_fits_read_image(path, 0, &ref, &err), &err);
+    CHECK_OK(hilal_fits_read_image(path, 0, &ref, &err), &err);
     for (size_t k = 0; k < 4 && ref != NULL; k++) {
         char rel[256];
         snprintf(rel, sizeof rel, "fits_edge/astropy_compressed/%s", names[k]);
         hilal_test_data(rel, path, sizeof path);
         hilal_image *img = NULL;
-        EXPECT_OK(hilal_fits_read_image(path, 0, &img, &err), &err);
+        CHECK_OK(hilal_fits_read_image(path, 0, &img, &err), &err);
         if (img == NULL)
             continue;
         size_t ndiff = 0;
@@ -302,7 +294,7 @@ static void test_rebuilt_compressed_header(void)
     hilal_error_clear(&err);
     hilal_image *img = NULL;
     hilal_test_data("fits_edge/astropy_io_fits/comp.fits", path, sizeof path);
-    EXPECT_OK(hilal_fits_read_image(path, 0, &img, &err), &err);
+    CHECK_OK(hilal_fits_read_image(path, 0, &img, &err), &err);
     if (img == NULL)
         return;
     const char *h = img->meta.header;
@@ -330,7 +322,7 @@ static void test_int64(void)
     hilal_error_clear(&err);
     hilal_image *img = NULL;
     hilal_test_data("fits_edge/generated/bitpix_mix.fits", path, sizeof path);
-    EXPECT_OK(hilal_fits_read_image(path, 3, &img, &err), &err);
+    CHECK_OK(hilal_fits_read_image(path, 3, &img, &err), &err);
     if (img == NULL)
         return;
     CHECK(img->nx == 7 && img->ny == 5 && img->meta.bitpix == 64, "int64 HDU %ld x %ld BITPIX %d",
@@ -344,7 +336,7 @@ static void test_int64(void)
     hilal_image_free(img);
 
     /* +-Inf and NaN in a float32 image are no-data as well. */
-    EXPECT_OK(hilal_fits_read_image(path, 4, &img, &err), &err);
+    CHECK_OK(hilal_fits_read_image(path, 4, &img, &err), &err);
     if (img == NULL)
         return;
     CHECK(img->mask[1] == HILAL_MASK_NODATA && img->mask[6] == HILAL_MASK_NODATA &&
@@ -432,7 +424,7 @@ static void test_names_and_syntax(void)
         snprintf(path, sizeof path, "%s/%s", dir, literal[k]);
         copy_prefix(test0, path, -1);
         hilal_error_clear(&err);
-        EXPECT_OK(hilal_fits_read_image(path, 0, &img, &err), &err);
+        CHECK_OK(hilal_fits_read_image(path, 0, &img, &err), &err);
         if (img != NULL) {
             CHECK(img->meta.hdu == 2 && strcmp(img->meta.path, path) == 0,
                   "%s: HDU %d path %s", literal[k], img->meta.hdu, img->meta.path);
@@ -450,7 +442,7 @@ static void test_names_and_syntax(void)
     for (size_t k = 0; k < 4; k++) {
         snprintf(path, sizeof path, "%s%s", test0, sel[k].spec);
         hilal_error_clear(&err);
-        EXPECT_OK(hilal_fits_read_image(path, 0, &img, &err), &err);
+        CHECK_OK(hilal_fits_read_image(path, 0, &img, &err), &err);
         if (img != NULL) {
             CHECK(img->meta.hdu == sel[k].hdu, "%s: HDU %d, expected %d", sel[k].spec,
                   img->meta.hdu, sel[k].hdu);
@@ -477,7 +469,7 @@ static void test_names_and_syntax(void)
     hilal_test_data("fits_edge/astropy_io_fits/arange.fits", path, sizeof path);
     strcat(path, "[*,*,2:2]");
     hilal_error_clear(&err);
-    EXPECT_OK(hilal_fits_read_image(path, 0, &img, &err), &err);
+    CHECK_OK(hilal_fits_read_image(path, 0, &img, &err), &err);
     if (img != NULL) {
         double sum = 0;
         for (long i = 0; i < img->nx * img->ny; i++)
@@ -491,12 +483,12 @@ static void test_names_and_syntax(void)
     /* A missing name.fits is found as name.fits.gz; the hash is of the .gz. */
     hilal_test_data("fits_edge/astropy_wcs/dss.14.29.56-62.41.05.fits", dss, sizeof dss);
     hilal_error_clear(&err);
-    EXPECT_OK(hilal_fits_read_image(dss, 0, &img, &err), &err);
+    CHECK_OK(hilal_fits_read_image(dss, 0, &img, &err), &err);
     if (img != NULL) {
         char gz[4200], sha[65];
         snprintf(gz, sizeof gz, "%s.gz", dss);
         hilal_error_clear(&err);
-        EXPECT_OK(hilal_sha256_file(gz, sha, &err), &err);
+        CHECK_OK(hilal_sha256_file(gz, sha, &err), &err);
         CHECK(strcmp(img->meta.sha256, sha) == 0 && img->nx == 100, "dss without .gz: sha %s",
               img->meta.sha256);
     }
@@ -513,7 +505,7 @@ static void test_primary_header(void)
     char *prim = (char *)1;
     int nprim = -1;
     hilal_test_data("fits_edge/astropy_io_fits/test0.fits", path, sizeof path);
-    EXPECT_OK(hilal_fits_read_image_primary(path, 0, &img, &prim, &nprim, &err), &err);
+    CHECK_OK(hilal_fits_read_image_primary(path, 0, &img, &prim, &nprim, &err), &err);
     CHECK(prim != NULL && nprim > 100 && strlen(prim) == (size_t)nprim * 80,
           "primary header of %d cards", nprim);
     char v[80];
@@ -528,7 +520,7 @@ static void test_primary_header(void)
     /* An image in the primary HDU gives no separate primary header. */
     hilal_test_data("fits_edge/astropy_compressed/m13.fits", path, sizeof path);
     prim = (char *)1;
-    EXPECT_OK(hilal_fits_read_image_primary(path, 0, &img, &prim, &nprim, &err), &err);
+    CHECK_OK(hilal_fits_read_image_primary(path, 0, &img, &prim, &nprim, &err), &err);
     CHECK(prim == NULL && nprim == 0, "no primary header for a primary image");
     hilal_image_free(img);
 }
@@ -579,15 +571,15 @@ static void test_header_helpers(void)
           "EXPTIME undefined");
     CHECK(hilal_fits_header_get(h, n, "AIRMASS", v, sizeof v) == HILAL_FITS_KEY_MISSING,
           "AIRMASS missing");
-    EXPECT_OK(hilal_fits_header_get_double(h, n, "GAIN", &d, &ks, &err), &err);
+    CHECK_OK(hilal_fits_header_get_double(h, n, "GAIN", &d, &ks, &err), &err);
     CHECK(ks == HILAL_FITS_KEY_FOUND && d == 3.5, "GAIN = %g (quoted, first card)", d);
-    EXPECT_OK(hilal_fits_header_get_double(h, n, "RDNOISE", &d, &ks, &err), &err);
+    CHECK_OK(hilal_fits_header_get_double(h, n, "RDNOISE", &d, &ks, &err), &err);
     CHECK(d == 15.0, "RDNOISE = %g (D exponent)", d);
-    EXPECT_OK(hilal_fits_header_get_double(h, n, "ESO DET OUT1 GAIN", &d, &ks, &err), &err);
+    CHECK_OK(hilal_fits_header_get_double(h, n, "ESO DET OUT1 GAIN", &d, &ks, &err), &err);
     CHECK(ks == HILAL_FITS_KEY_FOUND && d == 2.1, "HIERARCH gain = %g", d);
-    EXPECT_OK(hilal_fits_header_get_double(h, n, "HIERARCH ESO DET OUT1 GAIN", &d, &ks, &err), &err);
+    CHECK_OK(hilal_fits_header_get_double(h, n, "HIERARCH ESO DET OUT1 GAIN", &d, &ks, &err), &err);
     CHECK(ks == HILAL_FITS_KEY_FOUND && d == 2.1, "HIERARCH prefix accepted");
-    EXPECT_OK(hilal_fits_header_get_double(h, n, "EXPTIME", &d, &ks, &err), &err);
+    CHECK_OK(hilal_fits_header_get_double(h, n, "EXPTIME", &d, &ks, &err), &err);
     CHECK(ks == HILAL_FITS_KEY_UNDEFINED && isnan(d), "undefined EXPTIME is NaN");
     hilal_status st = hilal_fits_header_get_double(h, n, "SATURATE", &d, &ks, &err);
     CHECK(st == HILAL_ERR_FITS && strstr(err.msg, "SATURATE = 'high' is not a number") != NULL,
@@ -610,7 +602,7 @@ static void test_header_helpers(void)
     for (size_t k = 0; k < sizeof dates / sizeof dates[0]; k++) {
         int has_time = -1;
         hilal_error_clear(&err);
-        EXPECT_OK(hilal_fits_date_to_mjd(dates[k].text, &d, &has_time, &err), &err);
+        CHECK_OK(hilal_fits_date_to_mjd(dates[k].text, &d, &has_time, &err), &err);
         CHECK(fabs(d - dates[k].mjd) < 1e-9 && has_time == dates[k].has_time,
               "%s -> MJD %.9f (expected %.9f), has_time %d", dates[k].text, d, dates[k].mjd,
               has_time);

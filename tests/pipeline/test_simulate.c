@@ -9,6 +9,7 @@
 #include "hilal/simulate.h"
 #include "hilal/wcs.h"
 #include "testutil.h"
+#include "test_simulate_pair.h"
 
 #ifndef M_PI
 #define M_PI 3.14159265358979323846
@@ -20,15 +21,6 @@ static hilal_sim_options small(long n)
     o.nx = o.ny = n;
     o.seed = 42;
     return o;
-}
-
-static int make(const hilal_sim_options *o, hilal_image **sci, hilal_image **ref,
-                hilal_sim_truth **truth)
-{
-    hilal_error err = {0};
-    hilal_status st = hilal_sim_make(o, sci, ref, truth, &err);
-    CHECK_OK(st, &err);
-    return st == HILAL_OK;
 }
 
 /* Mean and standard deviation of v over a box (C coordinates, inclusive). */
@@ -163,11 +155,7 @@ static void test_determinism_and_counts(void)
     }
 
     /* Another seed gives another field. */
-    hilal_image_free(s2);
-    hilal_image_free(r2);
-    hilal_sim_truth_free(t2);
-    s2 = r2 = NULL;
-    t2 = NULL;
+    unmake(&s2, &r2, &t2);
     o.seed = 43;
     if (!make(&o, &s2, &r2, &t2))
         goto cleanup;
@@ -175,11 +163,7 @@ static void test_determinism_and_counts(void)
           "different seed, different field");
 
     /* No events: same stars and reference, no events. */
-    hilal_image_free(s2);
-    hilal_image_free(r2);
-    hilal_sim_truth_free(t2);
-    s2 = r2 = NULL;
-    t2 = NULL;
+    unmake(&s2, &r2, &t2);
     o.seed = 42;
     o.no_events = 1;
     if (!make(&o, &s2, &r2, &t2))
@@ -323,23 +307,19 @@ static void test_event_fluxes(void)
     o.n_transients = 20;
     o.n_variables = 4;
     o.n_cosmics = 30;
-    hilal_image *sci = NULL, *ref = NULL, *sci0 = NULL, *ref0 = NULL;
-    hilal_sim_truth *t = NULL, *t0 = NULL;
-    if (!make(&o, &sci, &ref, &t))
-        goto cleanup;
-    o.no_events = 1;
-    if (!make(&o, &sci0, &ref0, &t0))
+    sim_pair pair = {0};
+    if (!sim_pair_make(&o, &pair))
         goto cleanup;
     long nx = o.nx, ny = o.ny;
     int ntr = 0, nvar = 0, ncr = 0, nbc = 0;
     double worst_tr = 0, worst_cr = 0;
-    for (size_t k = 0; k < t->nevents; k++) {
-        const hilal_sim_event *e = &t->events[k];
+    for (size_t k = 0; k < pair.t->nevents; k++) {
+        const hilal_sim_event *e = &pair.t->events[k];
         if (e->type == HILAL_SIM_TRANSIENT || e->type == HILAL_SIM_VARIABLE) {
             double r = 5.0 * e->fwhm_px;
-            if (fabs(e->ideal_snr) < 20 || !isolated(t, k, r))
+            if (fabs(e->ideal_snr) < 20 || !isolated(pair.t, k, r))
                 continue;
-            double f = aperture(sci->pix, sci0->pix, nx, ny, e->x, e->y, r);
+            double f = aperture(pair.sci->pix, pair.sci0->pix, nx, ny, e->x, e->y, r);
             double rel = (f - e->diff_flux_adu) / e->diff_flux_adu;
             CHECK(fabs(rel) < 0.04, "%s %ld (S/N %.1f): aperture %.1f, truth %.1f ADU",
                   hilal_sim_event_name(e->type), e->id, e->ideal_snr, f, e->diff_flux_adu);
@@ -350,15 +330,15 @@ static void test_event_fluxes(void)
                 nvar++;
             }
         } else if (e->type == HILAL_SIM_COSMIC) {
-            if (!isolated(t, k, 4.0))
+            if (!isolated(pair.t, k, 4.0))
                 continue;
             /* Added after the noise: the difference is the deposit exactly
              * (unless it saturates). */
-            double f = aperture(sci->pix, sci0->pix, nx, ny, e->x, e->y, 3.5), peak = 0;
+            double f = aperture(pair.sci->pix, pair.sci0->pix, nx, ny, e->x, e->y, 3.5), peak = 0;
             for (long j = lround(e->y) - 4; j <= lround(e->y) + 2; j++)
                 for (long i = lround(e->x) - 4; i <= lround(e->x) + 2; i++)
                     if (i >= 0 && j >= 0 && i < nx && j < ny)
-                        peak = fmax(peak, sci->pix[j * nx + i] - sci0->pix[j * nx + i]);
+                        peak = fmax(peak, pair.sci->pix[j * nx + i] - pair.sci0->pix[j * nx + i]);
             double rel = fabs(f - e->diff_flux_adu) / e->diff_flux_adu;
             worst_cr = fmax(worst_cr, rel);
             CHECK(rel < 1e-3 && peak > 0.3 * e->diff_flux_adu && e->extent_px >= 1 && e->extent_px <= 3,
@@ -370,17 +350,17 @@ static void test_event_fluxes(void)
             int ok = 1;
             if (e->level_adu > 0) {
                 for (long y = 0; y < rows; y++) {
-                    double d = sci->pix[y * nx + col] - sci0->pix[y * nx + col];
-                    if (sci->pix[y * nx + col] < o.saturate_adu && fabs(d - e->level_adu) > 0.05)
+                    double d = pair.sci->pix[y * nx + col] - pair.sci0->pix[y * nx + col];
+                    if (pair.sci->pix[y * nx + col] < o.saturate_adu && fabs(d - e->level_adu) > 0.05)
                         ok = 0;
                 }
                 CHECK(ok, "hot column %ld adds %.1f ADU over %ld rows", col + 1, e->level_adu, rows);
             } else {
-                box_stats(sci->pix, nx, col, 0, col, rows - 1, &mean, &sd);
+                box_stats(pair.sci->pix, nx, col, 0, col, rows - 1, &mean, &sd);
                 CHECK(fabs(mean) < 5 * rn / sqrt(rows) && fabs(sd / rn - 1) < 0.2,
                       "dead column %ld reads %.2f +- %.2f ADU (read noise %.2f)", col + 1, mean, sd, rn);
             }
-            double above = sci->pix[rows * nx + col] - sci0->pix[rows * nx + col];
+            double above = pair.sci->pix[rows * nx + col] - pair.sci0->pix[rows * nx + col];
             CHECK(rows >= ny || above == 0.0, "column %ld is clean above its %ld rows", col + 1, rows);
             nbc++;
         }
@@ -388,12 +368,7 @@ static void test_event_fluxes(void)
     CHECK(ntr >= 3 && ncr >= 10 && nbc == 2, "measured %d transients (worst %.3f), %d variables, "
           "%d cosmics (worst %.2g), %d bad columns", ntr, worst_tr, nvar, ncr, worst_cr, nbc);
 cleanup:
-    hilal_image_free(sci);
-    hilal_image_free(ref);
-    hilal_image_free(sci0);
-    hilal_image_free(ref0);
-    hilal_sim_truth_free(t);
-    hilal_sim_truth_free(t0);
+    sim_pair_free(&pair);
 }
 
 /* Flux-weighted centroid of v - sky model in a box (FITS coordinates). */
@@ -693,11 +668,7 @@ static void test_files(void)
     fsci = NULL;
 
     /* 16-bit output: integers through BZERO, identical to the in-memory image. */
-    hilal_image_free(sci);
-    hilal_image_free(ref);
-    hilal_sim_truth_free(t);
-    sci = ref = NULL;
-    t = NULL;
+    unmake(&sci, &ref, &t);
     o.bitpix = 16;
     CHECK_OK(hilal_sim_write(&o, d2, &err), &err);
     if (!make(&o, &sci, &ref, &t))

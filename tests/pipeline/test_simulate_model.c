@@ -8,19 +8,11 @@
 
 #include "hilal/simulate.h"
 #include "testutil.h"
+#include "test_simulate_pair.h"
 
 #ifndef M_PI
 #define M_PI 3.14159265358979323846
 #endif
-
-static int make(const hilal_sim_options *o, hilal_image **sci, hilal_image **ref,
-                hilal_sim_truth **truth)
-{
-    hilal_error err = {0};
-    hilal_status st = hilal_sim_make(o, sci, ref, truth, &err);
-    CHECK_OK(st, &err);
-    return st == HILAL_OK;
-}
 
 /* ideal_snr = F sqrt(sum P^2 / var) is checked two ways on an empty, flat
  * field: (1) against the variance computed here from the options alone, and
@@ -42,12 +34,8 @@ static void test_ideal_snr(void)
     o.n_cosmics = 0;
     o.n_bad_columns = 0;
     o.keep_model = 1;
-    hilal_image *sci = NULL, *ref = NULL, *sci0 = NULL, *ref0 = NULL;
-    hilal_sim_truth *t = NULL, *t0 = NULL;
-    if (!make(&o, &sci, &ref, &t))
-        goto cleanup;
-    o.no_events = 1;
-    if (!make(&o, &sci0, &ref0, &t0))
+    sim_pair pair = {0};
+    if (!sim_pair_make(&o, &pair))
         goto cleanup;
     const long n = 512;
     const double r = o.flux_ratio;
@@ -62,12 +50,12 @@ static void test_ideal_snr(void)
      * divided by its flux (25 x 25 stamp). */
     const int h = 12, w = 2 * h + 1;
     double P[25 * 25], sp2 = 0, sp = 0;
-    const hilal_sim_event *e0 = &t->events[0];
+    const hilal_sim_event *e0 = &pair.t->events[0];
     long ix = lround(e0->x) - 1, iy = lround(e0->y) - 1;
     for (int j = 0; j < w; j++)
         for (int i = 0; i < w; i++) {
             long p = (iy - h + j) * n + (ix - h + i);
-            P[j * w + i] = (t->model_sci[p] - t0->model_sci[p]) / e0->diff_flux_adu;
+            P[j * w + i] = (pair.t->model_sci[p] - pair.t0->model_sci[p]) / e0->diff_flux_adu;
             sp += P[j * w + i];
             sp2 += P[j * w + i] * P[j * w + i];
         }
@@ -76,8 +64,8 @@ static void test_ideal_snr(void)
     /* (1) S/N from the options' variance (source photon noise neglected:
      * these are faint) against the truth. */
     double worst = 0;
-    for (size_t k = 0; k < t->nevents; k++) {
-        const hilal_sim_event *e = &t->events[k];
+    for (size_t k = 0; k < pair.t->nevents; k++) {
+        const hilal_sim_event *e = &pair.t->events[k];
         double snr = e->diff_flux_adu * sqrt(sp2 / v);
         worst = fmax(worst, fabs(snr / e->ideal_snr - 1));
         CHECK(fabs(snr / e->ideal_snr - 1) < 0.03 && e->ideal_snr >= 3 * 0.999 && e->ideal_snr <= 8 * 1.001,
@@ -93,7 +81,7 @@ static void test_ideal_snr(void)
             for (int j = 0; j < w; j++)
                 for (int i = 0; i < w; i++) {
                     long p = (cy - h + j) * n + (cx - h + i);
-                    double d = sci0->pix[p] - r * ref0->pix[p] - (o.sky_sci_adu - r * o.sky_ref_adu);
+                    double d = pair.sci0->pix[p] - r * pair.ref0->pix[p] - (o.sky_sci_adu - r * o.sky_ref_adu);
                     num += P[j * w + i] * d;
                 }
             double f = num / sp2;
@@ -109,12 +97,7 @@ static void test_ideal_snr(void)
     printf("ideal S/N: worst relative difference %.4f; measured/predicted scatter %.3f\n", worst,
            sd / predicted);
 cleanup:
-    hilal_image_free(sci);
-    hilal_image_free(ref);
-    hilal_image_free(sci0);
-    hilal_image_free(ref0);
-    hilal_sim_truth_free(t);
-    hilal_sim_truth_free(t0);
+    sim_pair_free(&pair);
 }
 
 /* Second moments of (model - sky) in a box: sxx, syy, sxy (px^2). */
@@ -142,6 +125,19 @@ static void moments(const float *m, long nx, const hilal_sim_truth *t, int which
  * hilal_sim_fwhm_px across the field, whose formula is checked at the
  * documented points; elliptical PSFs have the documented axis ratio and
  * angle in each frame. */
+/* Whether star i of a 512 x 512 field can be measured alone: unsaturated,
+ * at least 20 px inside the reference frame, no other star within 22 px. */
+static int lone_star(const hilal_sim_truth *t, size_t i)
+{
+    const hilal_sim_star *s = &t->stars[i];
+    if (s->sat_ref || s->sat_sci || s->x_ref < 20 || s->y_ref < 20 || s->x_ref > 492 || s->y_ref > 492)
+        return 0;
+    for (size_t j = 0; j < t->nstars; j++)
+        if (j != i && hypot(t->stars[j].x_ref - s->x_ref, t->stars[j].y_ref - s->y_ref) < 22)
+            return 0;
+    return 1;
+}
+
 static void test_psf_shape(void)
 {
     hilal_sim_options o = hilal_sim_options_default();
@@ -174,15 +170,9 @@ static void test_psf_shape(void)
     int nmeas = 0;
     double worst = 0, lo = 1e9, hi = 0;
     for (size_t i = 0; i < t->nstars; i++) {
+        if (!lone_star(t, i))
+            continue;
         const hilal_sim_star *s = &t->stars[i];
-        if (s->sat_ref || s->sat_sci || s->x_ref < 20 || s->y_ref < 20 || s->x_ref > 492 || s->y_ref > 492)
-            continue;
-        int alone = 1;
-        for (size_t j = 0; j < t->nstars; j++)
-            if (j != i && hypot(t->stars[j].x_ref - s->x_ref, t->stars[j].y_ref - s->y_ref) < 22)
-                alone = 0;
-        if (!alone)
-            continue;
         for (int k = 0; k < 2; k++) {
             double x = k ? s->x_sci : s->x_ref, y = k ? s->y_sci : s->y_ref, sxx, syy, sxy;
             moments(k ? t->model_sci : t->model_ref, 512, t, k, x, y, 10, &sxx, &syy, &sxy);
@@ -199,11 +189,7 @@ static void test_psf_shape(void)
     }
     CHECK(nmeas >= 8 && hi - lo > 0.1, "measured %d stars, FWHM/FWHM0 from %.3f to %.3f", nmeas, lo, hi);
     printf("PSF widths: %d stars, worst relative FWHM error %.4f\n", nmeas, worst);
-    hilal_image_free(sci);
-    hilal_image_free(ref);
-    hilal_sim_truth_free(t);
-    sci = ref = NULL;
-    t = NULL;
+    unmake(&sci, &ref, &t);
 
     /* Ellipticity 0.2: b/a = 0.8, major axis at 20 deg (reference) and 65
      * deg (science). */
@@ -213,15 +199,9 @@ static void test_psf_shape(void)
         goto cleanup;
     nmeas = 0;
     for (size_t i = 0; i < t->nstars && nmeas < 5; i++) {
+        if (!lone_star(t, i))
+            continue;
         const hilal_sim_star *s = &t->stars[i];
-        if (s->sat_ref || s->sat_sci || s->x_ref < 20 || s->y_ref < 20 || s->x_ref > 492 || s->y_ref > 492)
-            continue;
-        int alone = 1;
-        for (size_t j = 0; j < t->nstars; j++)
-            if (j != i && hypot(t->stars[j].x_ref - s->x_ref, t->stars[j].y_ref - s->y_ref) < 22)
-                alone = 0;
-        if (!alone)
-            continue;
         for (int k = 0; k < 2; k++) {
             double x = k ? s->x_sci : s->x_ref, y = k ? s->y_sci : s->y_ref, sxx, syy, sxy;
             moments(k ? t->model_sci : t->model_ref, 512, t, k, x, y, 10, &sxx, &syy, &sxy);
@@ -286,11 +266,7 @@ static void test_galaxies_variables(void)
         n4 += g->sersic_n == 4.0;
     }
     CHECK(ng >= 2, "checked %d isolated galaxies (%d exponential, %d de Vaucouleurs)", ng, n1, n4);
-    hilal_image_free(sci);
-    hilal_image_free(ref);
-    hilal_sim_truth_free(t);
-    sci = ref = NULL;
-    t = NULL;
+    unmake(&sci, &ref, &t);
 
     o.star_density = 2000;
     o.galaxy_density = 120;

@@ -94,6 +94,27 @@ static double carried_star_rms(const as_pair *p, const hilal_starlist *rs, doubl
 }
 
 /* WCS with a small pointing error, 20.3/-7.6 px offset, 0.3 deg rotation. */
+/* Default alignment options on 2 threads, as most tests run them. */
+static hilal_align_opts two_threads(void)
+{
+    hilal_align_opts ao;
+    hilal_align_opts_default(&ao);
+    ao.threads = 2;
+    return ao;
+}
+
+/* Aligns the pair's reference onto its science frame with ao (the error
+ * cleared first) and checks that it worked. */
+static hilal_status align(const as_pair *p, const hilal_align_opts *ao, hilal_image **al,
+                          hilal_starlist *rs, hilal_align_info *info, hilal_error *err)
+{
+    hilal_error_clear(err);
+    hilal_status st = hilal_align_pair(p->sci, p->ref, &p->sci_stars, &p->ref_stars, ao, al, rs,
+                                       info, err);
+    CHECK_OK(st, err);
+    return st;
+}
+
 static void test_wcs_offset_rotation(void)
 {
     as_pair_opts o = as_pair_opts_default();
@@ -101,17 +122,12 @@ static void test_wcs_offset_rotation(void)
     o.wcs_err_y_px = -0.45;
     as_pair p;
     CHECK(as_pair_make(&o, &p) == 0, "pair");
-    hilal_align_opts ao;
-    hilal_align_opts_default(&ao);
-    ao.threads = 2;
+    hilal_align_opts ao = two_threads();
     hilal_image *al = NULL;
     hilal_starlist rs = {0, NULL};
     hilal_align_info info;
     hilal_error err;
-    hilal_error_clear(&err);
-    hilal_status st = hilal_align_pair(p.sci, p.ref, &p.sci_stars, &p.ref_stars, &ao, &al, &rs,
-                                       &info, &err);
-    CHECK_OK(st, &err);
+    hilal_status st = align(&p, &ao, &al, &rs, &info, &err);
     if (st != HILAL_OK) {
         as_pair_free(&p);
         return;
@@ -221,17 +237,12 @@ static void test_scale_flux(void)
     o.seed = 777;
     as_pair p;
     CHECK(as_pair_make(&o, &p) == 0, "pair");
-    hilal_align_opts ao;
-    hilal_align_opts_default(&ao);
-    ao.threads = 2;
+    hilal_align_opts ao = two_threads();
     hilal_image *al = NULL;
     hilal_starlist rs = {0, NULL};
     hilal_align_info info;
     hilal_error err;
-    hilal_error_clear(&err);
-    hilal_status st = hilal_align_pair(p.sci, p.ref, &p.sci_stars, &p.ref_stars, &ao, &al, &rs,
-                                       &info, &err);
-    CHECK_OK(st, &err);
+    hilal_status st = align(&p, &ao, &al, &rs, &info, &err);
     if (st == HILAL_OK) {
         CHECK(fabs(info.scale - 1.15) < 1e-4, "scale %.6f", info.scale);
         accuracy a = measure(&p, al, 1.4 / 1.15, 2e4);
@@ -263,17 +274,12 @@ static void test_no_wcs(void)
     o.seed = 4242;
     as_pair p;
     CHECK(as_pair_make(&o, &p) == 0, "pair");
-    hilal_align_opts ao;
-    hilal_align_opts_default(&ao);
-    ao.threads = 2;
+    hilal_align_opts ao = two_threads();
     hilal_image *al = NULL;
     hilal_starlist rs = {0, NULL};
     hilal_align_info info;
     hilal_error err;
-    hilal_error_clear(&err);
-    hilal_status st = hilal_align_pair(p.sci, p.ref, &p.sci_stars, &p.ref_stars, &ao, &al, &rs,
-                                       &info, &err);
-    CHECK_OK(st, &err);
+    hilal_status st = align(&p, &ao, &al, &rs, &info, &err);
     if (st == HILAL_OK) {
         CHECK(info.method == HILAL_ALIGN_METHOD_PHASECORR, "method");
         CHECK(fabs(info.pc_dx_px - 20.3) < 1.0 && fabs(info.pc_dy_px + 7.6) < 1.0,
@@ -296,9 +302,7 @@ static void test_no_wcs(void)
 
     /* Affine only: the quadratic distortion stays in the residuals. */
     ao.order = 1;
-    hilal_error_clear(&err);
-    st = hilal_align_pair(p.sci, p.ref, &p.sci_stars, &p.ref_stars, &ao, &al, &rs, &info, &err);
-    CHECK_OK(st, &err);
+    st = align(&p, &ao, &al, &rs, &info, &err);
     if (st == HILAL_OK)
         CHECK(info.fit_order == 1 && info.rms_x_px > 0.1, "affine rms x %.3f", info.rms_x_px);
     hilal_image_free(al);
@@ -471,17 +475,12 @@ static void test_variance(void)
         o.seed = 99 + (uint64_t)pass;
         as_pair p;
         CHECK(as_pair_make(&o, &p) == 0, "pair");
-        hilal_align_opts ao;
-        hilal_align_opts_default(&ao);
-        ao.threads = 2;
+        hilal_align_opts ao = two_threads();
         hilal_image *al = NULL;
         hilal_starlist rs = {0, NULL};
         hilal_align_info info;
         hilal_error err;
-        hilal_error_clear(&err);
-        hilal_status st = hilal_align_pair(p.sci, p.ref, &p.sci_stars, &p.ref_stars, &ao, &al,
-                                           &rs, &info, &err);
-        CHECK_OK(st, &err);
+        hilal_status st = align(&p, &ao, &al, &rs, &info, &err);
         if (st != HILAL_OK) {
             as_pair_free(&p);
             continue;
@@ -597,10 +596,7 @@ static void test_identity(void)
         hilal_starlist rs = {0, NULL};
         hilal_align_info info;
         hilal_error err;
-        hilal_error_clear(&err);
-        hilal_status st = hilal_align_pair(p.sci, p.ref, &p.sci_stars, &p.ref_stars, &ao, &al,
-                                           &rs, &info, &err);
-        CHECK_OK(st, &err);
+        align(&p, &ao, &al, &rs, &info, &err);
         printf("identity (wcs %d): identity %d, matches %d, rms (%.4f, %.4f)\n", with_wcs,
                info.identity, info.nmatch, info.rms_x_px, info.rms_y_px);
         CHECK(info.identity == 1 && al == NULL, "identity (wcs %d)", with_wcs);

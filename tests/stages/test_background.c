@@ -119,9 +119,12 @@ static void test_sextractor_reference(void)
     }
     hilal_frame_clear(&f);
 
-    /* Defaults (source masking, RMS corrected for the 3-sigma clipping):
-     * the sky within a small fraction of the noise of SExtractor's, the
-     * RMS SExtractor's / 0.98658 within the same small tolerance. */
+    /* Defaults (sources masked on the 2x2-binned image, which also gives
+     * the maps; the RMS map scaled to the robust RMS of the full-resolution
+     * pixels): the sky within a small fraction of the noise of
+     * SExtractor's, the RMS SExtractor's / 0.98658 within 15% (2.4% low
+     * overall on this frame; the corner mesh next to the bright galaxy
+     * differs most, its binned mesh having a quarter of the pixels). */
     copy = hilal_image_clone(img, &err);
     st = run_background(copy, NULL, NULL, &f, &err);
     CHECK_OK(st, &err);
@@ -135,7 +138,7 @@ static void test_sextractor_reference(void)
                "0.98658 rms %.3f\n",
                maxdiff, maxrel_r);
         CHECK(maxdiff < 0.25, "masked-source background departs by %.3f rms", maxdiff);
-        CHECK(maxrel_r < 0.1, "corrected rms departs by %.3f", maxrel_r);
+        CHECK(maxrel_r < 0.15, "corrected rms departs by %.3f", maxrel_r);
     }
     hilal_frame_clear(&f);
 
@@ -332,6 +335,59 @@ static void test_descriptor(void)
     hilal_config_free(cfg);
 }
 
+/* 5. Correlated noise (each pixel the sum of a 2x2 block of white noise,
+ *    halved: the same per-pixel RMS as the white noise, but neighbours
+ *    correlated, as in resampled or stacked images). The maps come from
+ *    the 2x2-binned image, whose noise is then not half the pixels';
+ *    the RMS is scaled to the pixels' own robust RMS, so sky_rms_adu and
+ *    the variance plane still give the per-pixel noise. */
+static void test_correlated_noise(void)
+{
+    hilal_error err;
+    hilal_error_clear(&err);
+    const long n = 256;
+    const double sigma = 20.0;
+    hilal_image *img = hilal_image_new(n, n, &err);
+    double *w = malloc((size_t)(n + 1) * (n + 1) * sizeof *w);
+    if (img == NULL || w == NULL) {
+        free(w);
+        hilal_image_free(img);
+        return;
+    }
+    rng_state = 31;
+    for (long i = 0; i < (n + 1) * (n + 1); i++)
+        w[i] = sigma * rng_gauss();
+    for (long y = 0; y < n; y++)
+        for (long x = 0; x < n; x++)
+            img->pix[y * n + x] = (float)(700.0 + 0.5 * (w[y * (n + 1) + x] + w[y * (n + 1) + x + 1] +
+                                                        w[(y + 1) * (n + 1) + x] +
+                                                        w[(y + 1) * (n + 1) + x + 1]));
+    free(w);
+    snprintf(img->meta.path, sizeof img->meta.path, "correlated.fits");
+    /* The actual per-pixel RMS of this realisation. */
+    double s = 0.0, s2 = 0.0;
+    for (long i = 0; i < n * n; i++) {
+        s += img->pix[i];
+        s2 += (double)img->pix[i] * img->pix[i];
+    }
+    double rms = sqrt(s2 / (n * n) - (s / (n * n)) * (s / (n * n)));
+    hilal_frame f;
+    hilal_status st = run_background(img, NULL, NULL, &f, &err);
+    CHECK_OK(st, &err);
+    if (st == HILAL_OK) {
+        double mv = 0.0;
+        for (long i = 0; i < n * n; i++)
+            mv += sqrt(f.sci->var[i]);
+        mv /= (double)(n * n);
+        printf("correlated noise: pixel RMS %.3f, sky_rms_adu %.3f, mean sqrt(var) %.3f\n", rms,
+               f.sci->sky_rms_adu, mv);
+        CHECK(fabs(f.sci->sky_rms_adu / rms - 1.0) < 0.03, "global RMS %.3f vs %.3f",
+              f.sci->sky_rms_adu, rms);
+        CHECK(fabs(mv / rms - 1.0) < 0.05, "RMS map %.3f vs %.3f", mv, rms);
+    }
+    hilal_frame_clear(&f);
+}
+
 int main(void)
 {
     hilal_log_set_handler(capture, NULL, HILAL_LOG_DEBUG);
@@ -340,5 +396,6 @@ int main(void)
     test_flat_variance();
     test_nan_and_mask();
     test_degenerate();
+    test_correlated_noise();
     return hilal_test_finish();
 }

@@ -44,7 +44,7 @@ static hilal_status run_chain(const hilal_config *cfg, const char *dir, hilal_fr
     const hilal_stage *stages[32];
     size_t k = 0;
     for (size_t i = 0; i < n; i++)
-        if (strcmp(all[i]->name, "archive") != 0)
+        if (strcmp(all[i]->name, "archive") != 0 && strcmp(all[i]->name, "alert") != 0)
             stages[k++] = all[i];
     hilal_runner *r = NULL;
     hilal_status st = hilal_runner_new(cfg, stages, k, &r, err);

@@ -2,7 +2,8 @@
  * different PSFs (Gaussian reference, Moffat science) and variable stars
  * among the brightest; the ratio must come out within 1% with a sensible
  * error, by PSF fitting and by aperture photometry; too few matches fail
- * clearly or fall back to the zero points. */
+ * clearly or fall back to the zero points; a biased reference sky map is
+ * matched to the science frame's background. */
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -261,6 +262,129 @@ static void test_too_few(void)
     hilal_config_free(cfg);
 }
 
+/* Mean of N - r R (sky-subtracted science minus ratio x sky-subtracted
+ * reference) over the pixels farther than 15 px from every star, and the
+ * same with the reference sky map shifted by -b(x, y). */
+static double source_free_mean(const hilal_frame *f, double r)
+{
+    double s = 0.0;
+    long n = 0;
+    for (long y = 0; y < N; y++)
+        for (long x = 0; x < N; x++) {
+            int near = 0;
+            for (int k = 0; k < NSTAR && !near; k++)
+                near = fabs(x - sx[k]) < 15 && fabs(y - sy[k]) < 15;
+            if (near)
+                continue;
+            long q = y * N + x;
+            s += (f->sci->pix[q] - f->sci->sky[q]) - r * (f->ref->pix[q] - f->ref->sky[q]);
+            n++;
+        }
+    return n > 0 ? s / n : NAN;
+}
+
+/* Differential background: the reference's sky map made too high by
+ * b(x, y) = 2 ADU + 0.004 ADU/px x (x - 300) + 0.002 ADU/px x (y - 300)
+ * (as a background estimate that reacts to faint sources differently in
+ * the two images would), so N - r R gains r b: fluxscale brings the mean of
+ * N - r R on source-free pixels back to zero, through the reference's sky
+ * map, and leaves it when bg_match is off. */
+static void test_background_match(void)
+{
+    for (int on = 0; on < 2; on++) {
+        const hilal_stage *chain[4] = {&hilal_stage_background, &hilal_stage_stars,
+                                       &hilal_stage_psf, &hilal_stage_fluxscale};
+        void *state[4] = {NULL, NULL, NULL, NULL};
+        hilal_error err;
+        hilal_error_clear(&err);
+        hilal_config *cfg = hilal_registry_config_new(&err);
+        hilal_status st = cfg ? HILAL_OK : err.code;
+        if (st == HILAL_OK && !on)
+            st = hilal_config_set_arg(cfg, "fluxscale.bg_match=false", &err);
+        hilal_frame f;
+        hilal_frame_init(&f);
+        strcpy(f.frame_id, "bgpair");
+        f.sci = render(RATIO, NULL, HILAL_PSF_MOFFAT, 4.0, 3.0, 500, 0, 0, NAN, "sci.fits", 41);
+        f.ref = render(1.0, NULL, HILAL_PSF_GAUSSIAN, 3.0, 0, 300, 0, 0, NAN, "ref.fits", 42);
+        f.products = HILAL_PROD_SCIENCE | HILAL_PROD_REFERENCE;
+        for (int k = 0; k < 4 && st == HILAL_OK; k++)
+            st = chain[k]->init(cfg, &state[k], &err);
+        for (int k = 0; k < 4 && st == HILAL_OK; k++) {
+            if (k == 2)
+                f.products |= HILAL_PROD_ALIGNED;
+            if (k == 3) {
+                /* The bias, before the photometric match. */
+                for (long y = 0; y < N; y++)
+                    for (long x = 0; x < N; x++)
+                        f.ref->sky[y * N + x] +=
+                            (float)(2.0 + 0.004 * (x - 300) + 0.002 * (y - 300));
+            }
+            st = chain[k]->run(state[k], &f, &err);
+        }
+        CHECK_OK(st, &err);
+        if (st == HILAL_OK) {
+            double m = source_free_mean(&f, f.flux_ratio);
+            /* Noise of the mean: sigma_D / sqrt(n) ~ 24 / 400 = 0.06 ADU. */
+            if (on) {
+                printf("differential background matched: mean of N - r R off sources %.3f ADU "
+                       "(the bias was %.3f ADU at the centre)\n", m, RATIO * 2.0);
+                CHECK(fabs(m) < 0.15, "mean of N - r R off sources %.3f ADU after matching", m);
+                CHECK(hilal_stage_fluxscale.flags & HILAL_STAGE_INPLACE,
+                      "fluxscale declared in place (it adjusts the reference's sky map)");
+            } else {
+                /* The bias r b (1.6 ADU at the centre), plus what the two
+                 * mesh backgrounds themselves leave (the science Moffat
+                 * wings reach farther into the meshes than the reference's
+                 * Gaussian; 0.3 ADU here), which matching removes too. */
+                printf("without matching: mean of N - r R off sources %.3f ADU\n", m);
+                CHECK(m > 1.4 && m < 2.4, "bias %.3f ADU kept when bg_match is off", m);
+            }
+        }
+        for (int k = 0; k < 4; k++)
+            if (state[k] != NULL)
+                chain[k]->fini(state[k]);
+        hilal_config_free(cfg);
+        hilal_frame_clear(&f);
+    }
+}
+
+/* Five matched stars, one of them an outlier: the ratio of the other four,
+ * not a data error. */
+static void test_clipped_to_few(void)
+{
+    hilal_error err;
+    hilal_error_clear(&err);
+    double keep_x[NSTAR], keep_y[NSTAR], keep_f[NSTAR];
+    memcpy(keep_x, sx, sizeof sx);
+    memcpy(keep_y, sy, sizeof sy);
+    memcpy(keep_f, sf, sizeof sf);
+    /* Five stars only (the rest far below the detection limit). */
+    for (int k = 5; k < NSTAR; k++)
+        sf[k] = 1e-3;
+    double varf[NSTAR];
+    for (int k = 0; k < NSTAR; k++)
+        varf[k] = 1.0;
+    varf[2] = 1.5;
+    hilal_frame f;
+    hilal_status st = run_chain(render(RATIO, varf, HILAL_PSF_GAUSSIAN, 3.0, 0, 300, 0, 0, NAN,
+                                       "sci.fits", 51),
+                                render(1.0, NULL, HILAL_PSF_GAUSSIAN, 3.0, 0, 300, 0, 0, NAN,
+                                       "ref.fits", 52),
+                                NULL, &f, &err);
+    CHECK_OK(st, &err);
+    if (st == HILAL_OK) {
+        printf("five stars, one variable: ratio %.5f +- %.5f from %d\n", f.flux_ratio,
+               f.flux_ratio_err, f.flux_ratio_nstars);
+        CHECK(f.flux_ratio_nstars == 4, "the variable clipped (%d stars kept)",
+              f.flux_ratio_nstars);
+        CHECK(fabs(f.flux_ratio / RATIO - 1.0) < 0.01, "ratio %.5f", f.flux_ratio);
+    }
+    hilal_frame_clear(&f);
+    memcpy(sx, keep_x, sizeof sx);
+    memcpy(sy, keep_y, sizeof sy);
+    memcpy(sf, keep_f, sizeof sf);
+}
+
 int main(void)
 {
     hilal_log_set_handler(capture, NULL, HILAL_LOG_DEBUG);
@@ -269,5 +393,7 @@ int main(void)
     test_ratio();
     test_single_outlier();
     test_too_few();
+    test_background_match();
+    test_clipped_to_few();
     return hilal_test_finish();
 }

@@ -18,14 +18,6 @@
 #include "hilal/stage.h"
 #include "testutil.h"
 
-/* CHECK_OK evaluates its argument twice; this runs the call once. */
-#define EXPECT_OK(expr, errp)                                                              \
-    do {                                                                                   \
-        hilal_status st_ = (expr);                                                         \
-        hilal_test_check(st_ == HILAL_OK, __FILE__, __LINE__, #expr, "status %d: %s",      \
-                         (int)st_, (errp)->msg);                                           \
-    } while (0)
-
 #define ZTF_SCI "fits_edge/ztf/ZTF18aaxjlwy_472263571115090000_science.fits"
 #define ZTF_REF "fits_edge/ztf/ZTF18aaxjlwy_472263571115090000_template.fits"
 
@@ -74,7 +66,7 @@ static void test_missing_noise(void)
     o.require_noise = 0;
     hilal_ingest_sources src;
     hilal_error_clear(&err);
-    EXPECT_OK(hilal_ingest_read(&o, path, 0, &img, &src, &err), &err);
+    CHECK_OK(hilal_ingest_read(&o, path, 0, &img, &src, &err), &err);
     if (img != NULL)
         CHECK(isnan(img->meta.gain_e_per_adu) && isnan(img->meta.rdnoise_e) &&
                   src.gain[0] == '\0' && isinf(img->meta.saturate_adu) &&
@@ -99,7 +91,7 @@ static void test_fallbacks_and_masks(void)
     hilal_error err;
     hilal_error_clear(&err);
     hilal_image *img = NULL;
-    EXPECT_OK(hilal_ingest_read(&o, path, 0, &img, &src, &err), &err);
+    CHECK_OK(hilal_ingest_read(&o, path, 0, &img, &src, &err), &err);
     if (img == NULL)
         return;
     CHECK(img->meta.gain_e_per_adu == 6.2 && strcmp(src.gain, "ingest.gain") == 0,
@@ -118,13 +110,13 @@ static void test_fallbacks_and_masks(void)
     /* The template: -FLT_MAX fill and NaN are no-data; a declared no-data
      * value adds the pixels equal to it. */
     hilal_test_data(ZTF_REF, path, sizeof path);
-    EXPECT_OK(hilal_ingest_read(&o, path, 0, &img, NULL, &err), &err);
+    CHECK_OK(hilal_ingest_read(&o, path, 0, &img, NULL, &err), &err);
     size_t base = img ? hilal_image_count_mask(img, HILAL_MASK_NODATA) : 0;
     CHECK(base == 1183 + 139, "template no-data pixels: %zu", base);
     float some = img ? img->pix[40 * 63 + 40] : 0;
     hilal_image_free(img);
     o.nodata_adu = some;
-    EXPECT_OK(hilal_ingest_read(&o, path, 0, &img, NULL, &err), &err);
+    CHECK_OK(hilal_ingest_read(&o, path, 0, &img, NULL, &err), &err);
     if (img != NULL) {
         CHECK(hilal_image_count_mask(img, HILAL_MASK_NODATA) > base &&
                   isnan(img->pix[40 * 63 + 40]) &&
@@ -148,7 +140,7 @@ static void test_mef_keywords(void)
     hilal_error err;
     hilal_error_clear(&err);
     hilal_image *img = NULL;
-    EXPECT_OK(hilal_ingest_read(&o, path, 0, &img, &src, &err), &err);
+    CHECK_OK(hilal_ingest_read(&o, path, 0, &img, &src, &err), &err);
     if (img == NULL)
         return;
     const hilal_meta *m = &img->meta;
@@ -177,7 +169,7 @@ static void test_mef_keywords(void)
      * its keyword name is empty. */
     o.key_saturate[0] = '\0';
     o.saturate_adu = 400;
-    EXPECT_OK(hilal_ingest_read(&o, path, 0, &img, &src, &err), &err);
+    CHECK_OK(hilal_ingest_read(&o, path, 0, &img, &src, &err), &err);
     if (img == NULL)
         return;
     CHECK(img->meta.mjd == 49491.65366175, "MJD %.8f from EXPSTART", img->meta.mjd);
@@ -191,7 +183,7 @@ static void test_mef_keywords(void)
     o.gain_e_per_adu = 1;
     o.rdnoise_e = 1;
     o.zeropoint_mag = 30; /* a fallback does not override the header */
-    EXPECT_OK(hilal_ingest_read(&o, path, 0, &img, &src, &err), &err);
+    CHECK_OK(hilal_ingest_read(&o, path, 0, &img, &src, &err), &err);
     if (img != NULL)
         CHECK(img->meta.zeropoint_mag == 20.4871 && strcmp(src.zeropoint, "header MAGZP (HDU 1)") == 0,
               "zero point %g from %s", img->meta.zeropoint_mag, src.zeropoint);
@@ -220,14 +212,14 @@ static void test_bad_keywords(void)
         snprintf(path, sizeof path, "%s/%s", dir, cases[k].name);
         hilal_error_clear(&err);
         hilal_fits_writer *w = hilal_fits_writer_open(path, &err);
-        EXPECT_OK(hilal_fits_writer_add_float(w, NULL, 3, 2, pix, &err), &err);
+        CHECK_OK(hilal_fits_writer_add_float(w, NULL, 3, 2, pix, &err), &err);
         if (cases[k].gain_text != NULL)
-            EXPECT_OK(hilal_fits_writer_key_string(w, "GAIN", cases[k].gain_text, NULL, &err),
-                      &err);
+            CHECK_OK(hilal_fits_writer_key_string(w, "GAIN", cases[k].gain_text, NULL, &err),
+                     &err);
         else
-            EXPECT_OK(hilal_fits_writer_key_double(w, "GAIN", cases[k].gain, NULL, &err), &err);
-        EXPECT_OK(hilal_fits_writer_key_double(w, "RDNOISE", 4.0, NULL, &err), &err);
-        EXPECT_OK(hilal_fits_writer_close(w, &err), &err);
+            CHECK_OK(hilal_fits_writer_key_double(w, "GAIN", cases[k].gain, NULL, &err), &err);
+        CHECK_OK(hilal_fits_writer_key_double(w, "RDNOISE", 4.0, NULL, &err), &err);
+        CHECK_OK(hilal_fits_writer_close(w, &err), &err);
 
         hilal_ingest_opts o;
         hilal_ingest_opts_default(&o);
@@ -245,20 +237,20 @@ static void test_bad_keywords(void)
     snprintf(path, sizeof path, "%s/good.fits", dir);
     hilal_error_clear(&err);
     hilal_fits_writer *w = hilal_fits_writer_open(path, &err);
-    EXPECT_OK(hilal_fits_writer_add_float(w, NULL, 3, 2, pix, &err), &err);
-    EXPECT_OK(hilal_fits_writer_key_double(w, "GAIN", 2.5, "e-/ADU", &err), &err);
-    EXPECT_OK(hilal_fits_writer_key_double(w, "RDNOISE", 4.0, "e-", &err), &err);
-    EXPECT_OK(hilal_fits_writer_key_double(w, "SATURATE", 5.0, "ADU", &err), &err);
-    EXPECT_OK(hilal_fits_writer_key_double(w, "EXPTIME", 86.4, "s", &err), &err);
-    EXPECT_OK(hilal_fits_writer_key_string(w, "DATE-OBS", "2026-01-15T03:00:00", NULL, &err),
-              &err);
-    EXPECT_OK(hilal_fits_writer_key_string(w, "FILTER", "r", NULL, &err), &err);
-    EXPECT_OK(hilal_fits_writer_key_string(w, "OBJECT", "field-0042", NULL, &err), &err);
-    EXPECT_OK(hilal_fits_writer_close(w, &err), &err);
+    CHECK_OK(hilal_fits_writer_add_float(w, NULL, 3, 2, pix, &err), &err);
+    CHECK_OK(hilal_fits_writer_key_double(w, "GAIN", 2.5, "e-/ADU", &err), &err);
+    CHECK_OK(hilal_fits_writer_key_double(w, "RDNOISE", 4.0, "e-", &err), &err);
+    CHECK_OK(hilal_fits_writer_key_double(w, "SATURATE", 5.0, "ADU", &err), &err);
+    CHECK_OK(hilal_fits_writer_key_double(w, "EXPTIME", 86.4, "s", &err), &err);
+    CHECK_OK(hilal_fits_writer_key_string(w, "DATE-OBS", "2026-01-15T03:00:00", NULL, &err),
+             &err);
+    CHECK_OK(hilal_fits_writer_key_string(w, "FILTER", "r", NULL, &err), &err);
+    CHECK_OK(hilal_fits_writer_key_string(w, "OBJECT", "field-0042", NULL, &err), &err);
+    CHECK_OK(hilal_fits_writer_close(w, &err), &err);
     hilal_ingest_opts o;
     hilal_ingest_opts_default(&o);
     hilal_image *img = NULL;
-    EXPECT_OK(hilal_ingest_read(&o, path, 0, &img, NULL, &err), &err);
+    CHECK_OK(hilal_ingest_read(&o, path, 0, &img, NULL, &err), &err);
     if (img != NULL) {
         const hilal_meta *m = &img->meta;
         /* 2026-01-15 is MJD 61055; 03:00 is 0.125 d; + 43.2 s = 0.0005 d. */
@@ -276,6 +268,20 @@ static void test_bad_keywords(void)
 }
 
 /* The stage through the runner, configured through the configuration. */
+/* Names the frame and its inputs (ref may be NULL). A path too long for
+ * the frame's fields fails the test by name instead of being cut short. */
+static void name_frame(hilal_frame *f, const char *id, const char *sci, const char *ref)
+{
+    int fits = (size_t)snprintf(f->frame_id, sizeof f->frame_id, "%s", id) < sizeof f->frame_id &&
+               (size_t)snprintf(f->sci_path, sizeof f->sci_path, "%s", sci) < sizeof f->sci_path &&
+               (ref == NULL ||
+                (size_t)snprintf(f->ref_path, sizeof f->ref_path, "%s", ref) < sizeof f->ref_path);
+    if (!fits)
+        CHECK(0, "frame %s: %s or %s is longer than a frame path (%zu characters); use a "
+                 "shorter HILAL_TESTDATA",
+              id, sci, ref != NULL ? ref : "(no reference)", sizeof f->sci_path - 1);
+}
+
 static void test_stage(void)
 {
     char sci[4096], ref[4096];
@@ -292,12 +298,10 @@ static void test_stage(void)
     hilal_runner *runner = NULL;
 
     /* Without gain: the frame fails with the full context. */
-    EXPECT_OK(hilal_runner_new(cfg, stages, 1, &runner, &err), &err);
+    CHECK_OK(hilal_runner_new(cfg, stages, 1, &runner, &err), &err);
     hilal_frame frame;
     hilal_frame_init(&frame);
-    snprintf(frame.frame_id, sizeof frame.frame_id, "ztf-0001");
-    snprintf(frame.sci_path, sizeof frame.sci_path, "%s", sci);
-    snprintf(frame.ref_path, sizeof frame.ref_path, "%s", ref);
+    name_frame(&frame, "ztf-0001", sci, ref);
     hilal_status st = hilal_runner_run(runner, &frame, &err);
     CHECK(st == HILAL_ERR_CONFIG &&
               strncmp(err.msg, "frame ztf-0001, stage ingest: science: ", 39) == 0 &&
@@ -309,15 +313,13 @@ static void test_stage(void)
 
     /* With gain and read noise set: both images read. */
     hilal_error_clear(&err);
-    EXPECT_OK(hilal_config_set(cfg, "ingest.gain", "6.2", "test", &err), &err);
-    EXPECT_OK(hilal_config_set(cfg, "ingest.rdnoise", "8", "test", &err), &err);
-    EXPECT_OK(hilal_config_set(cfg, "ingest.saturate", "1e5", "test", &err), &err);
-    EXPECT_OK(hilal_runner_new(cfg, stages, 1, &runner, &err), &err);
+    CHECK_OK(hilal_config_set(cfg, "ingest.gain", "6.2", "test", &err), &err);
+    CHECK_OK(hilal_config_set(cfg, "ingest.rdnoise", "8", "test", &err), &err);
+    CHECK_OK(hilal_config_set(cfg, "ingest.saturate", "1e5", "test", &err), &err);
+    CHECK_OK(hilal_runner_new(cfg, stages, 1, &runner, &err), &err);
     hilal_frame_init(&frame);
-    snprintf(frame.frame_id, sizeof frame.frame_id, "ztf-0002");
-    snprintf(frame.sci_path, sizeof frame.sci_path, "%s", sci);
-    snprintf(frame.ref_path, sizeof frame.ref_path, "%s", ref);
-    EXPECT_OK(hilal_runner_run(runner, &frame, &err), &err);
+    name_frame(&frame, "ztf-0002", sci, ref);
+    CHECK_OK(hilal_runner_run(runner, &frame, &err), &err);
     CHECK((frame.products & (HILAL_PROD_SCIENCE | HILAL_PROD_REFERENCE)) ==
               (HILAL_PROD_SCIENCE | HILAL_PROD_REFERENCE),
           "products 0x%x", frame.products);
@@ -329,18 +331,16 @@ static void test_stage(void)
 
     /* A preloaded reference is kept; a missing reference path is fine then. */
     hilal_frame_init(&frame);
-    snprintf(frame.frame_id, sizeof frame.frame_id, "ztf-0003");
-    snprintf(frame.sci_path, sizeof frame.sci_path, "%s", sci);
+    name_frame(&frame, "ztf-0003", sci, NULL);
     frame.ref = hilal_image_new(5, 5, &err);
     hilal_image *cached = frame.ref;
-    EXPECT_OK(hilal_runner_run(runner, &frame, &err), &err);
+    CHECK_OK(hilal_runner_run(runner, &frame, &err), &err);
     CHECK(frame.ref == cached && frame.ref->nx == 5, "preloaded reference kept");
     hilal_frame_clear(&frame);
 
     /* No reference at all. */
     hilal_frame_init(&frame);
-    snprintf(frame.frame_id, sizeof frame.frame_id, "ztf-0004");
-    snprintf(frame.sci_path, sizeof frame.sci_path, "%s", sci);
+    name_frame(&frame, "ztf-0004", sci, NULL);
     hilal_error_clear(&err);
     st = hilal_runner_run(runner, &frame, &err);
     CHECK(st == HILAL_ERR_USAGE && contains(err.msg, "no reference image given"),
@@ -354,7 +354,7 @@ static void test_stage(void)
     memset(longkey, 'K', 100);
     longkey[100] = '\0';
     hilal_error_clear(&err);
-    EXPECT_OK(hilal_config_set(cfg, "ingest.key_gain", longkey, "test", &err), &err);
+    CHECK_OK(hilal_config_set(cfg, "ingest.key_gain", longkey, "test", &err), &err);
     st = hilal_runner_new(cfg, stages, 1, &runner, &err);
     CHECK(st == HILAL_ERR_CONFIG && runner == NULL && contains(err.msg, "ingest.key_gain"),
           "long key: %s", err.msg);

@@ -358,6 +358,37 @@ static void test_empirical(void)
     hilal_frame_clear(&f);
 }
 
+/* 3b. A sparse field whose brightest star, ten times brighter than the
+ *     rest, has a neighbour with 6% of its flux 8 px away. That star
+ *     carries most of the weight of the stack; without the neighbour
+ *     masks its neighbour went into the PSF (and the recentring then moved
+ *     the core by a third of a pixel). */
+static void test_bright_neighbour(void)
+{
+    hilal_error err;
+    hilal_error_clear(&err);
+    hilal_image *img = make_field(400, 14, HILAL_PSF_GAUSSIAN, 3.2, 0, 5e3, 0, 21);
+    if (img == NULL)
+        return;
+    /* Added on top of the noisy field, with their own Poisson noise. */
+    float *extra = calloc(400 * 400, sizeof *extra);
+    if (extra == NULL) {
+        hilal_image_free(img);
+        return;
+    }
+    hilal_psf_render(extra, 400, 400, 200.3, 200.6, 6e5, HILAL_PSF_GAUSSIAN, 3.2, 0, 0);
+    hilal_psf_render(extra, 400, 400, 199.5, 192.8, 3.6e4, HILAL_PSF_GAUSSIAN, 3.2, 0, 0);
+    for (long i = 0; i < 400 * 400; i++)
+        img->pix[i] += (float)(extra[i] + sqrt(extra[i] / GAIN) * rng_gauss());
+    free(extra);
+    hilal_frame f;
+    hilal_status st = run_chain(img, NULL, &f, &err);
+    CHECK_OK(st, &err);
+    if (st == HILAL_OK)
+        compare("bright star with a 6% neighbour", &f.sci_psf, HILAL_PSF_GAUSSIAN, 3.2, 0, 0.015);
+    hilal_frame_clear(&f);
+}
+
 /* 4. Two stars: the Moffat fallback of their FWHM, with a warning; with
  *    fallback = none, a data error; no stars at all: a data error. */
 static void test_fallback(void)
@@ -421,6 +452,7 @@ int main(void)
     test_models();
     test_fit_flux();
     test_empirical();
+    test_bright_neighbour();
     test_fallback();
     return hilal_test_finish();
 }

@@ -57,6 +57,8 @@ static truth stars[NSTARS];
 #define ELL_Y 430.0
 #define EDGE_X 3.6
 #define EDGE_Y 250.3
+#define GAL_X 80.4
+#define GAL_Y 330.7
 
 /* The field: NSTARS Gaussian stars at random sub-pixel positions, at
  * least 20 px apart and 20 px from the border, log-uniform fluxes from
@@ -74,7 +76,8 @@ static hilal_image *make_field(uint64_t seed)
     while (n < NSTARS) {
         double x = 20 + (NX - 40) * rng_uniform(), y = 20 + (NY - 40) * rng_uniform();
         int ok = hypot(x - SAT_X, y - SAT_Y) > 30 && hypot(x - CR_X, y - CR_Y) > 20 &&
-                 hypot(x - PAIR_X, y - PAIR_Y) > 25 && hypot(x - ELL_X, y - ELL_Y) > 30;
+                 hypot(x - PAIR_X, y - PAIR_Y) > 25 && hypot(x - ELL_X, y - ELL_Y) > 30 &&
+                 hypot(x - GAL_X, y - GAL_Y) > 25;
         for (int k = 0; k < n && ok; k++)
             ok = hypot(x - stars[k].x, y - stars[k].y) > 20;
         if (!ok)
@@ -93,6 +96,8 @@ static hilal_image *make_field(uint64_t seed)
         hilal_psf_render(img->pix, NX, NY, ELL_X + 0.5 * k, ELL_Y, 4e3, HILAL_PSF_GAUSSIAN, FWHM,
                          0, 0);
     hilal_psf_render(img->pix, NX, NY, EDGE_X, EDGE_Y, 5e4, HILAL_PSF_GAUSSIAN, FWHM, 0, 0);
+    /* A compact galaxy: round, 12% wider than the stars, S/N ~ 500. */
+    hilal_psf_render(img->pix, NX, NY, GAL_X, GAL_Y, 2e5, HILAL_PSF_GAUSSIAN, 1.12 * FWHM, 0, 0);
     for (long i = 0; i < NX * NY; i++) {
         double s = img->pix[i];
         double var = (SKY + s) / GAIN + (RN / GAIN) * (RN / GAIN);
@@ -112,13 +117,16 @@ static hilal_image *make_field(uint64_t seed)
 }
 
 /* background + stars on a frame whose sci and ref are copies of img. */
-static hilal_status run_stars(hilal_image *img, const char *set, hilal_frame *f, hilal_error *err)
+static hilal_status run_stars2(hilal_image *img, const char *set, const char *set2,
+                               hilal_frame *f, hilal_error *err)
 {
     hilal_config *cfg = hilal_registry_config_new(err);
     void *bs = NULL, *ss = NULL;
     hilal_status st = cfg ? HILAL_OK : err->code;
     if (st == HILAL_OK && set != NULL)
         st = hilal_config_set_arg(cfg, set, err);
+    if (st == HILAL_OK && set2 != NULL)
+        st = hilal_config_set_arg(cfg, set2, err);
     hilal_frame_init(f);
     strcpy(f->frame_id, "stars-test");
     f->sci = img;
@@ -136,6 +144,11 @@ static hilal_status run_stars(hilal_image *img, const char *set, hilal_frame *f,
     hilal_stage_stars.fini(ss);
     hilal_config_free(cfg);
     return st;
+}
+
+static hilal_status run_stars(hilal_image *img, const char *set, hilal_frame *f, hilal_error *err)
+{
+    return run_stars2(img, set, NULL, f, err);
 }
 
 /* The catalogue entry nearest to (x, y) 0-based, within 2 px; NULL if none. */
@@ -247,6 +260,12 @@ static void test_field(void)
           "elongated source not usable (b/a %.2f)", el ? el->b_px / el->a_px : -1.0);
     const hilal_star *ed = find(l, EDGE_X, EDGE_Y);
     CHECK(ed == NULL || !ed->usable, "edge star not usable");
+    /* The compact galaxy passes the round, concentration and 0.7-1.3 FWHM
+     * tests; at its S/N a star would be within ~3% of the stellar FWHM. */
+    const hilal_star *gal = find(l, GAL_X, GAL_Y);
+    CHECK(gal != NULL && !gal->usable && gal->fwhm_px > 1.08 * FWHM,
+          "compact galaxy (FWHM %.2f, S/N %.0f) found and not usable",
+          gal ? gal->fwhm_px : -1.0, gal ? gal->flux_adu / gal->flux_err_adu : -1.0);
     hilal_frame_clear(&f);
 }
 
@@ -339,7 +358,9 @@ static void test_pixstack(void)
         img->pix[i] += (float)(100.0 + 3.0 * rng_gauss());
     img->meta.gain_e_per_adu = 1e6; /* negligible source noise */
     hilal_frame f;
-    hilal_status st = run_stars(img, "stars.pixstack=10000", &f, &err);
+    /* One background mesh larger than the image: the sky is a constant and
+     * the source stays whole in the sky-subtracted image. */
+    hilal_status st = run_stars2(img, "stars.pixstack=10000", "background.mesh_px=4096", &f, &err);
     CHECK(st == HILAL_ERR_DATA, "pixel-stack overflow is a data error (%d: %s)", (int)st, err.msg);
     CHECK(strstr(err.msg, "stars.pixstack") != NULL, "message names stars.pixstack: %s", err.msg);
     hilal_frame_clear(&f);
