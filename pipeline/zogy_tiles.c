@@ -56,7 +56,7 @@ void hilal_zogy_tiling_default(hilal_zogy_tiling *t)
     t->min_vary = 0.05;
     t->min_stars = 5;
     t->psf_degree = 2;
-    t->psf_scale = 2.0;
+    t->psf_scale = 0.0;
     t->psf_max_stars = 500;
     t->scorr_std_min = 0.8;
     t->scorr_std_max = 1.25;

@@ -281,43 +281,69 @@ cleanup:
 
 /* Bilinear interpolation of a map m (bx x by) given at the centres of the
  * 2x2 blocks of an nx x ny image (binned pixel k is centred on image
- * coordinate 2k + 0.5) onto every image pixel, clamped at the borders. */
-static void upsample2(const float *m, long bx, long by, float *out, long nx, long ny)
+ * coordinate 2k + 0.5), clamped at the borders: the column taps and
+ * weights (upsample_cols, once per image) and one image row y into out. */
+typedef struct upsample_cols {
+    long *i0, *i1;
+    float *fx;
+} upsample_cols;
+
+static int upsample_cols_make(upsample_cols *c, long bx, long nx)
 {
-    for (long y = 0; y < ny; y++) {
-        double v = 0.5 * ((double)y - 0.5);
-        long j0 = (long)floor(v);
-        double fy = v - (double)j0;
-        long j1 = j0 + 1;
-        if (j0 < 0) {
-            j0 = j1 = 0;
-            fy = 0.0;
+    c->i0 = malloc((size_t)nx * sizeof *c->i0);
+    c->i1 = malloc((size_t)nx * sizeof *c->i1);
+    c->fx = malloc((size_t)nx * sizeof *c->fx);
+    if (c->i0 == NULL || c->i1 == NULL || c->fx == NULL)
+        return 0;
+    for (long x = 0; x < nx; x++) {
+        double u = 0.5 * ((double)x - 0.5);
+        long i0 = (long)floor(u);
+        double f = u - (double)i0;
+        long i1 = i0 + 1;
+        if (i0 < 0) {
+            i0 = i1 = 0;
+            f = 0.0;
         }
-        if (j1 >= by) {
-            j1 = by - 1;
-            if (j0 > j1)
-                j0 = j1;
+        if (i1 >= bx) {
+            i1 = bx - 1;
+            if (i0 > i1)
+                i0 = i1;
         }
-        const float *r0 = m + j0 * bx, *r1 = m + j1 * bx;
-        float *o = out + y * nx;
-        for (long x = 0; x < nx; x++) {
-            double u = 0.5 * ((double)x - 0.5);
-            long i0 = (long)floor(u);
-            double fx = u - (double)i0;
-            long i1 = i0 + 1;
-            if (i0 < 0) {
-                i0 = i1 = 0;
-                fx = 0.0;
-            }
-            if (i1 >= bx) {
-                i1 = bx - 1;
-                if (i0 > i1)
-                    i0 = i1;
-            }
-            double a = r0[i0] + fx * (r0[i1] - r0[i0]);
-            double c = r1[i0] + fx * (r1[i1] - r1[i0]);
-            o[x] = (float)(a + fy * (c - a));
-        }
+        c->i0[x] = i0;
+        c->i1[x] = i1;
+        c->fx[x] = (float)f;
+    }
+    return 1;
+}
+
+static void upsample_cols_free(upsample_cols *c)
+{
+    free(c->i0);
+    free(c->i1);
+    free(c->fx);
+}
+
+static void upsample_row(const float *m, long bx, long by, const upsample_cols *c, long nx,
+                         long y, float *out)
+{
+    double v = 0.5 * ((double)y - 0.5);
+    long j0 = (long)floor(v);
+    float fy = (float)(v - (double)j0);
+    long j1 = j0 + 1;
+    if (j0 < 0) {
+        j0 = j1 = 0;
+        fy = 0.0f;
+    }
+    if (j1 >= by) {
+        j1 = by - 1;
+        if (j0 > j1)
+            j0 = j1;
+    }
+    const float *r0 = m + j0 * bx, *r1 = m + j1 * bx;
+    for (long x = 0; x < nx; x++) {
+        float a = r0[c->i0[x]] + c->fx[x] * (r0[c->i1[x]] - r0[c->i0[x]]);
+        float b = r1[c->i0[x]] + c->fx[x] * (r1[c->i1[x]] - r1[c->i0[x]]);
+        out[x] = a + fy * (b - a);
     }
 }
 
@@ -393,6 +419,7 @@ static hilal_status background_image(const background_state *s, hilal_image *img
     long nx = img->nx, ny = img->ny;
     uint8_t *mask = NULL, *bm = NULL, *bsrc = NULL;
     float *bsky = NULL, *brms = NULL;
+    upsample_cols ucols = {NULL, NULL, NULL};
     const char *path = img->meta.path[0] != '\0' ? img->meta.path : "(unnamed)";
 
     st = hilal_image_alloc_sky(img, err);
@@ -429,6 +456,8 @@ static hilal_status background_image(const background_state *s, hilal_image *img
 
     double gsky = NAN, grms = NAN, rscale = 1.0;
     int masked_sources = 0;
+    const float *bin_rms = NULL; /* binned RMS map (binned path) */
+    long bin_x = 0, bin_y = 0;
     if (s->mask_sources && nx >= 8 && ny >= 8) {
         /* 2. The binned path: sources found and the background measured on
          *    the image binned 2 x 2, with meshes of half the side (the same
@@ -492,7 +521,12 @@ static hilal_status background_image(const background_state *s, hilal_image *img
         }
         /* The sky map at full resolution (bilinear between the binned
          * pixel centres; the map is smooth on the mesh scale). */
-        upsample2(bsky, bx, by, img->sky, nx, ny);
+        if (!upsample_cols_make(&ucols, bx, nx)) {
+            st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for the background");
+            goto cleanup;
+        }
+        for (long y = 0; y < ny; y++)
+            upsample_row(bsky, bx, by, &ucols, nx, y, img->sky + y * nx);
         /* The RMS of a full-resolution pixel: the binned map scaled so its
          * global value is the robust RMS (1.4826 MAD) of the image's own
          * source-free pixels. For independent pixels the factor is 2 (a
@@ -504,7 +538,9 @@ static hilal_status background_image(const background_state *s, hilal_image *img
         if (!(sig > 0.0) || !isfinite(sig))
             sig = 2.0 * grms / CLIPPED_GAUSS_RMS;
         rscale = sig / grms;
-        upsample2(brms, bx, by, img->var, nx, ny);
+        bin_rms = brms;
+        bin_x = bx;
+        bin_y = by;
         grms = sig;
     } else {
         /* 1. The full-resolution path (SExtractor's algorithm exactly, as
@@ -540,26 +576,41 @@ static hilal_status background_image(const background_state *s, hilal_image *img
                   which, path);
     size_t nneg = 0;
     float fallback = (float)(grms * grms), rms_max = 0.0f;
-    for (size_t i = 0; i < n; i++) {
-        float rv = img->var[i];
-        if (rv > rms_max)
-            rms_max = rv;
-        if (mask[i]) {
-            img->var[i] = VAR_MASKED;
-            continue;
-        }
-        double r = rv * rscale;
-        double v = r * r;
-        double src = (double)img->pix[i] - img->sky[i];
-        if (src > 0.0)
-            v += src * inv_gain;
-        if (!(v > 0.0) || !isfinite(v)) {
-            v = fallback;
-            img->mask[i] |= HILAL_MASK_NEGVAR;
-            nneg++;
-        }
-        img->var[i] = (float)v;
+    const float rs = (float)rscale, ig = (float)inv_gain;
+    float *rowbuf = NULL;
+    if (bin_rms != NULL && (rowbuf = malloc((size_t)nx * sizeof *rowbuf)) == NULL) {
+        st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for the background");
+        goto cleanup;
     }
+    for (long y = 0; y < ny; y++) {
+        /* The RMS of the row: upsampled from the binned map, or the
+         * full-resolution map already in the variance plane. */
+        float *var = img->var + y * nx;
+        const float *rms = var;
+        if (bin_rms != NULL) {
+            upsample_row(bin_rms, bin_x, bin_y, &ucols, nx, y, rowbuf);
+            rms = rowbuf;
+        }
+        const float *pix = img->pix + y * nx, *sky = img->sky + y * nx;
+        const uint8_t *m = mask + y * nx;
+        long nbad = 0;
+        for (long x = 0; x < nx; x++) {
+            float rv = rms[x];
+            rms_max = rv > rms_max ? rv : rms_max;
+            float r = rv * rs, src = pix[x] - sky[x];
+            float v = r * r + (src > 0.0f ? src : 0.0f) * ig;
+            nbad += !m[x] && !(v > 0.0f && v < INFINITY);
+            var[x] = m[x] ? VAR_MASKED : v;
+        }
+        /* Rare: non-positive or non-finite variance (NaN sky, ...). */
+        for (long x = 0; nbad > 0 && x < nx; x++)
+            if (!m[x] && !(var[x] > 0.0f && var[x] < INFINITY)) {
+                var[x] = fallback;
+                img->mask[y * nx + x] |= HILAL_MASK_NEGVAR;
+                nneg++;
+            }
+    }
+    free(rowbuf);
     /* libsep reports a global RMS of 1 when no mesh has any scatter; the
      * RMS map is then 0 everywhere. */
     if (!(rms_max > 0.0f)) {
@@ -579,6 +630,7 @@ static hilal_status background_image(const background_state *s, hilal_image *img
               grms, masked_sources ? " (sources masked)" : "");
 
 cleanup:
+    upsample_cols_free(&ucols);
     free(mask);
     free(bsky);
     free(brms);

@@ -421,9 +421,8 @@ static void bg_rows(void *ctx, long lo, long hi, int tid)
                 const long o = y * nx;
                 for (long x = x0; x < x1; x++) {
                     long q = o + x;
-                    if (b->srcmask[q] || ((sci->mask[q] | ref->mask[q]) & HILAL_MASK_UNUSABLE) ||
-                        (sci->var != NULL && !(sci->var[q] < 1e29f)) ||
-                        (ref->var != NULL && !(ref->var[q] < 1e29f)))
+                    /* (Pixels without data are NaN here and fail the clip.) */
+                    if (b->srcmask[q] || ((sci->mask[q] | ref->mask[q]) & HILAL_MASK_UNUSABLE))
                         continue;
                     float d = (sci->pix[q] - (sci->sky ? sci->sky[q] : 0.0f)) -
                               rr * (ref->pix[q] - (ref->sky ? ref->sky[q] : 0.0f));

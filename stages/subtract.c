@@ -38,7 +38,7 @@
 /* Fraction of the energy (sum of squares) of a kernel that may fall outside
  * its radius: the S kernels are truncated there for the variance and edge
  * computations, the D kernels only set the padding. */
-#define KERNEL_TAIL_S 1e-5
+#define KERNEL_TAIL_S 1e-4
 #define KERNEL_TAIL_D 1e-4
 
 /* Floor of V(S) relative to its background value F_S, against round-off in
@@ -1781,7 +1781,7 @@ static const hilal_param subtract_params[] = {
      "(0 = whenever the frame holds more than one tile)"},
     {"tile_psf_degree", HILAL_PARAM_INT, "2", 0, 2, "",
      "degree of the polynomial regression of the PSF across the field at each tile"},
-    {"tile_psf_scale", HILAL_PARAM_DOUBLE, "2", 0, 1000, "tiles",
+    {"tile_psf_scale", HILAL_PARAM_DOUBLE, "0", 0, 1000, "tiles",
      "distance weighting of the stars in that regression: Gaussian of this many tile spacings "
      "(0 = one polynomial for the whole field)"},
     {"tile_psf_max_stars", HILAL_PARAM_INT, "500", 20, 100000, "",

@@ -42,7 +42,7 @@ static const hilal_param vet_params[] = {
      "rb factor: centre on FWHM(D) / FWHM(P_D) below which a residual is too narrow"},
     {"narrow_width", HILAL_PARAM_DOUBLE, "0.05", 0.001, 10, "",
      "rb factor: width on FWHM(D) / FWHM(P_D) for narrowness"},
-    {"narrow_snr", HILAL_PARAM_DOUBLE, "8", 0, 1e6, "sigma",
+    {"narrow_snr", HILAL_PARAM_DOUBLE, "5", 0, 1e6, "sigma",
      "rb factor: narrowness counts only for |snr| well above this (the FWHM is noise below)"},
     {"narrow_snr_width", HILAL_PARAM_DOUBLE, "2", 0.001, 1e6, "sigma",
      "rb factor: width of the |snr| gate of narrowness"},

@@ -71,8 +71,9 @@ typedef struct hilal_psf {
 
 /* What the subtraction measured in one tile of the science frame
  * (docs/zogy.md, "Tiles"). The cores of the tiles partition the frame; ZOGY
- * ran on the core widened by half the blending band on each side. A frame
- * subtracted in one piece has one tile covering it. */
+ * ran on the tile's window, which reaches into its neighbours (the products
+ * are blended there). A frame subtracted in one piece has one tile covering
+ * it. */
 typedef struct hilal_diff_tile {
     long x0, y0, nx, ny;        /* core, 0-based science pixels */
     long wx0, wy0, wnx, wny;    /* window ZOGY ran on, 0-based science pixels */

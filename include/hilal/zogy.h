@@ -8,9 +8,12 @@
  * S_corr (eq. 25) whose denominator holds the source noise (eqs. 26-29)
  * and astrometric noise (eqs. 30-31), and the PSF-photometry flux of a point
  * source at every pixel with its error (eqs. 41-43), in science ADU.
- * The subtract stage (stages/subtract.c) and `hilal subtract` call it;
- * tests and benchmarks can call it directly. docs/zogy.md gives every
- * formula, normalisation and convention.
+ * hilal_zogy_run_tiled() (pipeline/zogy_tiles.c) runs it on overlapping
+ * windows, each with its own PSFs, when the PSF varies across the field,
+ * and blends the products without seams; the subtract stage
+ * (stages/subtract.c) and `hilal subtract` call that. Tests and benchmarks
+ * can call either directly. docs/zogy.md gives every formula,
+ * normalisation and convention.
  *
  * Conventions: F_r = 1 and F_n = flux_ratio (a star of flux f in reference
  * ADU has flux flux_ratio * f in science ADU). N = sci->pix - sci->sky,
@@ -200,7 +203,7 @@ typedef struct hilal_zogy_tiling {
      * of degree psf_degree (0..2) in the star positions, weighted by a
      * Gaussian of the distance with a standard deviation of psf_scale tile
      * spacings (0: unweighted, one polynomial for the whole field). At least
-     * 20 stars are needed for a model. Defaults 2, 2.0 and 500. */
+     * 20 stars are needed for a model. Defaults 2, 0 and 500. */
     int psf_degree;
     double psf_scale;
     int psf_max_stars;

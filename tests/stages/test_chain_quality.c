@@ -66,7 +66,7 @@ static hilal_status simulate(const char *dir, uint64_t seed, int no_events, hila
     o.nx = o.ny = SIZE;
     o.seed = seed;
     o.no_events = no_events;
-    o.n_transients = 40;
+    o.n_transients = no_events ? 0 : 100;
     o.n_variables = 8;
     o.n_cosmics = 40;
     o.snr_min = 4;
@@ -138,7 +138,12 @@ int main(void)
                 n5++;
                 found5 += ok;
             }
-            if (ok && snr > 20 && nbright < 1000 && !ev->on_galaxy) {
+            /* Photometry is compared on isolated point sources: not on a
+             * galaxy, and not flagged as touching masked or saturated pixels
+             * (a bad column, a saturated star), whose fluxes are flagged as
+             * suspect for the user too. */
+            if (ok && snr > 20 && nbright < 1000 && !ev->on_galaxy &&
+                !(c->flags & (HILAL_CAND_NEAR_MASK | HILAL_CAND_NEAR_SAT))) {
                 ferr[nbright] = fabs(c->flux / ev->diff_flux_adu - 1);
                 perr[nbright] = best;
                 pull[nbright] = (c->flux - ev->diff_flux_adu) / c->flux_err;
@@ -153,7 +158,7 @@ int main(void)
     printf("completeness at ideal S/N ~ 5: %d/%d\n", found5, n5);
     CHECK(n8 >= 40, "enough bright events simulated (%d)", n8);
     CHECK(compl8 >= 0.95, "completeness at S/N >= 8 is %.3f (>= 0.95 required)", compl8);
-    CHECK(nbright >= 20, "enough S/N > 20 events (%zu)", nbright);
+    CHECK(nbright >= 100, "enough S/N > 20 events (%zu)", nbright);
     /* pull standard deviation (robust: 1.4826 MAD, and plain) */
     double mean = 0, var = 0;
     for (size_t i = 0; i < nbright; i++)

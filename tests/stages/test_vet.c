@@ -389,8 +389,13 @@ static void test_score(void)
     d = c;
     d.fwhm = 0.25 * 3.6;
     CHECK(hilal_vet_score(&p, &info, &d, NULL) < 0.1, "4x narrower at 20 sigma");
+    /* The narrowness gate is centred on 5 sigma (vet.narrow_snr): half
+     * counted there, not at all well below. */
     d.snr = 5;
-    CHECK(hilal_vet_score(&p, &info, &d, NULL) > 0.8, "narrowness not counted at 5 sigma");
+    double half = hilal_vet_score(&p, &info, &d, NULL);
+    CHECK(half > 0.3 && half < 0.7, "narrowness half counted at 5 sigma (rb %g)", half);
+    d.snr = 1.5;
+    CHECK(hilal_vet_score(&p, &info, &d, NULL) > 0.8, "narrowness not counted at 1.5 sigma");
     d = c;
     d.elongation = 5;
     CHECK(hilal_vet_score(&p, &info, &d, NULL) < 0.01, "streak");
