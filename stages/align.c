@@ -368,7 +368,16 @@ hilal_status hilal_align_pair(const hilal_image *sci, const hilal_image *ref,
             snprintf(why, sizeof why, "the two WCS use %s", diff);
         }
     }
-    if (sci_ok && ref_ok) {
+    if (opts->prealigned) {
+        /* The caller vouches that both images share one pixel grid: the
+         * first guess is the identity; the stars refine it when enough match. */
+        info.method = HILAL_ALIGN_METHOD_GIVEN;
+        g.dx = g.dy = 0.0;
+        hilal_log(HILAL_LOG_INFO,
+                  "align: science %s and reference %s taken as already aligned "
+                  "(align.prealigned)",
+                  sci_file, ref_file);
+    } else if (sci_ok && ref_ok) {
         info.method = HILAL_ALIGN_METHOD_WCS;
         g.sci_wcs = sci->meta.wcs;
         g.ref_wcs = ref->meta.wcs;
@@ -467,6 +476,14 @@ hilal_status hilal_align_pair(const hilal_image *sci, const hilal_image *ref,
                   "registration RMS of %.2f px (align.fallback_rms_px)",
                   me.msg, sci_file, ref_file, opts->fallback_rms_px);
         info.rms_x_px = info.rms_y_px = opts->fallback_rms_px;
+    } else if (info.method == HILAL_ALIGN_METHOD_GIVEN) {
+        /* Configured as aligned: the identity stands; its accuracy is not measured. */
+        hilal_log(HILAL_LOG_WARN,
+                  "align: %s (science %s, reference %s); keeping the configured identity "
+                  "(align.prealigned) with an assumed registration RMS of %.2f px "
+                  "(align.fallback_rms_px)",
+                  me.msg, sci_file, ref_file, opts->fallback_rms_px);
+        info.rms_x_px = info.rms_y_px = opts->fallback_rms_px;
     } else {
         st = hilal_error_set(err, HILAL_ERR_DATA,
                              "science %s and reference %s cannot be registered: phase correlation "
@@ -536,9 +553,9 @@ hilal_status hilal_align_pair(const hilal_image *sci, const hilal_image *ref,
             }
             info.rms_x_px = sqrt(s2x / mr.nmatch);
             info.rms_y_px = sqrt(s2y / mr.nmatch);
-        } else {
+        } else if (info.method != HILAL_ALIGN_METHOD_GIVEN) {
             info.rms_x_px = info.rms_y_px = 0.0;
-        }
+        } /* align.prealigned without matches: fallback_rms_px, set above */
         st = copy_starlist(ref_stars, ref_stars_out, err);
         if (st != HILAL_OK)
             goto cleanup;
@@ -592,7 +609,9 @@ cleanup:
                   "align: %s%s, %d matches (order %d), offset (%.3f, %.3f) px, rotation %.4f deg, "
                   "scale %.5f, rms (%.3f, %.3f) px, grid %ld px (max err %.1e px), coverage "
                   "%.1f%%",
-                  info.method == HILAL_ALIGN_METHOD_WCS ? "WCS" : "phase correlation",
+                  info.method == HILAL_ALIGN_METHOD_WCS        ? "WCS"
+                  : info.method == HILAL_ALIGN_METHOD_GIVEN    ? "configured identity"
+                                                               : "phase correlation",
                   info.identity ? " (already aligned: not resampled)" : "", info.nmatch,
                   info.fit_order, info.dx_px, info.dy_px, info.rotation_deg, info.scale,
                   info.rms_x_px, info.rms_y_px, info.grid_step_px, info.grid_err_px,
@@ -748,6 +767,9 @@ static const hilal_param align_params[] = {
      "frames without WCS are block-averaged to at most this size for phase correlation"},
     {"phasecorr_min_snr", HILAL_PARAM_DOUBLE, "8", 3, 1e6, "sigma",
      "least significance of the phase-correlation peak"},
+    {"prealigned", HILAL_PARAM_BOOL, "false", 0, 0, "",
+     "the pair is already on one pixel grid (survey alert stamps): identity first guess instead "
+     "of WCS or phase correlation; too few star matches keep it with fallback_rms_px"},
 };
 
 typedef struct align_state {
@@ -777,6 +799,7 @@ static hilal_status align_init(const hilal_config *cfg, void **state, hilal_erro
     o->phasecorr_max_side_px = hilal_config_get_int(cfg, "align.phasecorr_max_side_px");
     o->phasecorr_min_snr = hilal_config_get_double(cfg, "align.phasecorr_min_snr");
     o->threads = (int)hilal_config_get_int(cfg, "pipeline.threads");
+    o->prealigned = hilal_config_get_bool(cfg, "align.prealigned");
     if (o->search_radius_px < o->match_radius_px) {
         hilal_status st = hilal_error_set(err, HILAL_ERR_CONFIG,
                                           "align.search_radius_px (%g) is smaller than "

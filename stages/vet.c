@@ -16,6 +16,7 @@
 
 #include "hilal/log.h"
 #include "hilal/stage.h"
+#include "hilal/zogy.h"
 
 /* The table is the single source of truth for the defaults;
  * hilal_vet_params_default() parses it. vet_fields gives, in the same
@@ -657,8 +658,12 @@ static void vet_one(vet_ctx *v, hilal_candidate *cands, size_t k)
     if (ref_mask_defect(v, X, Y))
         flags |= HILAL_CAND_REF_DEFECT;
 
-    /* 6. Noise of S_corr in the candidate's tile. */
+    /* 6. Noise of S_corr in the candidate's tile: the ZOGY tile it was
+     * subtracted in (when the subtraction was tiled) and a local window. */
     {
+        const hilal_diff_tile *zt = hilal_diff_tile_at(v->diff, c->x, c->y);
+        if (zt != NULL && zt->bad)
+            flags |= HILAL_CAND_BAD_TILE;
         long tx = ix / v->p->tile_px, ty = iy / v->p->tile_px;
         if (ix >= 0 && iy >= 0 && tx < v->ntx && ty < v->nty) {
             double sd = tile_std(v, tx, ty);

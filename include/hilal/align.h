@@ -51,6 +51,10 @@ typedef struct hilal_align_opts {
                                     correlation */
     double phasecorr_min_snr;    /* least significance of the phase-correlation peak */
     int threads;                 /* resampling threads (0 = one per core) */
+    int prealigned;              /* 1: the pair is already on one pixel grid (e.g. survey
+                                    alert stamps): no WCS or phase-correlation guess, the
+                                    identity is checked by the stars when they suffice, else
+                                    used with fallback_rms_px */
 } hilal_align_opts;
 
 /* The documented defaults (docs/align.md). */
@@ -59,7 +63,8 @@ void hilal_align_opts_default(hilal_align_opts *opts);
 /* How the first guess was found. */
 typedef enum hilal_align_method {
     HILAL_ALIGN_METHOD_WCS = 0,      /* both frames have a usable celestial WCS */
-    HILAL_ALIGN_METHOD_PHASECORR = 1 /* at least one has none: FFT phase correlation */
+    HILAL_ALIGN_METHOD_PHASECORR = 1, /* at least one has none: FFT phase correlation */
+    HILAL_ALIGN_METHOD_GIVEN = 2      /* align.prealigned: the identity, as configured */
 } hilal_align_method;
 
 /* What the registration found (NaN where not measured). */

@@ -219,6 +219,7 @@ int main(void)
         CHECK(avro_file_reader_read_value(reader, &rec) != 0, "and only one record");
         avro_value_decref(&rec);
         avro_value_iface_decref(iface);
+        avro_schema_decref(ws); /* get_writer_schema returns a new reference */
         avro_file_reader_close(reader);
     }
     free(buf);
@@ -247,6 +248,7 @@ int main(void)
         printf("minimal Avro packet: %zu bytes\n", len);
         avro_value_decref(&rec);
         avro_value_iface_decref(iface);
+        avro_schema_decref(ws); /* get_writer_schema returns a new reference */
         avro_file_reader_close(reader);
     } else {
         CHECK(0, "minimal packet readable");
