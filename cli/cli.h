@@ -79,6 +79,23 @@ int hilal_cli_night_execute(hilal_cli *cli, const char *cmd, hilal_cli_tasks_fn 
 /* Parses --workers N (1..256); prints a usage error and returns -1 if bad. */
 int hilal_cli_parse_workers(const char *cmd, const char *text, int *out);
 
+/* The options `hilal night` and `hilal reprocess` share. Start from
+ * {NULL, NULL, 0, 0, 1}. */
+typedef struct hilal_cli_night_opts {
+    const char *refs;    /* --references DIR */
+    const char *report;  /* --report FILE */
+    int workers;         /* --workers N; 0: not given */
+    int retry;           /* --retry-failed */
+    int allow_mpi;       /* 0 after --no-mpi */
+} hilal_cli_night_opts;
+
+/* Takes argv[*i] into *o when it is one of those options (a valued one only
+ * when its value follows, advancing *i past it). Returns 1 if taken, 0 if
+ * not, -1 on a bad value (usage error printed: exit with
+ * HILAL_EXIT_USAGE). cmd names the subcommand in messages. */
+int hilal_cli_night_option(const char *cmd, int argc, char **argv, int *i,
+                           hilal_cli_night_opts *o);
+
 /* One frame's inputs as `hilal run` and `hilal subtract` take them
  * (cli/frame_opts.c). Start from {0}. */
 typedef struct hilal_cli_frame_opts {

@@ -281,10 +281,37 @@ int hilal_cli_parse_workers(const char *cmd, const char *text, int *out)
     return 0;
 }
 
+int hilal_cli_night_option(const char *cmd, int argc, char **argv, int *i,
+                           hilal_cli_night_opts *o)
+{
+    const char *a = argv[*i];
+    if (!strcmp(a, "--retry-failed")) {
+        o->retry = 1;
+        return 1;
+    }
+    if (!strcmp(a, "--no-mpi")) {
+        o->allow_mpi = 0;
+        return 1;
+    }
+    if (*i + 1 >= argc)
+        return 0;
+    if (!strcmp(a, "--references")) {
+        o->refs = argv[++*i];
+    } else if (!strcmp(a, "--report")) {
+        o->report = argv[++*i];
+    } else if (!strcmp(a, "--workers")) {
+        if (hilal_cli_parse_workers(cmd, argv[++*i], &o->workers) != 0)
+            return -1;
+    } else {
+        return 0;
+    }
+    return 1;
+}
+
 int hilal_cli_night(int argc, char **argv, hilal_cli *cli)
 {
-    const char *input = NULL, *refs = NULL, *archive = NULL, *report = NULL;
-    int workers = 0, retry = 0, allow_mpi = 1;
+    const char *input = NULL, *archive = NULL;
+    hilal_cli_night_opts o = {NULL, NULL, 0, 0, 1};
     for (int i = 1; i < argc; i++) {
         int used = hilal_cli_config_option(cli, argc, argv, &i);
         if (used < 0)
@@ -295,11 +322,13 @@ int hilal_cli_night(int argc, char **argv, hilal_cli *cli)
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
             help();
             return HILAL_EXIT_OK;
-        } else if (!strcmp(a, "--retry-failed")) {
-            retry = 1;
-        } else if (!strcmp(a, "--no-mpi")) {
-            allow_mpi = 0;
-        } else if (a[0] != '-') {
+        }
+        used = hilal_cli_night_option("night", argc, argv, &i, &o);
+        if (used < 0)
+            return HILAL_EXIT_USAGE;
+        if (used > 0)
+            continue;
+        if (a[0] != '-') {
             if (input != NULL) {
                 fprintf(stderr, "hilal night: usage error: one INPUT only ('%s' and '%s'); put "
                         "several directories' frames in a list file\n", input, a);
@@ -310,27 +339,20 @@ int hilal_cli_night(int argc, char **argv, hilal_cli *cli)
             fprintf(stderr, "hilal night: usage error: '%s' is unknown or needs a value; see "
                     "`hilal night --help`\n", a);
             return HILAL_EXIT_USAGE;
-        } else if (!strcmp(a, "--references")) {
-            refs = argv[++i];
         } else if (!strcmp(a, "--archive")) {
             archive = argv[++i];
-        } else if (!strcmp(a, "--report")) {
-            report = argv[++i];
-        } else if (!strcmp(a, "--workers")) {
-            if (hilal_cli_parse_workers("night", argv[++i], &workers) != 0)
-                return HILAL_EXIT_USAGE;
         } else {
             fprintf(stderr, "hilal night: usage error: unknown option '%s'; see `hilal night "
                     "--help`\n", a);
             return HILAL_EXIT_USAGE;
         }
     }
-    if (input == NULL || refs == NULL || archive == NULL) {
+    if (input == NULL || o.refs == NULL || archive == NULL) {
         fprintf(stderr, "hilal night: usage error: INPUT, --references and --archive are "
                 "required; see `hilal night --help`\n");
         return HILAL_EXIT_USAGE;
     }
     night_input in = {input};
-    return hilal_cli_night_execute(cli, "night", night_tasks, &in, refs, archive, workers, retry,
-                                   report, allow_mpi);
+    return hilal_cli_night_execute(cli, "night", night_tasks, &in, o.refs, archive, o.workers,
+                                   o.retry, o.report, o.allow_mpi);
 }

@@ -146,8 +146,9 @@ static hilal_status reprocess_tasks(void *user, hilal_night_task **tasks, size_t
 
 int hilal_cli_reprocess(int argc, char **argv, hilal_cli *cli)
 {
-    const char *archive = NULL, *refs = NULL, *report = NULL;
-    int workers = 0, retry = 0, allow_mpi = 1, fresh = 0;
+    const char *archive = NULL;
+    hilal_cli_night_opts o = {NULL, NULL, 0, 0, 1};
+    int fresh = 0;
     int32_t run = 0, like = 0, used = 0;
     for (int i = 1; i < argc; i++) {
         int u = hilal_cli_config_option(cli, argc, argv, &i);
@@ -159,11 +160,13 @@ int hilal_cli_reprocess(int argc, char **argv, hilal_cli *cli)
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
             help();
             return HILAL_EXIT_OK;
-        } else if (!strcmp(a, "--retry-failed")) {
-            retry = 1;
-        } else if (!strcmp(a, "--no-mpi")) {
-            allow_mpi = 0;
-        } else if (!strcmp(a, "--fresh")) {
+        }
+        u = hilal_cli_night_option("reprocess", argc, argv, &i, &o);
+        if (u < 0)
+            return HILAL_EXIT_USAGE;
+        if (u > 0)
+            continue;
+        if (!strcmp(a, "--fresh")) {
             fresh = 1;
         } else if (a[0] != '-') {
             if (archive != NULL) {
@@ -181,13 +184,6 @@ int hilal_cli_reprocess(int argc, char **argv, hilal_cli *cli)
                 return HILAL_EXIT_USAGE;
         } else if (!strcmp(a, "--like-run")) {
             if (parse_run(argv[++i], &like) != 0)
-                return HILAL_EXIT_USAGE;
-        } else if (!strcmp(a, "--references")) {
-            refs = argv[++i];
-        } else if (!strcmp(a, "--report")) {
-            report = argv[++i];
-        } else if (!strcmp(a, "--workers")) {
-            if (hilal_cli_parse_workers("reprocess", argv[++i], &workers) != 0)
                 return HILAL_EXIT_USAGE;
         } else {
             fprintf(stderr, "hilal reprocess: usage error: unknown option '%s'; see `hilal "
@@ -215,6 +211,6 @@ int hilal_cli_reprocess(int argc, char **argv, hilal_cli *cli)
                   (int)used);
     }
     reprocess_input in = {archive, run};
-    return hilal_cli_night_execute(cli, "reprocess", reprocess_tasks, &in, refs, archive, workers,
-                                   retry, report, allow_mpi);
+    return hilal_cli_night_execute(cli, "reprocess", reprocess_tasks, &in, o.refs, archive,
+                                   o.workers, o.retry, o.report, o.allow_mpi);
 }

@@ -879,7 +879,8 @@ static hilal_status write_objects_applied(hilal_archive *ar, int64_t value, hila
 static hilal_status write_touched_objects(hilal_archive *ar, hilal_error *err)
 {
     hilal_status st = HILAL_OK;
-    qsort(ar->touched, ar->ntouched, sizeof *ar->touched, cmp_i64);
+    if (ar->ntouched > 1) /* qsort must not get a NULL array, even for no rows */
+        qsort(ar->touched, ar->ntouched, sizeof *ar->touched, cmp_i64);
     hilal_archive_object *buf = NULL;
     size_t cap = 0;
     for (size_t i = 0; i < ar->ntouched && st == HILAL_OK;) {

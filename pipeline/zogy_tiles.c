@@ -38,7 +38,9 @@
 #include "hilal/align.h"
 #include "hilal/log.h"
 #include "hilal/psf.h"
+#include "hilal/stats.h"
 #include "hilal/zogy.h"
+#include "linsolve.h"
 #include "parallel.h"
 
 static double now_s(void)
@@ -70,56 +72,9 @@ static int cmp_double(const void *a, const void *b)
     return (x > y) - (x < y);
 }
 
-/* Median of v[0..n) (reordered). NaN for n = 0. */
-static double median_inplace(double *v, size_t n)
-{
-    if (n == 0)
-        return NAN;
-    qsort(v, n, sizeof *v, cmp_double);
-    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
-
 /* ------------------------------------------------------------------------
  * A PSF that varies across the field
  * ------------------------------------------------------------------------ */
-
-/* Solves the n x n system a x = b (a row-major, destroyed; the solution
- * replaces b) by Gaussian elimination with partial pivoting. Returns 0 when
- * singular. */
-static int solve(double *a, double *b, int n)
-{
-    for (int c = 0; c < n; c++) {
-        int p = c;
-        for (int r = c + 1; r < n; r++)
-            if (fabs(a[r * n + c]) > fabs(a[p * n + c]))
-                p = r;
-        if (!(fabs(a[p * n + c]) > 1e-300))
-            return 0;
-        if (p != c) {
-            for (int k = 0; k < n; k++) {
-                double t = a[c * n + k];
-                a[c * n + k] = a[p * n + k];
-                a[p * n + k] = t;
-            }
-            double t = b[c];
-            b[c] = b[p];
-            b[p] = t;
-        }
-        for (int r = c + 1; r < n; r++) {
-            double f = a[r * n + c] / a[c * n + c];
-            for (int k = c; k < n; k++)
-                a[r * n + k] -= f * a[c * n + k];
-            b[r] -= f * b[c];
-        }
-    }
-    for (int c = n - 1; c >= 0; c--) {
-        double s = b[c];
-        for (int k = c + 1; k < n; k++)
-            s -= a[c * n + k] * b[k];
-        b[c] = s / a[c * n + c];
-    }
-    return 1;
-}
 
 #define FIELD_MAX_TERMS 6
 
@@ -127,15 +82,6 @@ static int solve(double *a, double *b, int n)
 static int field_nterms(int degree)
 {
     return (degree + 1) * (degree + 2) / 2;
-}
-
-/* The terms u^i v^j, i + j <= degree, in order of increasing degree. */
-static void field_terms(int degree, double u, double v, double *t)
-{
-    int k = 0;
-    for (int d = 0; d <= degree; d++)
-        for (int j = 0; j <= d; j++)
-            t[k++] = pow(u, d - j) * pow(v, j);
 }
 
 /* The PSF of an image as a function of position, from the residuals of its
@@ -360,7 +306,7 @@ static hilal_status psf_field_eval(const psf_field *f, const hilal_psf *base, do
             (*nused)++;
         idx[m] = k;
         kw[m] = g;
-        field_terms(degree, du, dv, terms + (size_t)m * nt);
+        hilal_poly2_terms(degree, du, dv, terms + (size_t)m * nt);
         m++;
     }
     const double fw = f->fwhm_px, r1 = 3.0 * fw, r2 = 5.0 * fw;
@@ -399,7 +345,7 @@ static hilal_status psf_field_eval(const psf_field *f, const hilal_psf *base, do
                                 ata[a * nt + b] += w * t[a] * t[b];
                         }
                     }
-                    if (!solve(ata, atb, nt))
+                    if (!hilal_linsolve(ata, atb, nt))
                         break;
                     memcpy(coef, atb, sizeof *coef * (size_t)nt);
                     have = 1;
@@ -627,7 +573,7 @@ static int robust_ratio(const double *fs, const double *es, const double *fr, co
         goto cleanup;
     for (size_t i = 0; i < n; i++)
         tmp[i] = fs[i] / fr[i];
-    double ratio = median_inplace(tmp, n);
+    double ratio = hilal_median_double(tmp, n);
     for (size_t i = 0; i < n; i++)
         keep[i] = 1;
     for (int it = 0; it < 10; it++) {
@@ -638,7 +584,7 @@ static int robust_ratio(const double *fs, const double *es, const double *fr, co
         if (t2 == NULL)
             goto cleanup;
         memcpy(t2, tmp, sizeof *t2 * n);
-        double sig = 1.4826 * median_inplace(t2, n);
+        double sig = 1.4826 * hilal_median_double(t2, n);
         free(t2);
         double lim = clip * (sig > 1 ? sig : 1);
         double swf = 0, sww = 0, chi = 0;

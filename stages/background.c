@@ -288,6 +288,30 @@ typedef struct upsample_cols {
     float *fx;
 } upsample_cols;
 
+/* The two map samples (i0, i1, 0-based, of b along one axis) between which
+ * image coordinate x lies, and the weight f of i1: x maps to binned
+ * coordinate u = (x - 0.5) / 2; below the first sample or beyond the last
+ * the value is that sample's (i0 = i1). */
+static void upsample_taps(long x, long b, long *i0_out, long *i1_out, double *f_out)
+{
+    double u = 0.5 * ((double)x - 0.5);
+    long i0 = (long)floor(u);
+    double f = u - (double)i0;
+    long i1 = i0 + 1;
+    if (i0 < 0) {
+        i0 = i1 = 0;
+        f = 0.0;
+    }
+    if (i1 >= b) {
+        i1 = b - 1;
+        if (i0 > i1)
+            i0 = i1;
+    }
+    *i0_out = i0;
+    *i1_out = i1;
+    *f_out = f;
+}
+
 static int upsample_cols_make(upsample_cols *c, long bx, long nx)
 {
     c->i0 = malloc((size_t)nx * sizeof *c->i0);
@@ -296,21 +320,8 @@ static int upsample_cols_make(upsample_cols *c, long bx, long nx)
     if (c->i0 == NULL || c->i1 == NULL || c->fx == NULL)
         return 0;
     for (long x = 0; x < nx; x++) {
-        double u = 0.5 * ((double)x - 0.5);
-        long i0 = (long)floor(u);
-        double f = u - (double)i0;
-        long i1 = i0 + 1;
-        if (i0 < 0) {
-            i0 = i1 = 0;
-            f = 0.0;
-        }
-        if (i1 >= bx) {
-            i1 = bx - 1;
-            if (i0 > i1)
-                i0 = i1;
-        }
-        c->i0[x] = i0;
-        c->i1[x] = i1;
+        double f;
+        upsample_taps(x, bx, &c->i0[x], &c->i1[x], &f);
         c->fx[x] = (float)f;
     }
     return 1;
@@ -326,19 +337,10 @@ static void upsample_cols_free(upsample_cols *c)
 static void upsample_row(const float *m, long bx, long by, const upsample_cols *c, long nx,
                          long y, float *out)
 {
-    double v = 0.5 * ((double)y - 0.5);
-    long j0 = (long)floor(v);
-    float fy = (float)(v - (double)j0);
-    long j1 = j0 + 1;
-    if (j0 < 0) {
-        j0 = j1 = 0;
-        fy = 0.0f;
-    }
-    if (j1 >= by) {
-        j1 = by - 1;
-        if (j0 > j1)
-            j0 = j1;
-    }
+    long j0, j1;
+    double f;
+    upsample_taps(y, by, &j0, &j1, &f);
+    float fy = (float)f;
     const float *r0 = m + j0 * bx, *r1 = m + j1 * bx;
     for (long x = 0; x < nx; x++) {
         float a = r0[c->i0[x]] + c->fx[x] * (r0[c->i1[x]] - r0[c->i0[x]]);

@@ -54,6 +54,8 @@
 #include "hilal/log.h"
 #include "hilal/psf.h"
 #include "hilal/stage.h"
+#include "hilal/stats.h"
+#include "linsolve.h"
 #include "parallel.h"
 #include "sepw.h"
 
@@ -139,20 +141,6 @@ static int cmp_keyed(const void *a, const void *b)
 {
     double x = ((const keyed *)a)->key, y = ((const keyed *)b)->key;
     return (x > y) - (x < y);
-}
-
-static int cmp_double(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
-
-static double median_inplace(double *v, size_t n)
-{
-    if (n == 0)
-        return NAN;
-    qsort(v, n, sizeof *v, cmp_double);
-    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
 }
 
 /* Nearest usable star of `list` (sorted by x in byx) to (x, y) within r;
@@ -255,7 +243,7 @@ static void robust_slope(pair *p, size_t n, double clip, double *r_out, double *
     /* Start: median of the ratios. */
     for (size_t i = 0; i < n; i++)
         scratch[i] = p[i].fs / p[i].fr;
-    double r = median_inplace(scratch, n);
+    double r = hilal_median_double(scratch, n);
     for (size_t i = 0; i < n; i++)
         p[i].keep = 1;
     double sw = 0.0;
@@ -269,7 +257,7 @@ static void robust_slope(pair *p, size_t n, double clip, double *r_out, double *
             if (p[i].keep)
                 scratch[m++] = fabs(z);
         }
-        double scat = 1.4826 * median_inplace(scratch, m);
+        double scat = 1.4826 * hilal_median_double(scratch, m);
         double lim = clip * fmax(1.0, isfinite(scat) ? scat : 1.0);
         int changed = 0;
         for (size_t i = 0; i < n; i++) {
@@ -346,7 +334,7 @@ static void mask_list(uint8_t *m, long nx, long ny, const hilal_starlist *L, dou
             for (size_t i = 0; i < L->n; i++)
                 if (L->stars[i].usable && L->stars[i].a_px > 0.0)
                     v[n++] = L->stars[i].a_px;
-            a_star = n > 0 ? median_inplace(v, n) : 0.0;
+            a_star = n > 0 ? hilal_median_double(v, n) : 0.0;
         }
         free(v);
     }
@@ -438,53 +426,6 @@ static void bg_rows(void *ctx, long lo, long hi, int tid)
     }
 }
 
-/* Solves the n x n system A x = b (row-major, destroyed) by Gaussian
- * elimination with partial pivoting. Returns 0 if singular. */
-static int solve_small(double *A, double *b, int n, double *x)
-{
-    for (int c = 0; c < n; c++) {
-        int p = c;
-        for (int r = c + 1; r < n; r++)
-            if (fabs(A[r * n + c]) > fabs(A[p * n + c]))
-                p = r;
-        if (!(fabs(A[p * n + c]) > 1e-300))
-            return 0;
-        for (int k = 0; k < n; k++) {
-            double t = A[c * n + k];
-            A[c * n + k] = A[p * n + k];
-            A[p * n + k] = t;
-        }
-        double t = b[c];
-        b[c] = b[p];
-        b[p] = t;
-        for (int r = c + 1; r < n; r++) {
-            double f = A[r * n + c] / A[c * n + c];
-            for (int k = c; k < n; k++)
-                A[r * n + k] -= f * A[c * n + k];
-            b[r] -= f * b[c];
-        }
-    }
-    for (int r = n - 1; r >= 0; r--) {
-        double t = b[r];
-        for (int k = r + 1; k < n; k++)
-            t -= A[r * n + k] * x[k];
-        x[r] = t / A[r * n + r];
-    }
-    return 1;
-}
-
-/* The polynomial terms u^a v^b, a + b <= order, in a fixed order. */
-static int poly_terms(int order, double u, double v, double *t)
-{
-    int n = 0;
-    for (int d = 0; d <= order; d++)
-        for (int a = d; a >= 0; a--) {
-            int b = d - a;
-            t[n++] = pow(u, a) * pow(v, b);
-        }
-    return n;
-}
-
 typedef struct bg_apply_job {
     hilal_image *ref;
     const double *coef;
@@ -559,7 +500,7 @@ static hilal_status match_background(const fluxscale_state *s, hilal_frame *fram
      * with meshes more than 4 sigma off the fit dropped once. */
     int order = s->bg_order;
     double coef[16] = {0}, t[16];
-    int nterm = poly_terms(order, 0.0, 0.0, t);
+    int nterm = hilal_poly2_terms(order, 0.0, 0.0, t);
     long nvalid = 0;
     uint8_t *use = malloc((size_t)nm);
     if (use == NULL) {
@@ -573,9 +514,9 @@ static hilal_status match_background(const fluxscale_state *s, hilal_frame *fram
         use[k] = cnt[k] >= BG_MIN_FILL * area && cnt[k] > 10;
         nvalid += use[k];
     }
-    while (order > 0 && nvalid < 2 * poly_terms(order, 0.0, 0.0, t))
+    while (order > 0 && nvalid < 2 * hilal_poly2_terms(order, 0.0, 0.0, t))
         order--;
-    nterm = poly_terms(order, 0.0, 0.0, t);
+    nterm = hilal_poly2_terms(order, 0.0, 0.0, t);
     int fitted = 0;
     for (int round = 0; round < 2 && nvalid >= nterm && nvalid > 0; round++) {
         double A[256] = {0}, b[16] = {0};
@@ -584,7 +525,7 @@ static hilal_status match_background(const fluxscale_state *s, hilal_frame *fram
                 continue;
             double u = (((k % mx) + 0.5) * mesh - 0.5 * nx) / (0.5 * nx);
             double v = (((k / mx) + 0.5) * mesh - 0.5 * ny) / (0.5 * ny);
-            poly_terms(order, u, v, t);
+            hilal_poly2_terms(order, u, v, t);
             double w = (double)cnt[k], m = sum[k] / cnt[k];
             for (int i = 0; i < nterm; i++) {
                 b[i] += w * t[i] * m;
@@ -592,8 +533,9 @@ static hilal_status match_background(const fluxscale_state *s, hilal_frame *fram
                     A[i * nterm + j] += w * t[i] * t[j];
             }
         }
-        if (!solve_small(A, b, nterm, coef))
+        if (!hilal_linsolve(A, b, nterm))
             break;
+        memcpy(coef, b, sizeof coef[0] * (size_t)nterm);
         fitted = 1;
         long dropped = 0;
         for (long k = 0; k < nm && round == 0; k++) {
@@ -601,7 +543,7 @@ static hilal_status match_background(const fluxscale_state *s, hilal_frame *fram
                 continue;
             double u = (((k % mx) + 0.5) * mesh - 0.5 * nx) / (0.5 * nx);
             double v = (((k / mx) + 0.5) * mesh - 0.5 * ny) / (0.5 * ny);
-            poly_terms(order, u, v, t);
+            hilal_poly2_terms(order, u, v, t);
             double p = 0.0;
             for (int i = 0; i < nterm; i++)
                 p += coef[i] * t[i];

@@ -21,6 +21,8 @@
 #include "hilal/config.h"
 #include "hilal/log.h"
 #include "hilal/stage.h"
+#include "hilal/stats.h"
+#include "psf_config.h"
 
 #define PSF_PI 3.14159265358979323846
 #define PSF_SQRT2 1.41421356237309504880
@@ -32,21 +34,6 @@
 /* ------------------------------------------------------------------------
  * Small helpers
  * ------------------------------------------------------------------------ */
-
-static int cmp_double(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
-
-/* Median of n values (reorders v). NaN for n == 0. */
-static double median_inplace(double *v, size_t n)
-{
-    if (n == 0)
-        return NAN;
-    qsort(v, n, sizeof *v, cmp_double);
-    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
 
 /* Index records sorted by a key (thread-safe qsort without a global). */
 typedef struct keyed_val {
@@ -584,10 +571,10 @@ static double stamp_background(const stack_work *wk, const stack_star *s, double
         double *dev = scratch + n;
         for (size_t k = 0; k < m; k++)
             dev[k] = scratch[k];
-        med = median_inplace(dev, m);
+        med = hilal_median_double(dev, m);
         for (size_t k = 0; k < m; k++)
             dev[k] = fabs(scratch[k] - med);
-        double sig = 1.4826 * median_inplace(dev, m);
+        double sig = 1.4826 * hilal_median_double(dev, m);
         if (!(sig > 0.0))
             break;
         size_t kept = 0;
@@ -703,10 +690,10 @@ static int stack_combine(stack_work *wk, double clip, int robust, const float *p
         double *tmpv = wk->medtmp;
         for (size_t i = 0; i < n; i++)
             tmpv[i] = wk->vals[i];
-        double med = median_inplace(tmpv, n);
+        double med = hilal_median_double(tmpv, n);
         for (size_t i = 0; i < n; i++)
             tmpv[i] = fabs(wk->vals[i] - med);
-        double scatter = n >= 3 ? 1.4826 * median_inplace(tmpv, n) : 0.0;
+        double scatter = n >= 3 ? 1.4826 * hilal_median_double(tmpv, n) : 0.0;
         used = 1;
         if (robust && n >= 3) {
             psf[q] = (float)med;
@@ -1171,7 +1158,7 @@ static hilal_status stack_finish(float *psf, const float *psf_err, int sz, doubl
             /* The median of the annulus: a neighbour's leftover light
              * covers a few of its pixels, not its median. Its variance is
              * pi/2 that of the mean. */
-            mk[na] = median_inplace(ring, (size_t)n);
+            mk[na] = hilal_median_double(ring, (size_t)n);
             wk2[na] = (double)n * n / e2 / 1.5708; /* 1 / error^2 of the median */
             rk[na] = k;
             na++;
@@ -1233,7 +1220,7 @@ static hilal_status stack_finish(float *psf, const float *psf_err, int sz, doubl
                     if (r > h - 1.0 && r <= h)
                         ring[n++] = psf[j * sz + i];
                 }
-            bg_removed = median_inplace(ring, n);
+            bg_removed = hilal_median_double(ring, n);
         }
         if (isfinite(bg_removed))
             for (int q = 0; q < sz * sz; q++)
@@ -1407,7 +1394,7 @@ static double median_star_fwhm(const hilal_starlist *stars, int usable_only, siz
                 continue;
             v[n++] = s->fwhm_px;
         }
-        med = median_inplace(v, n);
+        med = hilal_median_double(v, n);
     }
     free(v);
     *n_out = n;
@@ -1587,7 +1574,7 @@ hilal_status hilal_psf_build(const hilal_image *img, const hilal_starlist *stars
         for (size_t i = 0; i < stars->n; i++)
             if (stars->stars[i].usable && stars->stars[i].a_px > 0.0)
                 av[na++] = stars->stars[i].a_px;
-        double a_star = median_inplace(av, na);
+        double a_star = hilal_median_double(av, na);
         free(av);
         for (int k = 0; k < ncand; k++)
             stack_mask_neighbours(&wk, k, stars, (size_t)cand[k], fwhm0, a_star, sqrt(rms2));
@@ -1637,7 +1624,7 @@ hilal_status hilal_psf_build(const hilal_image *img, const hilal_starlist *stars
             cv[nc] = c2;
             nc++;
         }
-        double med = median_inplace(cv, (size_t)nc);
+        double med = hilal_median_double(cv, (size_t)nc);
         double lim = fmax(CHI2_MIN, CHI2_FACTOR * med);
         qsort(chi, (size_t)nc, sizeof *chi, cmp_keyed_val_desc);
         int nrej = 0;
@@ -1866,12 +1853,8 @@ static const hilal_param psf_params[] = {
     {"moffat_beta", HILAL_PARAM_DOUBLE, "2.5", 1.01, 20, "", "beta of the Moffat fallback model"},
 };
 
-static hilal_status psf_init(const hilal_config *cfg, void **state, hilal_error *err)
+void hilal_psf_params_from_config(const hilal_config *cfg, hilal_psf_build_params *p)
 {
-    hilal_psf_build_params *p = calloc(1, sizeof *p);
-    if (p == NULL)
-        return hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory");
-    hilal_psf_build_params_default(p);
     p->size = (int)hilal_config_get_int(cfg, "psf.size");
     p->half_size_fwhm = hilal_config_get_double(cfg, "psf.half_size_fwhm");
     p->size_min = (int)hilal_config_get_int(cfg, "psf.size_min");
@@ -1882,6 +1865,15 @@ static hilal_status psf_init(const hilal_config *cfg, void **state, hilal_error 
     p->clip_sigma = hilal_config_get_double(cfg, "psf.clip_sigma");
     p->refine_iter = (int)hilal_config_get_int(cfg, "psf.refine_iter");
     p->moffat_beta = hilal_config_get_double(cfg, "psf.moffat_beta");
+}
+
+static hilal_status psf_init(const hilal_config *cfg, void **state, hilal_error *err)
+{
+    hilal_psf_build_params *p = calloc(1, sizeof *p);
+    if (p == NULL)
+        return hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory");
+    hilal_psf_build_params_default(p);
+    hilal_psf_params_from_config(cfg, p);
     const char *fb = hilal_config_get_string(cfg, "psf.fallback");
     hilal_status st = HILAL_OK;
     if (strcmp(fb, "moffat") == 0)

@@ -52,6 +52,7 @@
 #include "hilal/log.h"
 #include "hilal/psf.h"
 #include "hilal/stage.h"
+#include "hilal/stats.h"
 #include "sepw.h"
 
 static const hilal_param stars_params[] = {
@@ -541,8 +542,7 @@ static hilal_status stars_image(const stars_state *s, const hilal_image *img,
             if (list[m].usable && isfinite(d[order[m].idx].conc))
                 tmp[nc++] = d[order[m].idx].conc;
         if (nc >= 3) {
-            qsort(tmp, nc, sizeof *tmp, cmp_double);
-            double c0 = nc % 2 ? tmp[nc / 2] : 0.5 * (tmp[nc / 2 - 1] + tmp[nc / 2]);
+            double c0 = hilal_median_double(tmp, nc);
             for (size_t m = 0; m < nkeep; m++) {
                 const det *e = &d[order[m].idx];
                 if (list[m].usable &&

@@ -30,8 +30,10 @@
 #include "hilal/fft.h"
 #include "hilal/log.h"
 #include "hilal/stage.h"
+#include "hilal/stats.h"
 #include "hilal/zogy.h"
 #include "parallel.h"
+#include "psf_config.h"
 
 #define MAX_THREADS HILAL_PARALLEL_MAX_THREADS
 
@@ -80,37 +82,6 @@ static long wrap(long i, long n)
     return i < 0 ? i + n : i;
 }
 
-static float quickselect(float *a, size_t n, size_t k)
-{
-    size_t lo = 0, hi = n - 1;
-    while (lo < hi) {
-        float pivot = a[lo + (hi - lo) / 2];
-        size_t i = lo, j = hi;
-        while (i <= j) {
-            while (a[i] < pivot)
-                i++;
-            while (a[j] > pivot)
-                j--;
-            if (i <= j) {
-                float t = a[i];
-                a[i] = a[j];
-                a[j] = t;
-                i++;
-                if (j == 0)
-                    break;
-                j--;
-            }
-        }
-        if (k <= j)
-            hi = j;
-        else if (k >= i)
-            lo = i;
-        else
-            break;
-    }
-    return a[k];
-}
-
 /* Median and 1.4826 * MAD of the values of v at positions where keep is
  * non-zero (keep may be NULL: all), sampling at most ~2 million of them on
  * a regular stride. Non-finite values are skipped. Returns the number of
@@ -129,10 +100,10 @@ static long robust_stats(const float *v, const unsigned char *keep, size_t n, do
         if ((keep == NULL || keep[i]) && isfinite(v[i]))
             s[m++] = v[i];
     if (m > 0) {
-        float md = quickselect(s, m, m / 2);
+        float md = hilal_select_kth_float(s, m, m / 2);
         for (size_t i = 0; i < m; i++)
             s[i] = fabsf(s[i] - md);
-        float mad = quickselect(s, m, m / 2);
+        float mad = hilal_select_kth_float(s, m, m / 2);
         *med = md;
         *sigma = 1.4826 * mad;
     }
@@ -1816,16 +1787,7 @@ static void psf_params_from_config(const hilal_config *cfg, hilal_psf_build_para
     hilal_psf_build_params_default(p);
     if (hilal_config_param(cfg, "psf.size") == NULL)
         return;
-    p->size = (int)hilal_config_get_int(cfg, "psf.size");
-    p->half_size_fwhm = hilal_config_get_double(cfg, "psf.half_size_fwhm");
-    p->size_min = (int)hilal_config_get_int(cfg, "psf.size_min");
-    p->size_max = (int)hilal_config_get_int(cfg, "psf.size_max");
-    p->max_stars = (int)hilal_config_get_int(cfg, "psf.max_stars");
-    p->min_stars = (int)hilal_config_get_int(cfg, "psf.min_stars");
-    p->min_snr = hilal_config_get_double(cfg, "psf.min_snr");
-    p->clip_sigma = hilal_config_get_double(cfg, "psf.clip_sigma");
-    p->refine_iter = (int)hilal_config_get_int(cfg, "psf.refine_iter");
-    p->moffat_beta = hilal_config_get_double(cfg, "psf.moffat_beta");
+    hilal_psf_params_from_config(cfg, p);
 }
 
 static hilal_status subtract_init(const hilal_config *cfg, void **state, hilal_error *err)

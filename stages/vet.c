@@ -16,6 +16,7 @@
 
 #include "hilal/log.h"
 #include "hilal/stage.h"
+#include "hilal/stats.h"
 #include "hilal/zogy.h"
 
 /* The table is the single source of truth for the defaults;
@@ -147,35 +148,8 @@ void hilal_vet_params_default(hilal_vet_params *p)
 /* The logistic function 1 / (1 + e^-z). */
 static double logistic(double z) { return 1.0 / (1.0 + exp(-z)); }
 
-/* Median (upper median for even n) of a[0..n-1], reordering a: Wirth's
- * selection algorithm. n > 0. */
-static float median_select(float *a, size_t n)
-{
-    const long k = (long)(n / 2);
-    long lo = 0, hi = (long)n - 1;
-    while (lo < hi) {
-        const float pivot = a[k];
-        long i = lo, j = hi;
-        do {
-            while (a[i] < pivot)
-                i++;
-            while (pivot < a[j])
-                j--;
-            if (i <= j) {
-                float t = a[i];
-                a[i] = a[j];
-                a[j] = t;
-                i++;
-                j--;
-            }
-        } while (i <= j);
-        if (j < k)
-            lo = i;
-        if (k < i)
-            hi = j;
-    }
-    return a[k];
-}
+/* Median (upper median for even n) of a[0..n-1], reordering a. n > 0. */
+static float median_select(float *a, size_t n) { return hilal_select_kth_float(a, n, n / 2); }
 
 /* Whether the 0-based pixel (x, y) is nearer to one of the others than to
  * (X, Y). */

@@ -26,41 +26,10 @@
 #include <string.h>
 
 #include "hilal/hilal.h"
+#include "synth_rng.h"
 
 #define AS_UNUSED __attribute__((unused))
 #define AS_PI 3.14159265358979323846
-
-typedef struct as_rng {
-    uint64_t s;
-    int have;
-    double spare;
-} as_rng;
-
-static AS_UNUSED uint64_t as_u64(as_rng *r)
-{
-    uint64_t z = (r->s += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
-
-static AS_UNUSED double as_uniform(as_rng *r)
-{
-    return ((double)(as_u64(r) >> 11) + 0.5) * (1.0 / 9007199254740992.0);
-}
-
-static AS_UNUSED double as_gauss(as_rng *r)
-{
-    if (r->have) {
-        r->have = 0;
-        return r->spare;
-    }
-    double u = as_uniform(r), v = as_uniform(r);
-    double m = sqrt(-2.0 * log(u));
-    r->spare = m * sin(2.0 * AS_PI * v);
-    r->have = 1;
-    return m * cos(2.0 * AS_PI * v);
-}
 
 /* The true transform science -> reference. */
 typedef struct as_truth {
@@ -231,13 +200,13 @@ static AS_UNUSED void as_pair_free(as_pair *p)
 
 /* Noise, sky and variance planes from the noise-free star model. */
 static AS_UNUSED void as_finish_image(hilal_image *img, const float *model, double sky,
-                                      double rdnoise, double gain, as_rng *rng)
+                                      double rdnoise, double gain, synth_rng *rng)
 {
     hilal_image_alloc_var(img, NULL);
     hilal_image_alloc_sky(img, NULL);
     for (long k = 0; k < img->nx * img->ny; k++) {
         double var = rdnoise * rdnoise + (model[k] > 0 ? model[k] / gain : 0.0);
-        img->pix[k] = (float)(sky + model[k] + sqrt(var) * as_gauss(rng));
+        img->pix[k] = (float)(sky + model[k] + sqrt(var) * synth_gauss(rng));
         img->var[k] = (float)var;
         img->sky[k] = (float)sky;
     }
@@ -250,7 +219,7 @@ static AS_UNUSED void as_finish_image(hilal_image *img, const float *model, doub
  * are generated brightest first). */
 static AS_UNUSED void as_catalogue(hilal_starlist *l, const double *x, const double *y,
                                    const double *f, size_t n, long nx, long ny, double sigma,
-                                   double rdnoise, as_rng *rng)
+                                   double rdnoise, synth_rng *rng)
 {
     l->stars = calloc(n + 1, sizeof *l->stars);
     l->n = 0;
@@ -260,8 +229,8 @@ static AS_UNUSED void as_catalogue(hilal_starlist *l, const double *x, const dou
         double snr = f[i] / sqrt(4.0 * AS_PI * sigma * sigma * rdnoise * rdnoise + f[i]);
         double sc = sqrt(2.0) * sigma / snr;
         hilal_star *s = &l->stars[l->n++];
-        s->x = x[i] + sc * as_gauss(rng);
-        s->y = y[i] + sc * as_gauss(rng);
+        s->x = x[i] + sc * synth_gauss(rng);
+        s->y = y[i] + sc * synth_gauss(rng);
         s->flux_adu = f[i];
         s->flux_err_adu = f[i] / snr;
         s->peak_adu = f[i] / (2.0 * AS_PI * sigma * sigma);
@@ -277,7 +246,7 @@ static AS_UNUSED void as_catalogue(hilal_starlist *l, const double *x, const dou
 static AS_UNUSED int as_pair_make(const as_pair_opts *o, as_pair *p)
 {
     memset(p, 0, sizeof *p);
-    as_rng rng = {o->seed, 0, 0};
+    synth_rng rng = {o->seed, 0, 0};
     p->t = o->t;
     if (p->t.cx == 0)
         p->t.cx = 0.5 * (double)(o->nx + 1);
@@ -302,10 +271,10 @@ static AS_UNUSED int as_pair_make(const as_pair_opts *o, as_pair *p)
     }
     double lmin = log(o->flux_min), lmax = log(o->flux_max);
     for (size_t i = 0; i < n; i++) {
-        p->rx[i] = -40.0 + (double)(o->nx + 80) * as_uniform(&rng);
-        p->ry[i] = -40.0 + (double)(o->ny + 80) * as_uniform(&rng);
+        p->rx[i] = -40.0 + (double)(o->nx + 80) * synth_uniform(&rng);
+        p->ry[i] = -40.0 + (double)(o->ny + 80) * synth_uniform(&rng);
         /* brightest first: decreasing fluxes along the list */
-        p->flux[i] = exp(lmax - (lmax - lmin) * ((double)i + as_uniform(&rng)) / (double)n);
+        p->flux[i] = exp(lmax - (lmax - lmin) * ((double)i + synth_uniform(&rng)) / (double)n);
         as_inv(&p->t, p->rx[i], p->ry[i], &p->sx[i], &p->sy[i]);
     }
     /* The science PSF has the same width on the sky: sigma_sci in science px. */

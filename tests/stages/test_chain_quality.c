@@ -16,23 +16,10 @@
 #include <string.h>
 
 #include "hilal/simulate.h"
+#include "hilal/stats.h"
 #include "testutil.h"
 
 #define SIZE 512
-
-static int cmp_double(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
-
-static double median(double *v, size_t n)
-{
-    if (n == 0)
-        return NAN;
-    qsort(v, n, sizeof *v, cmp_double);
-    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
 
 /* Runs every registered stage but the archive on a simulated pair written
  * to dir. Returns the status; the frame holds the products. */
@@ -167,7 +154,8 @@ int main(void)
     for (size_t i = 0; i < nbright; i++)
         var += (pull[i] - mean) * (pull[i] - mean);
     double pull_std = nbright > 1 ? sqrt(var / (double)(nbright - 1)) : NAN;
-    double med_ferr = median(ferr, nbright), med_perr = median(perr, nbright);
+    double med_ferr = hilal_median_double(ferr, nbright);
+    double med_perr = hilal_median_double(perr, nbright);
     printf("S/N > 20: %zu events, median flux error %.4f, median position error %.3f px, pull mean %.3f std %.3f\n",
            nbright, med_ferr, med_perr, mean, pull_std);
     CHECK(med_ferr < 0.03, "median flux error %.4f < 3%%", med_ferr);

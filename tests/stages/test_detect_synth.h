@@ -21,42 +21,12 @@
 #include <string.h>
 
 #include "hilal/hilal.h"
+#include "synth_rng.h"
 
 #define SYNTH_UNUSED __attribute__((unused))
 #define SYNTH_PI 3.14159265358979323846
 
-/* ---- random numbers (splitmix64 + Box-Muller), deterministic ----------- */
-typedef struct synth_rng {
-    uint64_t s;
-    int have;
-    double spare;
-} synth_rng;
-
-static SYNTH_UNUSED uint64_t synth_u64(synth_rng *r)
-{
-    uint64_t z = (r->s += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
-
-static SYNTH_UNUSED double synth_uniform(synth_rng *r)
-{
-    return ((double)(synth_u64(r) >> 11) + 0.5) * (1.0 / 9007199254740992.0);
-}
-
-static SYNTH_UNUSED double synth_gauss(synth_rng *r)
-{
-    if (r->have) {
-        r->have = 0;
-        return r->spare;
-    }
-    double u = synth_uniform(r), v = synth_uniform(r);
-    double m = sqrt(-2.0 * log(u));
-    r->spare = m * sin(2.0 * SYNTH_PI * v);
-    r->have = 1;
-    return m * cos(2.0 * SYNTH_PI * v);
-}
+/* ---- random numbers: synth_rng, synth_uniform, synth_gauss (synth_rng.h) */
 
 /* ---- PSF models --------------------------------------------------------- */
 typedef struct synth_model {
@@ -243,18 +213,6 @@ static SYNTH_UNUSED const hilal_candidate *synth_match(const hilal_frame *f, dou
         }
     }
     return best;
-}
-
-static SYNTH_UNUSED int synth_cmp_double(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : (x > y ? 1 : 0);
-}
-
-static SYNTH_UNUSED double synth_median(double *v, size_t n)
-{
-    qsort(v, n, sizeof *v, synth_cmp_double);
-    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
 }
 
 #endif

@@ -12,27 +12,13 @@
 
 #include "hilal/hilal.h"
 #include "hilal/psf.h"
+#include "synth_rng.h"
 #include "testutil.h"
 
 extern const hilal_stage hilal_stage_background;
 extern const hilal_stage hilal_stage_stars;
 extern const hilal_stage hilal_stage_psf;
 extern const hilal_stage hilal_stage_fluxscale;
-
-static uint64_t rng_state;
-static double rng_uniform(void)
-{
-    uint64_t z = (rng_state += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    z ^= z >> 31;
-    return ((z >> 11) + 0.5) * (1.0 / 9007199254740992.0);
-}
-static double rng_gauss(void)
-{
-    double u = rng_uniform(), v = rng_uniform();
-    return sqrt(-2.0 * log(u)) * cos(6.283185307179586 * v);
-}
 
 static char logbuf[8192];
 static void capture(hilal_log_level level, const char *msg, void *user)

@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "hilal/detect.h"
+#include "hilal/stats.h"
 #include "test_detect_synth.h"
 #include "testutil.h"
 
@@ -71,7 +72,7 @@ static void accuracy_run(const char *label, const synth_model *m, int psf_size, 
     CHECK(nm == ns, "%s: all %d sources measured (%d)", label, ns, nm);
     if (nm == 0)
         return;
-    double med = synth_median(err_r, (size_t)nm);
+    double med = hilal_median_double(err_r, (size_t)nm);
     double mean_p = sum_p / nm, sd_p = sqrt(sum_p2 / nm - mean_p * mean_p);
     printf("%s: %d sources S/N %.0f-%.0f: median position error %.4f px, bias (%+.4f, %+.4f) px, "
            "flux pull mean %+.3f sd %.3f\n",

@@ -18,32 +18,8 @@
 
 #include "hilal/fits.h"
 #include "hilal/zogy.h"
+#include "run_until.h"
 #include "testutil.h"
-
-static hilal_status run_until(const hilal_config *cfg, const char *sci, const char *ref,
-                              const char *last, hilal_frame *f, hilal_error *err)
-{
-    size_t n;
-    const hilal_stage *const *all = hilal_registry_stages(&n);
-    const hilal_stage *stages[32];
-    size_t k = 0;
-    for (size_t i = 0; i < n && k < 32; i++) {
-        stages[k++] = all[i];
-        if (strcmp(all[i]->name, last) == 0)
-            break;
-    }
-    hilal_runner *r = NULL;
-    hilal_status st = hilal_runner_new(cfg, stages, k, &r, err);
-    if (st != HILAL_OK)
-        return st;
-    hilal_frame_init(f);
-    snprintf(f->frame_id, sizeof f->frame_id, "real");
-    snprintf(f->sci_path, sizeof f->sci_path, "%s", sci);
-    snprintf(f->ref_path, sizeof f->ref_path, "%s", ref);
-    st = hilal_runner_run(r, f, err);
-    hilal_runner_free(r);
-    return st;
-}
 
 static double pearson(const float *a, const float *b, const unsigned char *keep, size_t n)
 {
@@ -78,7 +54,7 @@ static void test_lt(void)
      * chain measures the background noise itself) */
     CHECK_OK(hilal_config_set(cfg, "ingest.rdnoise", "10", "test", &err), &err);
     hilal_frame f;
-    hilal_status st = run_until(cfg, sci, ref, "detect", &f, &err);
+    hilal_status st = run_until_paths(cfg, "real", sci, ref, "detect", &f, &err);
     CHECK_OK(st, &err);
     if (st == HILAL_OK) {
         const hilal_diff *d = &f.diff;
@@ -172,7 +148,7 @@ static void test_decam(void)
     hilal_frame f;
     hilal_image *sfft = NULL;
     unsigned char *keep = NULL;
-    hilal_status st = run_until(cfg, sci, ref, "detect", &f, &err);
+    hilal_status st = run_until_paths(cfg, "real", sci, ref, "detect", &f, &err);
     CHECK_OK(st, &err);
     if (st != HILAL_OK)
         goto cleanup;

@@ -10,45 +10,16 @@
 #include <string.h>
 
 #include "hilal/zogy.h"
+#include "synth_rng.h"
 #include "testutil.h"
 
 /* ------------------------------------------------------------------------
- * Random numbers: splitmix64, Box-Muller normals, Poisson deviates
+ * Random numbers: Poisson deviates (uniform and normal ones from synth_rng.h)
  * ------------------------------------------------------------------------ */
-
-typedef struct rng {
-    uint64_t s;
-    int has_spare;
-    double spare;
-} rng;
-
-static uint64_t rng_next(rng *r)
-{
-    uint64_t z = (r->s += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
-
-/* uniform in (0, 1) */
-static double rng_uniform(rng *r) { return ((double)(rng_next(r) >> 11) + 0.5) / 9007199254740992.0; }
-
-static double rng_normal(rng *r)
-{
-    if (r->has_spare) {
-        r->has_spare = 0;
-        return r->spare;
-    }
-    double u = rng_uniform(r), v = rng_uniform(r);
-    double m = sqrt(-2 * log(u));
-    r->spare = m * sin(2 * 3.14159265358979323846 * v);
-    r->has_spare = 1;
-    return m * cos(2 * 3.14159265358979323846 * v);
-}
 
 /* Poisson deviate: multiplication method for small means, Hormann's
  * transformed rejection (PTRS, 1993) for large ones. */
-static double rng_poisson(rng *r, double lam)
+static double rng_poisson(synth_rng *r, double lam)
 {
     if (lam <= 0)
         return 0;
@@ -57,7 +28,7 @@ static double rng_poisson(rng *r, double lam)
         int k = 0;
         do {
             k++;
-            p *= rng_uniform(r);
+            p *= synth_uniform(r);
         } while (p > l);
         return k - 1;
     }
@@ -65,7 +36,7 @@ static double rng_poisson(rng *r, double lam)
     double b = 0.931 + 2.53 * slam, a = -0.059 + 0.02483 * b;
     double invalpha = 1.1239 + 1.1328 / (b - 3.4), vr = 0.9277 - 3.6224 / (b - 2);
     for (;;) {
-        double u = rng_uniform(r) - 0.5, v = rng_uniform(r);
+        double u = synth_uniform(r) - 0.5, v = synth_uniform(r);
         double us = 0.5 - fabs(u);
         double k = floor((2 * a / us + b) * u + lam + 0.43);
         if (us >= 0.07 && v <= vr)
@@ -202,20 +173,20 @@ static void sim_add_transient(sim *s, long x, long y, double flux)
 
 /* Draws star and transient positions (transients at pixel centres, at least
  * 10 px from stars and 14 px from each other). */
-static void sim_place(sim *s, rng *r)
+static void sim_place(sim *s, synth_rng *r)
 {
     const sim_cfg *c = &s->cfg;
     s->nstars = c->nstars;
     for (int k = 0; k < c->nstars; k++) {
-        s->sx[k] = -8 + (c->n + 16) * rng_uniform(r);
-        s->sy[k] = -8 + (c->n + 16) * rng_uniform(r);
+        s->sx[k] = -8 + (c->n + 16) * synth_uniform(r);
+        s->sy[k] = -8 + (c->n + 16) * synth_uniform(r);
         /* power-law fluxes between 300 and 1e5 science ADU */
-        s->sflux[k] = 300 * pow(1e5 / 300, pow(rng_uniform(r), 2.0));
+        s->sflux[k] = 300 * pow(1e5 / 300, pow(synth_uniform(r), 2.0));
     }
     int tries = 0;
     while (s->ntrans < c->ntrans && tries++ < 100000) {
-        long x = c->trans_margin + (long)((c->n - 2 * c->trans_margin) * rng_uniform(r));
-        long y = c->trans_margin + (long)((c->n - 2 * c->trans_margin) * rng_uniform(r));
+        long x = c->trans_margin + (long)((c->n - 2 * c->trans_margin) * synth_uniform(r));
+        long y = c->trans_margin + (long)((c->n - 2 * c->trans_margin) * synth_uniform(r));
         int ok = 1;
         for (int k = 0; k < s->nstars && ok; k++)
             if (hypot(s->sx[k] - x, s->sy[k] - y) < 10)
@@ -225,14 +196,14 @@ static void sim_place(sim *s, rng *r)
                 ok = 0;
         if (ok)
             sim_add_transient(s, x, y,
-                              c->tflux_min * pow(c->tflux_max / c->tflux_min, rng_uniform(r)));
+                              c->tflux_min * pow(c->tflux_max / c->tflux_min, synth_uniform(r)));
     }
 }
 
 /* Renders both images from the source lists: sky + sources, Poisson noise
  * in electrons plus Gaussian read noise, the exact model variance as the
  * variance plane, the known sky as the sky plane and its RMS. */
-static void sim_render(sim *s, rng *r)
+static void sim_render(sim *s, synth_rng *r)
 {
     const sim_cfg *c = &s->cfg;
     const long n = c->n;
@@ -253,7 +224,7 @@ static void sim_render(sim *s, rng *r)
         hilal_image_alloc_sky(img, &err);
         for (long i = 0; i < n * n; i++) {
             double lam_e = (sky + m[i]) * gain;
-            double e = rng_poisson(r, lam_e) + rn * rng_normal(r);
+            double e = rng_poisson(r, lam_e) + rn * synth_gauss(r);
             img->pix[i] = (float)(e / gain);
             img->var[i] = (float)((lam_e + rn * rn) / (gain * gain));
             img->sky[i] = (float)sky;
@@ -287,7 +258,7 @@ static void sim_make(sim *s, const sim_cfg *cfg)
 {
     memset(s, 0, sizeof *s);
     s->cfg = *cfg;
-    rng r = {cfg->seed, 0, 0};
+    synth_rng r = {cfg->seed, 0, 0};
     sim_place(s, &r);
     sim_render(s, &r);
 }
@@ -509,13 +480,13 @@ static void test_source_noise(void)
         sim s;
         memset(&s, 0, sizeof s);
         s.cfg = cfg;
-        rng r = {cfg.seed, 0, 0};
+        synth_rng r = {cfg.seed, 0, 0};
         for (int j = 0; j < 12; j++)
             for (int i = 0; i < 12; i++) {
                 int k = s.nstars++;
-                s.sx[k] = 36 + 40 * i + rng_uniform(&r);
-                s.sy[k] = 36 + 40 * j + rng_uniform(&r);
-                s.sflux[k] = 2e4 * pow(5.0, rng_uniform(&r));
+                s.sx[k] = 36 + 40 * i + synth_uniform(&r);
+                s.sy[k] = 36 + 40 * j + synth_uniform(&r);
+                s.sflux[k] = 2e4 * pow(5.0, synth_uniform(&r));
             }
         sim_render(&s, &r);
         hilal_error err = {0};
@@ -576,7 +547,7 @@ static void test_edges(void)
     sim s;
     memset(&s, 0, sizeof s);
     s.cfg = cfg;
-    rng r = {cfg.seed, 0, 0};
+    synth_rng r = {cfg.seed, 0, 0};
     sim_place(&s, &r);
     /* drop stars near the chosen transient positions */
     long pos[4][2] = {{3, 200}, {508, 330}, {260, 3}, {4, 507}};

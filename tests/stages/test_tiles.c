@@ -23,34 +23,8 @@
 
 #include "hilal/simulate.h"
 #include "hilal/zogy.h"
+#include "run_until.h"
 #include "testutil.h"
-
-/* Runs the registered stages from ingest up to (and including) `last` on a
- * simulated pair written to dir. */
-static hilal_status run_until(const hilal_config *cfg, const char *dir, const char *last,
-                              hilal_frame *f, hilal_error *err)
-{
-    size_t n;
-    const hilal_stage *const *all = hilal_registry_stages(&n);
-    const hilal_stage *stages[32];
-    size_t k = 0;
-    for (size_t i = 0; i < n && k < 32; i++) {
-        stages[k++] = all[i];
-        if (strcmp(all[i]->name, last) == 0)
-            break;
-    }
-    hilal_runner *r = NULL;
-    hilal_status st = hilal_runner_new(cfg, stages, k, &r, err);
-    if (st != HILAL_OK)
-        return st;
-    hilal_frame_init(f);
-    snprintf(f->frame_id, sizeof f->frame_id, "sim");
-    snprintf(f->sci_path, sizeof f->sci_path, "%.1000s/sci.fits", dir);
-    snprintf(f->ref_path, sizeof f->ref_path, "%.1000s/ref.fits", dir);
-    st = hilal_runner_run(r, f, err);
-    hilal_runner_free(r);
-    return st;
-}
 
 static void input_from_frame(const hilal_frame *f, hilal_zogy_input *in)
 {
