@@ -33,14 +33,15 @@ static hilal_status run_chain(const hilal_config *cfg, const char *dir, hilal_fr
     for (size_t i = 0; i < n; i++)
         if (strcmp(all[i]->name, "archive") != 0 && strcmp(all[i]->name, "alert") != 0)
             stages[k++] = all[i];
+    hilal_frame_init(f);
+    snprintf(f->frame_id, sizeof f->frame_id, "sim");
+    if (snprintf(f->sci_path, sizeof f->sci_path, "%s/sci.fits", dir) >= (int)sizeof f->sci_path ||
+        snprintf(f->ref_path, sizeof f->ref_path, "%s/ref.fits", dir) >= (int)sizeof f->ref_path)
+        return hilal_error_set(err, HILAL_ERR_RANGE, "scratch directory name too long: %s", dir);
     hilal_runner *r = NULL;
     hilal_status st = hilal_runner_new(cfg, stages, k, &r, err);
     if (st != HILAL_OK)
         return st;
-    hilal_frame_init(f);
-    snprintf(f->frame_id, sizeof f->frame_id, "sim");
-    snprintf(f->sci_path, sizeof f->sci_path, "%s/sci.fits", dir);
-    snprintf(f->ref_path, sizeof f->ref_path, "%s/ref.fits", dir);
     st = hilal_runner_run(r, f, err);
     hilal_runner_free(r);
     return st;
@@ -64,10 +65,31 @@ static hilal_status simulate(const char *dir, uint64_t seed, int no_events, hila
     return st;
 }
 
+/* Simulates the pair of this seed into $HILAL_TMPDIR/<kind><seed> and runs
+ * the chain on it. *f is always initialised (clear it after use); *truth
+ * is NULL when the simulation failed. */
+static hilal_status simulate_and_run(const hilal_config *cfg, const char *kind, uint64_t seed,
+                                     int no_events, hilal_sim_truth **truth, hilal_frame *f,
+                                     hilal_error *err)
+{
+    char name[64], dir[1024];
+    hilal_frame_init(f);
+    *truth = NULL;
+    snprintf(name, sizeof name, "%s%llu", kind, (unsigned long long)seed);
+    hilal_test_tmpdir(name, dir, sizeof dir);
+    hilal_error_clear(err);
+    hilal_status st = simulate(dir, seed, no_events, truth, err);
+    CHECK_OK(st, err);
+    if (st != HILAL_OK)
+        return st;
+    st = run_chain(cfg, dir, f, err);
+    CHECK_OK(st, err);
+    return st;
+}
+
 int main(void)
 {
     hilal_error err = {0};
-    char dir[1024];
     hilal_config *cfg = hilal_registry_config_new(&err);
     CHECK(cfg != NULL, "config: %s", err.msg);
     if (cfg == NULL)
@@ -79,17 +101,8 @@ int main(void)
     size_t nbright = 0;
     for (uint64_t seed = 11; seed <= 13; seed++) {
         hilal_sim_truth *truth = NULL;
-        char name[64];
-        snprintf(name, sizeof name, "events%llu", (unsigned long long)seed);
-        hilal_test_tmpdir(name, dir, sizeof dir);
-        hilal_error_clear(&err);
-        hilal_status st = simulate(dir, seed, 0, &truth, &err);
-        CHECK_OK(st, &err);
-        if (st != HILAL_OK)
-            continue;
         hilal_frame f;
-        st = run_chain(cfg, dir, &f, &err);
-        CHECK_OK(st, &err);
+        hilal_status st = simulate_and_run(cfg, "events", seed, 0, &truth, &f, &err);
         for (size_t e = 0; st == HILAL_OK && e < truth->nevents; e++) {
             const hilal_sim_event *ev = &truth->events[e];
             if (ev->type == HILAL_SIM_BAD_COLUMN)
@@ -168,17 +181,8 @@ int main(void)
     long npix_total = 0, nfalse = 0;
     for (uint64_t seed = 21; seed <= 24; seed++) {
         hilal_sim_truth *truth = NULL;
-        char name[64];
-        snprintf(name, sizeof name, "noise%llu", (unsigned long long)seed);
-        hilal_test_tmpdir(name, dir, sizeof dir);
-        hilal_error_clear(&err);
-        hilal_status st = simulate(dir, seed, 1, &truth, &err);
-        CHECK_OK(st, &err);
-        if (st != HILAL_OK)
-            continue;
         hilal_frame f;
-        st = run_chain(cfg, dir, &f, &err);
-        CHECK_OK(st, &err);
+        hilal_status st = simulate_and_run(cfg, "noise", seed, 1, &truth, &f, &err);
         if (st == HILAL_OK) {
             /* Source-free pixels: unmasked and farther than 4 FWHM from any
              * star bright enough to show (peak above the sky noise). */
