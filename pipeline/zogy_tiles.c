@@ -5,9 +5,12 @@
  *     PSF variation across the field is measured from the FWHM of the usable
  *     stars (a robust quadratic surface per image); without significant
  *     variation (or with one tile) the frame is subtracted in one piece.
- *  2. Each tile gets its own science and reference PSFs, built from the
- *     stars inside its window (the core widened by half the blending band);
- *     a tile with too few stars keeps the whole-frame PSFs, and says so.
+ *  2. Each tile gets its own science and reference PSFs: the whole-frame
+ *     PSF P_0 dilated by a factor s(x, y), a low-order polynomial fitted to
+ *     the factor that best matches each bright star, wings included
+ *     (field_scale_fit; a pixel-by-pixel regression of the stars' residuals
+ *     when the stars cannot constrain s); a tile with too few stars nearby
+ *     keeps the whole-frame PSFs, and says so.
  *  3. The flux ratio F_n is measured again with the tile PSFs (each star
  *     with the PSFs of its tile), because a PSF that does not match the
  *     stars biases PSF-fit fluxes differently in the two images.
@@ -95,6 +98,13 @@ typedef struct psf_field {
     double *bias;       /* size^2: mean residual of the stars P_0 was built from */
     double fwhm_px;     /* FWHM of P_0 (for the taper) */
     double extent_px;   /* half the larger side of the image */
+    /* the dilation s(x, y) of P_0 (see psf_dilate): a polynomial of degree
+     * sdeg (-1: none, s = 1) in the offsets from the image centre (cx, cy)
+     * in units of extent_px, fitted to all nscale stars (scoef[0]) and to
+     * the even and the odd ones of them (scoef[1], scoef[2]) */
+    int sdeg, nscale;
+    double cx, cy;
+    double scoef[3][FIELD_MAX_TERMS];
 } psf_field;
 
 static void psf_field_free(psf_field *f)
@@ -117,50 +127,404 @@ static int pix_bad(const hilal_image *img, size_t i)
            (img->sky != NULL && !isfinite(img->sky[i]));
 }
 
-/* Collects the residuals of the usable stars of img with flux / flux_err >=
- * min_snr (the brightest max_stars whose stamps are unmasked and inside the
- * image) against P_0 = base:
+/* ------------------------------------------------------------------------
+ * The width of the PSF across the field: P_0 dilated
+ * ------------------------------------------------------------------------ */
+
+/* Where seeing, focus or the optics change the PSF across a field, the
+ * leading change is of its width. A pixel-by-pixel regression of star
+ * residuals cannot follow it into the wings, where each star's pixels are
+ * noise (those corrections are tapered off beyond a few FWHM, see
+ * psf_field_eval), yet the wings of the brightest stars are what ZOGY
+ * subtracts worst with a PSF that is too narrow or too broad there. So the
+ * model is, at any position,
+ *     P(x, y)(u) = P_0(u / s(x, y)) / s(x, y)^2  (+ core corrections),
+ * the whole-frame PSF dilated by a factor s that is a low-order polynomial
+ * of position, fitted to the factor s_k that best matches each bright star
+ * (all of its pixels within FIELD_SCALE_RADIUS FWHM, wings included). */
+
+#define FIELD_SCALE_STARS 200    /* the brightest stars fitted for s_k */
+#define FIELD_SCALE_RADIUS 3.0   /* fitted pixels: within this many FWHM */
+#define FIELD_SCALE_MIN 0.6      /* search range of s_k */
+#define FIELD_SCALE_MAX 1.7
+
+/* Lanczos-3 weights of the 6 samples around source coordinate u (0-based)
+ * on an axis of n samples: taps first..first+5 (outside [0, n): weight 0),
+ * renormalised to sum 1 over the taps inside. */
+static int lanczos3_taps(double u, int n, double w[6])
+{
+    const double pi = 3.141592653589793;
+    int first = (int)floor(u) - 2;
+    double sum = 0;
+    for (int k = 0; k < 6; k++) {
+        int i = first + k;
+        double t = u - (double)i, v;
+        if (i < 0 || i >= n || fabs(t) >= 3.0)
+            v = 0.0;
+        else if (fabs(t) < 1e-9)
+            v = 1.0;
+        else
+            v = 3.0 * sin(pi * t) * sin(pi * t / 3.0) / (pi * pi * t * t);
+        w[k] = v;
+        sum += v;
+    }
+    if (sum != 0)
+        for (int k = 0; k < 6; k++)
+            w[k] /= sum;
+    return first;
+}
+
+/* out (ow x ow, centre pixel oc = ow / 2) = P_0 (S x S, centre S / 2)
+ * dilated by s about its centre and moved by (dx, dy):
+ *     out(i, j) = P_0(c + (i - oc - dx) / s, c + (j - oc - dy) / s) / s^2,
+ * separably with Lanczos-3 interpolation (the map is a scaling along each
+ * axis). tmp holds S x ow doubles. */
+static void psf_dilate(const float *p0, int S, double s, double dx, double dy, int ow, double *tmp,
+                       double *out)
+{
+    const int c = S / 2, oc = ow / 2;
+    double wx[6], wy[6];
+    /* along x, every row of P_0 */
+    for (int i = 0; i < ow; i++) {
+        int f = lanczos3_taps((double)c + ((double)(i - oc) - dx) / s, S, wx);
+        for (int r = 0; r < S; r++) {
+            const float *row = p0 + (size_t)r * (size_t)S;
+            double v = 0;
+            for (int k = 0; k < 6; k++)
+                if (wx[k] != 0)
+                    v += wx[k] * row[f + k];
+            tmp[(size_t)r * (size_t)ow + (size_t)i] = v;
+        }
+    }
+    /* along y */
+    const double norm = 1.0 / (s * s);
+    for (int j = 0; j < ow; j++) {
+        int f = lanczos3_taps((double)c + ((double)(j - oc) - dy) / s, S, wy);
+        double *orow = out + (size_t)j * (size_t)ow;
+        for (int i = 0; i < ow; i++)
+            orow[i] = 0;
+        for (int k = 0; k < 6; k++) {
+            if (wy[k] == 0)
+                continue;
+            const double *trow = tmp + (size_t)(f + k) * (size_t)ow;
+            const double wk = wy[k] * norm;
+            for (int i = 0; i < ow; i++)
+                orow[i] += wk * trow[i];
+        }
+    }
+}
+
+/* Chi^2 of a star (box: ow x ow, image minus sky, its centre at the
+ * central pixel plus (dx, dy); var: its variance) against P_0 dilated by s,
+ * with the amplitude fitted (weighted least squares), over the pixels
+ * within rfit of the centre. *amp receives the amplitude. */
+static double scale_chi2(const float *p0, int S, const double *box, const double *var, int ow,
+                         double dx, double dy, double rfit, double s, double *tmp, double *mod,
+                         double *amp)
+{
+    psf_dilate(p0, S, s, dx, dy, ow, tmp, mod);
+    const int oc = ow / 2;
+    double sbm = 0, smm = 0, sbb = 0;
+    for (int j = 0; j < ow; j++)
+        for (int i = 0; i < ow; i++) {
+            double rx = i - oc - dx, ry = j - oc - dy;
+            if (rx * rx + ry * ry > rfit * rfit)
+                continue;
+            size_t p = (size_t)j * (size_t)ow + (size_t)i;
+            double iv = 1.0 / var[p];
+            sbm += box[p] * mod[p] * iv;
+            smm += mod[p] * mod[p] * iv;
+            sbb += box[p] * box[p] * iv;
+        }
+    if (!(smm > 0)) {
+        *amp = NAN;
+        return INFINITY;
+    }
+    *amp = sbm / smm;
+    return sbb - sbm * sbm / smm;
+}
+
+/* The dilation s_k of one star that minimises scale_chi2: a golden-section
+ * search over [FIELD_SCALE_MIN, FIELD_SCALE_MAX] (chi^2 is smooth and has
+ * one minimum there for a star that is a PSF). Returns NaN when the
+ * minimum lies on the edge of the range (not a PSF of this family). */
+static double scale_fit(const float *p0, int S, const double *box, const double *var, int ow,
+                        double dx, double dy, double rfit, double *tmp, double *mod)
+{
+    const double g = 0.6180339887498949;
+    double a = FIELD_SCALE_MIN, b = FIELD_SCALE_MAX, amp;
+    double x1 = b - g * (b - a), x2 = a + g * (b - a);
+    double f1 = scale_chi2(p0, S, box, var, ow, dx, dy, rfit, x1, tmp, mod, &amp);
+    double f2 = scale_chi2(p0, S, box, var, ow, dx, dy, rfit, x2, tmp, mod, &amp);
+    while (b - a > 2e-3) {
+        if (f1 < f2) {
+            b = x2;
+            x2 = x1;
+            f2 = f1;
+            x1 = b - g * (b - a);
+            f1 = scale_chi2(p0, S, box, var, ow, dx, dy, rfit, x1, tmp, mod, &amp);
+        } else {
+            a = x1;
+            x1 = x2;
+            f1 = f2;
+            x2 = a + g * (b - a);
+            f2 = scale_chi2(p0, S, box, var, ow, dx, dy, rfit, x2, tmp, mod, &amp);
+        }
+    }
+    double s = 0.5 * (a + b);
+    if (s < FIELD_SCALE_MIN + 0.01 || s > FIELD_SCALE_MAX - 0.01 || !isfinite(f1) || !isfinite(f2))
+        return NAN;
+    return s;
+}
+
+/* A robust polynomial fit of values v at positions (x, y) scaled by unit
+ * about (x0, y0), weights w: weighted least squares, then twice again
+ * without the points beyond 3.5 robust sigma (1.4826 MAD) of the fit.
+ * Only the points with use[k] (NULL: all). Returns 0 when it cannot. */
+static int robust_poly(const double *x, const double *y, const double *v, const double *w,
+                       const unsigned char *use, int n, int degree, double x0, double y0,
+                       double unit, double *coef)
+{
+    const int nt = field_nterms(degree);
+    double *res = malloc(sizeof *res * (size_t)(n + 1));
+    unsigned char *keep = malloc((size_t)n + 1);
+    int ok = 0;
+    if (res == NULL || keep == NULL)
+        goto cleanup;
+    for (int k = 0; k < n; k++)
+        keep[k] = (use == NULL || use[k]) && isfinite(v[k]) && w[k] > 0;
+    for (int iter = 0; iter < 3; iter++) {
+        double ata[FIELD_MAX_TERMS * FIELD_MAX_TERMS] = {0}, atb[FIELD_MAX_TERMS] = {0};
+        int m = 0;
+        for (int k = 0; k < n; k++) {
+            if (!keep[k])
+                continue;
+            double t[FIELD_MAX_TERMS];
+            hilal_poly2_terms(degree, (x[k] - x0) / unit, (y[k] - y0) / unit, t);
+            for (int a = 0; a < nt; a++) {
+                atb[a] += w[k] * t[a] * v[k];
+                for (int b = 0; b < nt; b++)
+                    ata[a * nt + b] += w[k] * t[a] * t[b];
+            }
+            m++;
+        }
+        if (m < 2 * nt || !hilal_linsolve(ata, atb, nt))
+            goto cleanup;
+        memcpy(coef, atb, sizeof *coef * (size_t)nt);
+        ok = 1;
+        /* the residuals of the kept points, and their robust scatter */
+        int nr = 0;
+        for (int k = 0; k < n; k++) {
+            if (!keep[k])
+                continue;
+            double t[FIELD_MAX_TERMS], mod = 0;
+            hilal_poly2_terms(degree, (x[k] - x0) / unit, (y[k] - y0) / unit, t);
+            for (int a = 0; a < nt; a++)
+                mod += coef[a] * t[a];
+            res[nr++] = fabs(v[k] - mod);
+        }
+        double mad = hilal_median_double(res, (size_t)nr);
+        double lim = 3.5 * 1.4826 * mad;
+        if (!(lim > 0))
+            break;
+        for (int k = 0; k < n; k++) {
+            if (!keep[k] && (use != NULL && !use[k]))
+                continue;
+            if (!((use == NULL || use[k]) && isfinite(v[k]) && w[k] > 0))
+                continue;
+            double t[FIELD_MAX_TERMS], mod = 0;
+            hilal_poly2_terms(degree, (x[k] - x0) / unit, (y[k] - y0) / unit, t);
+            for (int a = 0; a < nt; a++)
+                mod += coef[a] * t[a];
+            keep[k] = fabs(v[k] - mod) <= lim;
+        }
+    }
+cleanup:
+    free(res);
+    free(keep);
+    return ok;
+}
+
+/* Copies the W x W box of img (minus sky) whose central pixel is (ix, iy)
+ * into box, and its variance into var (NULL: not wanted; without a variance
+ * plane, s2sky). Returns 0 when a pixel is unusable or outside the image. */
+static int star_box(const hilal_image *img, long ix, long iy, int W, double s2sky, float *box,
+                    double *dbox, double *var)
+{
+    const int h = W / 2;
+    if (ix - h < 0 || iy - h < 0 || ix + h >= img->nx || iy + h >= img->ny)
+        return 0;
+    for (long j = 0; j < W; j++)
+        for (long i = 0; i < W; i++) {
+            const size_t p = (size_t)(iy - h + j) * (size_t)img->nx + (size_t)(ix - h + i);
+            if (pix_bad(img, p))
+                return 0;
+            double v = img->pix[p] - (img->sky ? img->sky[p] : 0.0f);
+            if (box != NULL)
+                box[j * W + i] = (float)v;
+            if (dbox != NULL)
+                dbox[j * W + i] = v;
+            if (var != NULL) {
+                double vv = img->var != NULL ? img->var[p] : s2sky;
+                if (!(vv > 0 && isfinite(vv)))
+                    return 0;
+                var[j * W + i] = vv;
+            }
+        }
+    return 1;
+}
+
+/* s(x, y) of a field (part -1: all stars, 0/1: the even/odd ones),
+ * within the search range; 1 without a dilation model. */
+static double field_scale(const psf_field *f, double x, double y, int part)
+{
+    if (f->sdeg < 0)
+        return 1.0;
+    double t[FIELD_MAX_TERMS], s = 0;
+    const int nt = field_nterms(f->sdeg);
+    hilal_poly2_terms(f->sdeg, (x - f->cx) / f->extent_px, (y - f->cy) / f->extent_px, t);
+    for (int a = 0; a < nt; a++)
+        s += f->scoef[part + 1][a] * t[a];
+    if (!(s >= FIELD_SCALE_MIN))
+        s = FIELD_SCALE_MIN;
+    if (s > FIELD_SCALE_MAX)
+        s = FIELD_SCALE_MAX;
+    return s;
+}
+
+/* The dilation model of a field: s_k of up to FIELD_SCALE_STARS of the
+ * brightest usable stars with flux / flux_err >= min_snr, and the
+ * polynomials s(x, y) of the highest degree up to `degree` that 10 stars
+ * per term support, weighted by min(S/N, 100)^2 (the brightest stars'
+ * s_k are limited by how well P_0 describes them, not by their noise). */
+static hilal_status field_scale_fit(const hilal_image *img, const hilal_starlist *stars,
+                                    const hilal_psf *base, double min_snr, int degree,
+                                    psf_field *f, hilal_error *err)
+{
+    hilal_status st = HILAL_OK;
+    const int S = base->size;
+    const double rfit = FIELD_SCALE_RADIUS * f->fwhm_px;
+    const int ow = 2 * (int)ceil(rfit) + 5;
+    double *box = malloc(sizeof *box * (size_t)ow * (size_t)ow);
+    double *var = malloc(sizeof *var * (size_t)ow * (size_t)ow);
+    double *mod = malloc(sizeof *mod * (size_t)ow * (size_t)ow);
+    double *tmp = malloc(sizeof *tmp * (size_t)S * (size_t)ow);
+    double *sx = malloc(sizeof *sx * FIELD_SCALE_STARS), *sy = malloc(sizeof *sy * FIELD_SCALE_STARS);
+    double *sv = malloc(sizeof *sv * FIELD_SCALE_STARS), *sw = malloc(sizeof *sw * FIELD_SCALE_STARS);
+    unsigned char *use = malloc(FIELD_SCALE_STARS);
+    f->sdeg = -1;
+    f->nscale = 0;
+    if (box == NULL || var == NULL || mod == NULL || tmp == NULL || sx == NULL || sy == NULL ||
+        sv == NULL || sw == NULL || use == NULL) {
+        st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for the PSF width model");
+        goto cleanup;
+    }
+    const double s2sky = isfinite(img->sky_rms_adu) && img->sky_rms_adu > 0
+                             ? img->sky_rms_adu * img->sky_rms_adu
+                             : NAN;
+    int n = 0;
+    for (size_t k = 0; k < stars->n && n < FIELD_SCALE_STARS; k++) {
+        const hilal_star *s = &stars->stars[k];
+        if (!s->usable || !(s->flux_adu > 0) || !(s->flux_err_adu > 0) ||
+            s->flux_adu / s->flux_err_adu < min_snr)
+            continue;
+        const double xc = s->x - 1.0, yc = s->y - 1.0;
+        const long ix = lround(xc), iy = lround(yc);
+        if (!star_box(img, ix, iy, ow, s2sky, NULL, box, var))
+            continue;
+        double v = scale_fit(base->data, S, box, var, ow, xc - (double)ix, yc - (double)iy, rfit,
+                             tmp, mod);
+        if (!isfinite(v))
+            continue;
+        double snr = s->flux_adu / s->flux_err_adu;
+        sx[n] = xc;
+        sy[n] = yc;
+        sv[n] = v;
+        sw[n] = snr < 100 ? snr * snr : 1e4;
+        n++;
+    }
+    f->nscale = n;
+    int deg = degree;
+    while (deg > 0 && n < 10 * field_nterms(deg))
+        deg--;
+    if (n < FIELD_MIN_STARS)
+        goto cleanup;
+    int ok = 1;
+    for (int part = -1; part < 2 && ok; part++) {
+        for (int k = 0; k < n; k++)
+            use[k] = part < 0 || k % 2 == part;
+        ok = robust_poly(sx, sy, sv, sw, use, n, deg, f->cx, f->cy, f->extent_px, f->scoef[part + 1]);
+    }
+    if (ok)
+        f->sdeg = deg;
+cleanup:
+    free(box);
+    free(var);
+    free(mod);
+    free(tmp);
+    free(sx);
+    free(sy);
+    free(sv);
+    free(sw);
+    free(use);
+    return st;
+}
+
+/* The PSF of an image across the field. First the dilation model
+ * (field_scale_fit); where it exists, the positions of the usable stars
+ * with flux / flux_err >= min_snr (the brightest max_stars whose stamps
+ * are unmasked and inside the image) are all that is kept. Otherwise the
+ * residuals of those stars against P_0:
  *  1. P_0 is shifted (Lanczos, a = 5) to the star's sub-pixel position, the
  *     star (image minus sky) divided by its PSF-fit flux with P_0 and P_0
  *     subtracted; the residual is shifted back so that the star's centre
- *     falls on the central pixel. (Interpolation smooths what it shifts;
- *     shifting P_0 and the small residual instead of the star keeps that
- *     smoothing out of the variation: it would make narrow PSFs look
- *     broader.) Its per-pixel weight is flux^2 / V (V from the variance
- *     plane).
+ *     falls on the central pixel.
+ *     (Interpolation smooths what it shifts; moving the model and the small
+ *     residual instead of the star keeps that smoothing out of the
+ *     variation: it would make narrow PSFs look broader.) Its per-pixel
+ *     weight is flux^2 / V (V from the variance plane).
  *  2. The mean residual of the brightest base->nstars stars (those P_0 was
  *     built from) is kept as the bias of this stacking against P_0's own
  *     (centroid errors broaden a plain stack): P_0 is the PSF where those
  *     stars are, and psf_field_eval subtracts it.
  * Fewer than FIELD_MIN_STARS stars: out->n = 0 (no model). */
 static hilal_status psf_field_fit(const hilal_image *img, const hilal_starlist *stars,
-                                  const hilal_psf *base, double min_snr, int max_stars,
+                                  const hilal_psf *base, double min_snr, int max_stars, int degree,
                                   psf_field *out, hilal_error *err)
 {
     hilal_status st = HILAL_OK;
     memset(out, 0, sizeof *out);
-    const int S = base->size, c = S / 2, W = S + 2 * FIELD_PAD;
+    out->sdeg = -1;
+    const int S = base->size, W = S + 2 * FIELD_PAD;
     const size_t s2 = (size_t)S * (size_t)S;
     float *box = NULL, *shifted = NULL, *pmod = NULL;
+    double *dbox = NULL, *dvar = NULL;
     int n = 0;
     if (stars == NULL || stars->n == 0 || base->data == NULL || S < 3 || max_stars < 1)
         return HILAL_OK;
     box = malloc(sizeof *box * (size_t)W * (size_t)W);
     shifted = malloc(sizeof *shifted * (size_t)W * (size_t)W);
+    dbox = malloc(sizeof *dbox * (size_t)W * (size_t)W);
+    dvar = malloc(sizeof *dvar * (size_t)W * (size_t)W);
     pmod = malloc(sizeof *pmod * (size_t)W * (size_t)W);
     out->res = malloc(sizeof *out->res * s2 * (size_t)max_stars);
     out->wt = malloc(sizeof *out->wt * s2 * (size_t)max_stars);
     out->sx = malloc(sizeof *out->sx * (size_t)max_stars);
     out->sy = malloc(sizeof *out->sy * (size_t)max_stars);
     out->bias = calloc(s2, sizeof *out->bias);
-    if (box == NULL || shifted == NULL || pmod == NULL || out->res == NULL || out->wt == NULL ||
-        out->sx == NULL || out->sy == NULL || out->bias == NULL) {
+    if (box == NULL || shifted == NULL || dbox == NULL || dvar == NULL || pmod == NULL ||
+        out->res == NULL || out->wt == NULL || out->sx == NULL || out->sy == NULL ||
+        out->bias == NULL) {
         st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for the PSF field");
         goto cleanup;
     }
     out->size = S;
     out->fwhm_px = isfinite(base->fwhm_px) && base->fwhm_px > 0 ? base->fwhm_px : S / 8.0;
     out->extent_px = 0.5 * (double)(img->nx > img->ny ? img->nx : img->ny);
+    out->cx = 0.5 * (double)(img->nx - 1);
+    out->cy = 0.5 * (double)(img->ny - 1);
+    if ((st = field_scale_fit(img, stars, base, min_snr, degree, out, err)) != HILAL_OK)
+        goto cleanup;
     const double s2sky = isfinite(img->sky_rms_adu) && img->sky_rms_adu > 0
                              ? img->sky_rms_adu * img->sky_rms_adu
                              : NAN;
@@ -172,28 +536,23 @@ static hilal_status psf_field_fit(const hilal_image *img, const hilal_starlist *
             continue;
         const double xc = s->x - 1.0, yc = s->y - 1.0;
         const long ix = lround(xc), iy = lround(yc);
-        if (ix - c - FIELD_PAD < 0 || iy - c - FIELD_PAD < 0 || ix + c + FIELD_PAD >= img->nx ||
-            iy + c + FIELD_PAD >= img->ny)
-            continue;
-        int bad = 0;
-        for (long j = 0; j < W && !bad; j++)
-            for (long i = 0; i < W; i++) {
-                const size_t p = (size_t)(iy - c - FIELD_PAD + j) * (size_t)img->nx +
-                                 (size_t)(ix - c - FIELD_PAD + i);
-                if (pix_bad(img, p)) {
-                    bad = 1;
-                    break;
-                }
-                box[j * W + i] = img->pix[p] - (img->sky ? img->sky[p] : 0.0f);
-            }
-        if (bad)
+        if (!star_box(img, ix, iy, W, s2sky, box, dbox, dvar))
             continue;
         double flux, flux_err;
         hilal_error e = {0};
         if (hilal_psf_fit_flux(img, base, s->x, s->y, &flux, &flux_err, &e) != HILAL_OK ||
             !(flux > 0) || !(flux / flux_err >= 0.5 * min_snr))
             continue;
+        if (out->sdeg >= 0) {
+            /* the dilation is the model: only the star's position counts
+             * (stars near a tile, psf_field_eval's nused) */
+            out->sx[n] = xc;
+            out->sy[n] = yc;
+            n++;
+            continue;
+        }
         const double dx = xc - (double)ix, dy = yc - (double)iy;
+        /* P_0 moved to the star's position */
         memset(pmod, 0, sizeof *pmod * (size_t)W * (size_t)W);
         for (int j = 0; j < S; j++)
             memcpy(pmod + (size_t)(j + FIELD_PAD) * W + FIELD_PAD, base->data + (size_t)j * S,
@@ -207,9 +566,9 @@ static hilal_status psf_field_fit(const hilal_image *img, const hilal_starlist *
         float *r = out->res + (size_t)n * s2, *w = out->wt + (size_t)n * s2;
         for (int j = 0; j < S; j++)
             for (int i = 0; i < S; i++) {
-                const size_t p = (size_t)(iy - c + j) * (size_t)img->nx + (size_t)(ix - c + i);
-                double v = img->var != NULL ? img->var[p] : s2sky;
-                r[j * S + i] = shifted[(j + FIELD_PAD) * W + i + FIELD_PAD];
+                const size_t q = (size_t)(j + FIELD_PAD) * (size_t)W + (size_t)(i + FIELD_PAD);
+                double v = dvar[q];
+                r[j * S + i] = shifted[q];
                 w[j * S + i] = v > 0 && isfinite(v) ? (float)(flux * flux / v) : 0.0f;
             }
         out->sx[n] = xc;
@@ -223,7 +582,7 @@ static hilal_status psf_field_fit(const hilal_image *img, const hilal_starlist *
     }
     /* 2. the bias: per pixel, the weighted mean residual of P_0's stars,
      * again without the values beyond 4 sigma of the first mean */
-    {
+    if (out->sdeg < 0) {
         int nb = base->nstars > 0 && base->nstars < n ? base->nstars : n;
         for (size_t p = 0; p < s2; p++) {
             double m = 0;
@@ -244,18 +603,25 @@ static hilal_status psf_field_fit(const hilal_image *img, const hilal_starlist *
     }
 cleanup:
     if (st != HILAL_OK || out->n == 0) {
-        int keep_n = n;
         psf_field_free(out);
-        out->n = st == HILAL_OK ? 0 : 0;
-        (void)keep_n;
+        out->sdeg = -1;
     }
     free(box);
     free(shifted);
+    free(dbox);
+    free(dvar);
     free(pmod);
     return st;
 }
 
-/* The PSF at (x, y) (0-based): per pixel, a polynomial regression of the
+/* The PSF at (x, y) (0-based). With a dilation model (f->sdeg >= 0): P_0
+ * dilated by s(x, y), nothing else. Per-pixel corrections on top of it are
+ * left out because away from the centre of the star field the
+ * regression extrapolates the noise of the stars' residuals into every
+ * pixel (a few 1e-3 of the peak in the wings on simulated frames, enough
+ * to leave a ring around every bright star), while the dilation alone
+ * matches the stars to ~1% everywhere. Without one: per pixel, a
+ * polynomial regression of the
  * residuals of the given degree in the star positions about (x, y), each
  * star weighted by its pixel weight and, for a local regression (LOESS;
  * Cleveland 1979; scale_px > 0), a Gaussian of its distance of standard
@@ -282,8 +648,10 @@ static hilal_status psf_field_eval(const psf_field *f, const hilal_psf *base, do
     double *kw = malloc(sizeof *kw * (size_t)(f->n + 1));
     double *terms = malloc(sizeof *terms * (size_t)(f->n + 1) * (size_t)nt);
     int *idx = malloc(sizeof *idx * (size_t)(f->n + 1));
+    double *dil = malloc(sizeof *dil * s2), *dtmp = malloc(sizeof *dtmp * s2);
     out->data = malloc(sizeof *out->data * s2);
-    if (tmp == NULL || kw == NULL || terms == NULL || idx == NULL || out->data == NULL) {
+    if (tmp == NULL || kw == NULL || terms == NULL || idx == NULL || dil == NULL || dtmp == NULL ||
+        out->data == NULL) {
         st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for a tile PSF");
         goto cleanup;
     }
@@ -309,6 +677,13 @@ static hilal_status psf_field_eval(const psf_field *f, const hilal_psf *base, do
         hilal_poly2_terms(degree, du, dv, terms + (size_t)m * nt);
         m++;
     }
+    /* P_0 dilated to the width here (itself without a dilation model) */
+    if (f->sdeg >= 0) {
+        psf_dilate(base->data, S, field_scale(f, x, y, part), 0.0, 0.0, S, dtmp, dil);
+    } else {
+        for (size_t p = 0; p < s2; p++)
+            dil[p] = base->data[p];
+    }
     const double fw = f->fwhm_px, r1 = 3.0 * fw, r2 = 5.0 * fw;
     double sum = 0;
     for (int j = 0; j < S; j++)
@@ -320,7 +695,7 @@ static hilal_status psf_field_eval(const psf_field *f, const hilal_psf *base, do
             else if (r > r1)
                 taper = 0.5 * (1.0 + cos(3.141592653589793 * (r - r1) / (r2 - r1)));
             double corr = 0;
-            if (taper > 0 && m > 0) {
+            if (taper > 0 && m > 0 && f->sdeg < 0) {
                 double coef[FIELD_MAX_TERMS] = {0};
                 int have = 0;
                 for (int pass = 0; pass < 2; pass++) {
@@ -354,7 +729,7 @@ static hilal_status psf_field_eval(const psf_field *f, const hilal_psf *base, do
                 if (have)
                     corr = taper * (coef[0] - f->bias[p]);
             }
-            double v = base->data[p] + corr;
+            double v = dil[p] + corr;
             out->data[p] = (float)v;
             sum += v;
         }
@@ -392,6 +767,8 @@ cleanup:
     free(kw);
     free(terms);
     free(idx);
+    free(dil);
+    free(dtmp);
     return st;
 }
 
@@ -966,6 +1343,7 @@ hilal_status hilal_zogy_run_tiled(const hilal_zogy_input *in, const hilal_zogy_t
         /* ---- 2. The PSF across the field, at every tile ---- */
         for (int w = 0; w < 2 && tiled; w++) {
             st = psf_field_fit(img[w], stars[w], psf_whole[w], pp->min_snr, tp->psf_max_stars,
+                               tp->psf_degree,
                                &field[w], err);
             if (st != HILAL_OK) {
                 hilal_error_context(err, "%s PSF across the field", w == 0 ? "science" : "reference");
