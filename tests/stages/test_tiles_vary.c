@@ -126,8 +126,10 @@ int main(void)
           tiles.tiled, one.tiled);
     CHECK(one.nfalse >= 10, "one PSF leaves residuals at stars (%d detections away from events)",
           one.nfalse);
-    CHECK(tiles.nfalse < one.nfalse,
-          "tiles give fewer detections away from events: %d vs %d", tiles.nfalse, one.nfalse);
+    /* the dilated PSF model leaves 3 of one PSF's 58 on this pair */
+    CHECK(tiles.nfalse * 5 <= one.nfalse,
+          "tiles give at most a fifth of the detections away from events: %d vs %d",
+          tiles.nfalse, one.nfalse);
     CHECK(tiles.nstars >= 20 && fabs(tiles.star_rms - 1) < 0.8 * fabs(one.star_rms - 1),
           "S_corr at bright stars nearer unit variance: rms %.2f (tiles) vs %.2f (one PSF)",
           tiles.star_rms, one.star_rms);
