@@ -15,10 +15,12 @@
 
 #include <math.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "hilal/config.h"
+#include "hilal/fits.h"
 #include "hilal/log.h"
 #include "hilal/stage.h"
 #include "hilal/stats.h"
@@ -1828,6 +1830,152 @@ cleanup:
 }
 
 /* ------------------------------------------------------------------------
+ * Supplied PSFs
+ * ------------------------------------------------------------------------ */
+
+/* Border of the stamp cut from a supplied PSF image: the Lanczos kernel's
+ * half-width plus the largest centring shift allowed. */
+#define SUPPLIED_MAX_SHIFT 2.5
+#define SUPPLIED_PAD (LANCZOS_A + 3)
+
+hilal_status hilal_psf_from_pixels(const float *pix, long nx, long ny,
+                                   const hilal_psf_build_params *p, hilal_psf *out,
+                                   double *flux_frac, hilal_error *err)
+{
+    hilal_status st = HILAL_OK;
+    float *stamp = NULL, *tmp = NULL, *shifted = NULL, *psf = NULL;
+    hilal_psf_clear(out);
+    if (flux_frac != NULL)
+        *flux_frac = NAN;
+    if (pix == NULL || nx < 3 || ny < 3)
+        return hilal_error_set(err, HILAL_ERR_DATA,
+                               "the PSF image is %ldx%ld px; a PSF needs at least 3x3 px", nx, ny);
+
+    /* 1. Every pixel finite; the brightest pixel and the total. */
+    long nbad = 0, ipk = -1;
+    double total = 0.0, vmax = 0.0;
+    for (long q = 0; q < nx * ny; q++) {
+        if (!isfinite(pix[q])) {
+            nbad++;
+            continue;
+        }
+        total += pix[q];
+        if (ipk < 0 || pix[q] > vmax) {
+            vmax = pix[q];
+            ipk = q;
+        }
+    }
+    if (nbad > 0)
+        return hilal_error_set(err, HILAL_ERR_DATA,
+                               "%ld of the %ldx%ld pixels of the PSF image are NaN or infinite "
+                               "(no data); a PSF image must be complete",
+                               nbad, nx, ny);
+    if (!(vmax > 0.0) || !(total > 0.0))
+        return hilal_error_set(err, HILAL_ERR_DATA,
+                               "the PSF image has no positive peak (brightest pixel %g, sum %g)",
+                               vmax, total);
+    long ip = ipk % nx, jp = ipk / nx;
+
+    /* 2. Its FWHM, around the brightest pixel. */
+    double rmax = fmin(0.5 * (double)(nx > ny ? nx : ny), 64.0);
+    double fwhm0 = hilal_psf_measure_fwhm(pix, NULL, nx, ny, (double)ip, (double)jp, rmax);
+    if (!(fwhm0 > 0.0))
+        return hilal_error_set(err, HILAL_ERR_DATA,
+                               "the PSF image's peak at pixel (%ld, %ld) (1-based) is %s; it "
+                               "does not look like a PSF sampled at the image's pixel scale",
+                               ip + 1, jp + 1,
+                               isnan(fwhm0) ? "not measurable" : "sharper than one pixel");
+
+    /* 3. The side of the stamp: fixed, or from the FWHM as for an
+     *    empirical PSF. */
+    int sz = p->size > 0 ? (p->size % 2 ? p->size : p->size + 1)
+                         : hilal_psf_size_for_fwhm(fwhm0, p->half_size_fwhm, p->size_min,
+                                                   p->size_max);
+    int h = sz / 2, w = sz + 2 * SUPPLIED_PAD, c = w / 2;
+    size_t w2 = (size_t)w * w, s2 = (size_t)sz * sz;
+    stamp = calloc(w2, sizeof *stamp);
+    tmp = malloc(w2 * sizeof *tmp);
+    shifted = malloc(w2 * sizeof *shifted);
+    psf = malloc(s2 * sizeof *psf);
+    if (stamp == NULL || tmp == NULL || shifted == NULL || psf == NULL) {
+        st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for a %dx%d PSF", sz, sz);
+        goto cleanup;
+    }
+    /* 4. The padded stamp around the brightest pixel; pixels beyond the
+     *    image are 0 (a small PSF image is embedded in zeros). */
+    for (int j = 0; j < w; j++)
+        for (int i = 0; i < w; i++) {
+            long x = ip + i - c, y = jp + j - c;
+            if (x >= 0 && y >= 0 && x < nx && y < ny)
+                stamp[(size_t)j * w + i] = pix[y * nx + x];
+        }
+    /*    Centring: out(u) = in(u + s) moves a centroid at s to 0, and the
+     *    centroid of the shifted stamp moves by nearly the shift, so the
+     *    total shift s is corrected by the centroid left after each pass
+     *    (converges in two or three). */
+    double sx = 0.0, sy = 0.0, cx = 0.0, cy = 0.0, sum = 0.0;
+    hilal_psf view = {sz, psf, 0.0, 0};
+    int centred = 0;
+    for (int iter = 0; iter < 10 && !centred; iter++) {
+        shift_separable(stamp, NULL, w, w, sx, sy, tmp, NULL, shifted, NULL);
+        sum = 0.0;
+        for (int j = 0; j < sz; j++)
+            for (int i = 0; i < sz; i++) {
+                float v = shifted[(size_t)(j + SUPPLIED_PAD) * w + (i + SUPPLIED_PAD)];
+                psf[(size_t)j * sz + i] = v;
+                sum += v;
+            }
+        if (!(sum > 0.0)) {
+            st = hilal_error_set(err, HILAL_ERR_DATA,
+                                 "the central %dx%d px of the PSF image sum to %g, not a "
+                                 "positive flux",
+                                 sz, sz, sum);
+            goto cleanup;
+        }
+        for (size_t q = 0; q < s2; q++)
+            psf[q] = (float)(psf[q] / sum);
+        hilal_psf_centroid(&view, &cx, &cy);
+        if (fabs(cx) < 0.002 && fabs(cy) < 0.002) {
+            centred = 1;
+            break;
+        }
+        sx += cx;
+        sy += cy;
+        if (fabs(sx) > SUPPLIED_MAX_SHIFT || fabs(sy) > SUPPLIED_MAX_SHIFT) {
+            st = hilal_error_set(err, HILAL_ERR_DATA,
+                                 "the centroid of the PSF image lies (%.2f, %.2f) px from its "
+                                 "brightest pixel (%ld, %ld) (1-based), more than %.1f px: not "
+                                 "a single centred PSF",
+                                 sx, sy, ip + 1, jp + 1, SUPPLIED_MAX_SHIFT);
+            goto cleanup;
+        }
+    }
+    if (!centred && (fabs(cx) > 0.01 || fabs(cy) > 0.01)) {
+        st = hilal_error_set(err, HILAL_ERR_DATA,
+                             "the PSF image could not be centred (centroid still (%.3f, %.3f) "
+                             "px off after 10 shifts)",
+                             cx, cy);
+        goto cleanup;
+    }
+
+    /* 5. Sum 1 (done above), FWHM of the result. */
+    out->size = sz;
+    out->data = psf;
+    out->fwhm_px = hilal_psf_measure_fwhm(psf, NULL, sz, sz, h, h, h);
+    out->nstars = 0;
+    psf = NULL; /* owned by out */
+    if (flux_frac != NULL)
+        *flux_frac = sum / total;
+
+cleanup:
+    free(stamp);
+    free(tmp);
+    free(shifted);
+    free(psf);
+    return st;
+}
+
+/* ------------------------------------------------------------------------
  * The stage
  * ------------------------------------------------------------------------ */
 
@@ -1851,6 +1999,12 @@ static const hilal_param psf_params[] = {
     {"fallback", HILAL_PARAM_STRING, "moffat", 0, 0, "",
      "too few stars: moffat or gaussian model of the median star FWHM, or none (fail)"},
     {"moffat_beta", HILAL_PARAM_DOUBLE, "2.5", 1.01, 20, "", "beta of the Moffat fallback model"},
+    {"science_file", HILAL_PARAM_STRING, "", 0, 0, "",
+     "FITS image of the science PSF at the science pixel scale (any size; cut to the PSF side "
+     "around its centroid, centred, sum 1) instead of the empirical one; \"\" = from the stars"},
+    {"reference_file", HILAL_PARAM_STRING, "", 0, 0, "",
+     "FITS image of the reference PSF on the science grid, as science_file; \"\" = from the "
+     "stars"},
 };
 
 void hilal_psf_params_from_config(const hilal_config *cfg, hilal_psf_build_params *p)
@@ -1867,11 +2021,72 @@ void hilal_psf_params_from_config(const hilal_config *cfg, hilal_psf_build_param
     p->moffat_beta = hilal_config_get_double(cfg, "psf.moffat_beta");
 }
 
+/* The stage's state: the build settings and the supplied PSFs (size 0 when
+ * the PSF is built from the stars). Read-only once made, so frames can be
+ * processed in parallel. */
+typedef struct psf_state {
+    hilal_psf_build_params build;
+    hilal_psf supplied[2];      /* science, reference */
+    char path[2][1024];         /* their files, for messages */
+} psf_state;
+
+static const char *const which_name[2] = {"science", "reference"};
+static const char *const which_key[2] = {"psf.science_file", "psf.reference_file"};
+
+/* Reads the PSF file of one image (key = its setting) and makes the PSF
+ * (hilal_psf_from_pixels). Errors keep the inner status, name the setting
+ * and the file, and say what to do. */
+static hilal_status load_supplied(const char *key, const char *what, const char *path,
+                                  const hilal_psf_build_params *p, hilal_psf *out,
+                                  hilal_error *err)
+{
+    hilal_image *img = NULL;
+    hilal_error e;
+    hilal_error_clear(&e);
+    double frac = NAN;
+    const char *fix_fmt = "point %s at a FITS image of the %s PSF sampled at the science pixel "
+                          "scale (file.fits[N] or file.fits[EXTNAME] for another HDU), or set it "
+                          "to \"\" to build the PSF from the image's stars";
+    char fix[512];
+    snprintf(fix, sizeof fix, fix_fmt, key, what);
+    hilal_status st = hilal_fits_read_image(path, 0, &img, &e);
+    if (st != HILAL_OK) {
+        hilal_error_set(err, st, "%s = \"%s\": %s; %s", key, path, e.msg, fix);
+        goto cleanup;
+    }
+    st = hilal_psf_from_pixels(img->pix, img->nx, img->ny, p, out, &frac, &e);
+    if (st != HILAL_OK) {
+        hilal_error_set(err, st, "%s = \"%s\" (HDU %d, %ldx%ld px): %s; %s", key, path,
+                        img->meta.hdu, img->nx, img->ny, e.msg, fix);
+        goto cleanup;
+    }
+    hilal_log(HILAL_LOG_INFO,
+              "psf: %s PSF from %s (HDU %d, %ldx%ld px, SHA-256 %.16s...): %dx%d px, FWHM %.2f "
+              "px, %.1f%% of the file's flux inside",
+              what, img->meta.path, img->meta.hdu, img->nx, img->ny,
+              img->meta.sha256[0] ? img->meta.sha256 : "unknown", out->size, out->size,
+              out->fwhm_px, 100.0 * frac);
+cleanup:
+    hilal_image_free(img);
+    return st;
+}
+
+static void psf_fini(void *state)
+{
+    psf_state *s = state;
+    if (s == NULL)
+        return;
+    hilal_psf_clear(&s->supplied[0]);
+    hilal_psf_clear(&s->supplied[1]);
+    free(s);
+}
+
 static hilal_status psf_init(const hilal_config *cfg, void **state, hilal_error *err)
 {
-    hilal_psf_build_params *p = calloc(1, sizeof *p);
-    if (p == NULL)
+    psf_state *s = calloc(1, sizeof *s);
+    if (s == NULL)
         return hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory");
+    hilal_psf_build_params *p = &s->build;
     hilal_psf_build_params_default(p);
     hilal_psf_params_from_config(cfg, p);
     const char *fb = hilal_config_get_string(cfg, "psf.fallback");
@@ -1895,50 +2110,110 @@ static hilal_status psf_init(const hilal_config *cfg, void **state, hilal_error 
         st = hilal_error_set(err, HILAL_ERR_CONFIG,
                              "psf.min_stars = %d exceeds psf.max_stars = %d", p->min_stars,
                              p->max_stars);
+    /* Supplied PSFs are read once, before the first frame, so a bad file
+     * stops the run before any processing. */
+    for (int w = 0; w < 2 && st == HILAL_OK; w++) {
+        const char *path = hilal_config_get_string(cfg, which_key[w]);
+        if (path == NULL || path[0] == '\0')
+            continue;
+        if (strlen(path) >= sizeof s->path[w]) {
+            st = hilal_error_set(err, HILAL_ERR_CONFIG,
+                                 "%s: the path is %zu characters long, more than %zu; use a "
+                                 "shorter path",
+                                 which_key[w], strlen(path), sizeof s->path[w] - 1);
+            break;
+        }
+        snprintf(s->path[w], sizeof s->path[w], "%s", path);
+        st = load_supplied(which_key[w], which_name[w], path, p, &s->supplied[w], err);
+    }
     if (st != HILAL_OK) {
-        free(p);
+        psf_fini(s);
         return st;
     }
-    *state = p;
+    *state = s;
+    return HILAL_OK;
+}
+
+/* Copies src into dst (cleared first). */
+static hilal_status psf_copy(const hilal_psf *src, hilal_psf *dst, hilal_error *err)
+{
+    size_t n = (size_t)src->size * src->size;
+    hilal_psf_clear(dst);
+    float *data = malloc(n * sizeof *data);
+    if (data == NULL)
+        return hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for a %dx%d PSF", src->size,
+                               src->size);
+    memcpy(data, src->data, n * sizeof *data);
+    *dst = *src;
+    dst->data = data;
+    return HILAL_OK;
+}
+
+/* The PSF of one image: the supplied one, or built from its stars. A
+ * supplied PSF whose FWHM is far from the image's stars' is used, with a
+ * warning: an oversampled model, or one of another image. */
+static hilal_status one_psf(const psf_state *s, int w, const hilal_frame *frame,
+                            const hilal_image *img, const hilal_starlist *stars, hilal_psf *out,
+                            hilal_error *err)
+{
+    hilal_status st;
+    if (s->supplied[w].data != NULL) {
+        st = psf_copy(&s->supplied[w], out, err);
+        if (st != HILAL_OK)
+            return st;
+        size_t n = 0;
+        double med = median_star_fwhm(stars, 1, &n);
+        if (n == 0)
+            med = median_star_fwhm(stars, 0, &n);
+        double r = n > 0 ? out->fwhm_px / med : NAN;
+        if (n > 0 && isfinite(r) && (r < 1.0 / 1.5 || r > 1.5))
+            hilal_log(HILAL_LOG_WARN,
+                      "frame %s: the supplied %s PSF (%s = %s) has a FWHM of %.2f px but the "
+                      "median FWHM of %zu stars of %s is %.2f px; check that the PSF is sampled "
+                      "at the image's pixel scale (an oversampled model is wider by its "
+                      "oversampling factor) and belongs to this image",
+                      frame->frame_id, which_name[w], which_key[w], s->path[w], out->fwhm_px, n,
+                      img_name(img), med);
+        hilal_log(HILAL_LOG_DEBUG, "frame %s: %s PSF %dx%d px, FWHM %.2f px, supplied (%s)",
+                  frame->frame_id, which_name[w], out->size, out->size, out->fwhm_px,
+                  s->path[w]);
+        return HILAL_OK;
+    }
+    int fb = 0;
+    st = hilal_psf_build(img, stars, &s->build, out, &fb, err);
+    if (st != HILAL_OK)
+        return st;
+    hilal_log(HILAL_LOG_DEBUG, "frame %s: %s PSF %dx%d px, FWHM %.2f px, %d stars%s",
+              frame->frame_id, which_name[w], out->size, out->size, out->fwhm_px, out->nstars,
+              fb ? " (fallback model)" : "");
     return HILAL_OK;
 }
 
 static hilal_status psf_run(const void *state, hilal_frame *frame, hilal_error *err)
 {
-    const hilal_psf_build_params *p = state;
+    const psf_state *s = state;
     hilal_status st;
     if (frame->sci == NULL || frame->ref == NULL)
         return hilal_error_set(err, HILAL_ERR_INTERNAL, "psf stage needs science and reference");
-    int fb = 0;
-    st = hilal_psf_build(frame->sci, &frame->sci_stars, p, &frame->sci_psf, &fb, err);
+    st = one_psf(s, 0, frame, frame->sci, &frame->sci_stars, &frame->sci_psf, err);
     if (st != HILAL_OK) {
         hilal_error_context(err, "science PSF");
         return st;
     }
-    hilal_log(HILAL_LOG_DEBUG, "frame %s: science PSF %dx%d px, FWHM %.2f px, %d stars%s",
-              frame->frame_id, frame->sci_psf.size, frame->sci_psf.size, frame->sci_psf.fwhm_px,
-              frame->sci_psf.nstars, fb ? " (fallback model)" : "");
-    st = hilal_psf_build(frame->ref, &frame->ref_stars, p, &frame->ref_psf, &fb, err);
+    st = one_psf(s, 1, frame, frame->ref, &frame->ref_stars, &frame->ref_psf, err);
     if (st != HILAL_OK) {
         hilal_psf_clear(&frame->sci_psf);
         hilal_error_context(err, "reference PSF");
         return st;
     }
-    hilal_log(HILAL_LOG_DEBUG, "frame %s: reference PSF %dx%d px, FWHM %.2f px, %d stars%s",
-              frame->frame_id, frame->ref_psf.size, frame->ref_psf.size, frame->ref_psf.fwhm_px,
-              frame->ref_psf.nstars, fb ? " (fallback model)" : "");
     frame->products |= HILAL_PROD_PSF;
     return HILAL_OK;
 }
 
-static void psf_fini(void *state)
-{
-    free(state);
-}
-
 const hilal_stage hilal_stage_psf = {
     .name = "psf",
-    .summary = "empirical PSF of the science and aligned reference images from their stars",
+    .summary = "PSFs of the science and aligned reference images, from their stars or from "
+               "supplied PSF images",
     .params = psf_params,
     .nparams = sizeof psf_params / sizeof psf_params[0],
     .needs = HILAL_PROD_SCIENCE | HILAL_PROD_REFERENCE | HILAL_PROD_BACKGROUND |

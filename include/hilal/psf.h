@@ -157,6 +157,35 @@ hilal_status hilal_psf_build(const hilal_image *img, const hilal_starlist *stars
 hilal_status hilal_psf_fit_flux(const hilal_image *img, const hilal_psf *psf, double x, double y,
                                 double *flux_adu, double *flux_err_adu, hilal_error *err);
 
+/* A PSF from a sampled image of one (nx x ny, row-major, any size): a
+ * model such as WebbPSF's or PSFEx's, rendered at the pixel scale of the
+ * image it describes. The steps (docs/psf.md, "Supplied PSFs"):
+ *  1. checks: at least 3 x 3 px, every pixel finite, a positive brightest
+ *     pixel and a positive total;
+ *  2. FWHM of the image around its brightest pixel
+ *     (hilal_psf_measure_fwhm(), within 64 px);
+ *  3. side: p->size when > 0 (made odd), else
+ *     hilal_psf_size_for_fwhm(FWHM, p->half_size_fwhm, p->size_min,
+ *     p->size_max) -- the rule of hilal_psf_build();
+ *  4. a stamp of that side is cut around the brightest pixel (pixels beyond
+ *     the image count as 0) and shifted (Lanczos, a = 5) until its first
+ *     moments within size/2 vanish (|centroid| < 0.002 px); every pass
+ *     shifts the original pixels by the total offset, so they are
+ *     interpolated once;
+ *  5. normalised to sum 1 over the stamp; fwhm_px measured on the result
+ *     (hilal_psf_measure_fwhm()), nstars = 0.
+ * Only p->size, half_size_fwhm, size_min and size_max are used.
+ * *flux_frac (may be NULL) receives the fraction of the image's total flux
+ * that the stamp holds before normalisation (the part of the wings the
+ * stamp leaves out is 1 - that).
+ * HILAL_ERR_DATA, with a message saying what is wrong, when a check fails,
+ * the peak is sharper than a pixel or the centroid lies more than 2.5 px
+ * from the brightest pixel (not a single centred PSF). out is cleared
+ * first; on failure it stays empty. */
+hilal_status hilal_psf_from_pixels(const float *pix, long nx, long ny,
+                                   const hilal_psf_build_params *p, hilal_psf *out,
+                                   double *flux_frac, hilal_error *err);
+
 #ifdef __cplusplus
 }
 #endif
