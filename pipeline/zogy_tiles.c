@@ -1308,6 +1308,14 @@ hilal_status hilal_zogy_run_tiled(const hilal_zogy_input *in, const hilal_zogy_t
         nty = nty < 1 ? 1 : nty;
     }
     int tiled = ntx * nty > 1 && sci_stars != NULL && ref_stars != NULL;
+    /* A PSF that is a model (supplied by the user, or the analytic fallback
+     * of an image with too few stars: nstars 0) is taken as given across
+     * the field: the stars cannot refine it. */
+    if (tiled && (in->sci_psf == NULL || in->ref_psf == NULL || in->sci_psf->nstars == 0 ||
+                  in->ref_psf->nstars == 0)) {
+        hilal_log(HILAL_LOG_DEBUG, "subtract: a PSF is a model (supplied or analytic): one piece");
+        tiled = 0;
+    }
     nt = ntx * nty;
     const hilal_psf *psf_whole[2] = {in->sci_psf, in->ref_psf};
     const hilal_image *img[2] = {in->sci, in->ref};
