@@ -542,7 +542,7 @@ hilal_status hilal_align_pair(const hilal_image *sci, const hilal_image *ref,
         info.coverage_frac = 1.0;
         info.mean_w2 = 1.0;
         /* Registration error of the untouched pair: RMS of the raw position
-         * differences of the matched stars (0 without matches). */
+         * differences of the matched stars. */
         if (matched) {
             double s2x = 0, s2y = 0;
             for (int k = 0; k < mr.nmatch; k++) {
@@ -553,9 +553,7 @@ hilal_status hilal_align_pair(const hilal_image *sci, const hilal_image *ref,
             }
             info.rms_x_px = sqrt(s2x / mr.nmatch);
             info.rms_y_px = sqrt(s2y / mr.nmatch);
-        } else if (info.method != HILAL_ALIGN_METHOD_GIVEN) {
-            info.rms_x_px = info.rms_y_px = 0.0;
-        } /* align.prealigned without matches: fallback_rms_px, set above */
+        } /* without matches: fallback_rms_px (WCS alone or align.prealigned), set above */
         st = copy_starlist(ref_stars, ref_stars_out, err);
         if (st != HILAL_OK)
             goto cleanup;
