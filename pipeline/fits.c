@@ -9,6 +9,7 @@
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
@@ -515,6 +516,35 @@ static hilal_status image_shape(fitsfile *f, const char *where, int hdunum, long
     return HILAL_OK;
 }
 
+/* Sets the no-data pixels (not finite, or +-FLT_MAX) of pix to NaN and
+ * flags them NODATA; with zero_tiny, also sets -0 and denormal values (a
+ * float32 exponent of 0) to +0, as CFITSIO's null check does. Each block
+ * of pixels is first tested with a branch-free count, which the compiler
+ * vectorises: blocks without such a pixel, nearly all, are read once and
+ * not written. */
+static void flag_nodata(float *pix, hilal_mask_t *mask, size_t n, int zero_tiny)
+{
+    enum { BLOCK = 4096 };
+    const uint32_t tiny = zero_tiny ? 1u : 0u;
+    for (size_t b0 = 0; b0 < n; b0 += BLOCK) {
+        size_t b1 = b0 + BLOCK < n ? b0 + BLOCK : n, nfix = 0;
+        for (size_t i = b0; i < b1; i++) {
+            uint32_t bits;
+            memcpy(&bits, &pix[i], sizeof bits);
+            nfix += !(fabsf(pix[i]) < FLT_MAX); /* NaN, +-Inf, +-FLT_MAX */
+            nfix += tiny & ((bits & 0x7f800000u) == 0) & (bits != 0); /* -0, denormal */
+        }
+        for (size_t i = b0; nfix > 0 && i < b1; i++) {
+            if (!(fabsf(pix[i]) < FLT_MAX)) {
+                pix[i] = NAN;
+                mask[i] |= HILAL_MASK_NODATA;
+            } else if (zero_tiny && fabsf(pix[i]) < FLT_MIN) {
+                pix[i] = 0.0f;
+            }
+        }
+    }
+}
+
 hilal_status hilal_fits_read_image_primary(const char *path, int hdu, hilal_image **out,
                                            char **primary_header, int *nprimary_cards,
                                            hilal_error *err)
@@ -582,9 +612,17 @@ hilal_status hilal_fits_read_image_primary(const char *path, int hdu, hilal_imag
 
     /* Pixels: CFITSIO applies BSCALE/BZERO and converts to float32; pixels
      * equal to BLANK (integer images) and NaN (floating-point images) are
-     * returned as the null value we pass, NaN. */
+     * returned as the null value we pass, NaN, and the check that finds
+     * them also turns float zeros and denormals (exponent 0) into +0. An
+     * unscaled, uncompressed float32 image is copied as it is, so there
+     * the check, a scalar pass over every pixel, is left out (null value 0
+     * tells CFITSIO so), and flag_nodata below does its work in its own
+     * vectorised pass: NaN and +-Inf are no data either way. */
     size_t n = (size_t)nx * (size_t)ny;
-    float nulval = NAN;
+    int compressed = fits_is_compressed_image(f, &status);
+    int plain_float = meta->bitpix == FLOAT_IMG && !compressed && meta->bscale == 1.0 &&
+                      meta->bzero == 0.0 && status == 0;
+    float nulval = plain_float ? 0.0f : NAN;
     int anynul = 0;
     fits_read_img(f, TFLOAT, 1, (LONGLONG)n, &nulval, img->pix, &anynul, &status);
     if (status == NUM_OVERFLOW) {
@@ -613,12 +651,7 @@ hilal_status hilal_fits_read_image_primary(const char *path, int hdu, hilal_imag
      * largest float32 magnitude, which no detector produces and which some
      * pipelines write as a fill value (ZTF reference images use -FLT_MAX).
      * CFITSIO clips values only on overflow, which was rejected above. */
-    for (size_t i = 0; i < n; i++) {
-        if (!isfinite(img->pix[i]) || fabsf(img->pix[i]) == FLT_MAX) {
-            img->pix[i] = NAN;
-            img->mask[i] |= HILAL_MASK_NODATA;
-        }
-    }
+    flag_nodata(img->pix, img->mask, n, plain_float);
 
     st = read_header(f, where, &meta->header, &meta->nheader_cards, err);
     if (st != HILAL_OK)

@@ -33,9 +33,13 @@ _Static_assert(SEP_OBJ_MERGED == HILAL_SEPW_OBJ_MERGED && SEP_OBJ_TRUNC == HILAL
                "SEP flag values changed");
 
 /* sep_extract() reads the process-wide pixel-stack size set by
- * sep_set_extract_pixstack(); setting and extracting happen under this lock
- * so concurrent frames cannot change each other's setting mid-run. */
-static pthread_mutex_t extract_lock = PTHREAD_MUTEX_INITIALIZER;
+ * sep_set_extract_pixstack(); everything else it keeps per call or in
+ * thread-local storage (libsep >= 1.2), so extractions on different images
+ * may run at once. Extractions that want the size already set share this
+ * lock (the usual case: every image of a run has the same setting); one
+ * that must change it holds the lock alone while it sets and extracts, so
+ * no extraction ever sees its setting changed mid-run. */
+static pthread_rwlock_t pixstack_lock = PTHREAD_RWLOCK_INITIALIZER;
 
 /* Translates a libsep status into a hilal_error: the short message, the
  * library's detail text, and what to change. `what` names the operation. */
@@ -134,11 +138,33 @@ cleanup:
     return st;
 }
 
-hilal_status hilal_sepw_extract(const hilal_sepw_image *im, const hilal_sepw_extract_params *p,
-                                hilal_sepw_object **objs, size_t *nobj, hilal_error *err)
+/* Pixel stack of a first extraction attempt (libsep's own default). */
+#define SEPW_FIRST_PIXSTACK 300000
+
+/* One sep_extract() with a pixel stack of `pixstack` pixels (see
+ * pixstack_lock); returns libsep's status. */
+static int extract_with_stack(const sep_image *s, const hilal_sepw_extract_params *p,
+                              size_t pixstack, sep_catalog **cat)
 {
     /* SExtractor's default detection filter: a 3x3 pyramid (SEP normalises it). */
     static const float conv3[9] = {1, 2, 1, 2, 4, 2, 1, 2, 1};
+    pthread_rwlock_rdlock(&pixstack_lock);
+    if (sep_get_extract_pixstack() != pixstack) {
+        pthread_rwlock_unlock(&pixstack_lock);
+        pthread_rwlock_wrlock(&pixstack_lock);
+        sep_set_extract_pixstack(pixstack);
+    }
+    int status = sep_extract(s, (float)p->thresh_sigma, SEP_THRESH_REL, p->minarea,
+                             p->filter ? conv3 : NULL, 3, 3, SEP_FILTER_CONV,
+                             p->deblend_nthresh, p->deblend_cont, p->clean ? 1 : 0,
+                             p->clean_param, cat);
+    pthread_rwlock_unlock(&pixstack_lock);
+    return status;
+}
+
+hilal_status hilal_sepw_extract(const hilal_sepw_image *im, const hilal_sepw_extract_params *p,
+                                hilal_sepw_object **objs, size_t *nobj, hilal_error *err)
+{
     sep_image s;
     sep_catalog *cat = NULL;
     hilal_sepw_object *out = NULL;
@@ -159,17 +185,24 @@ hilal_status hilal_sepw_extract(const hilal_sepw_image *im, const hilal_sepw_ext
         s.noiseval = p->noise_sigma;
     }
 
-    pthread_mutex_lock(&extract_lock);
-    sep_set_extract_pixstack(p->pixstack);
-    int status = sep_extract(&s, (float)p->thresh_sigma, SEP_THRESH_REL, p->minarea,
-                             p->filter ? conv3 : NULL, 3, 3, SEP_FILTER_CONV,
-                             p->deblend_nthresh, p->deblend_cont, p->clean ? 1 : 0,
-                             p->clean_param, &cat);
-    if (status != 0)
+    /* libsep writes its whole pixel stack (a free list of records of ~28
+     * bytes) before it starts, in fresh memory at every call, while most
+     * images use a small part of it: a first attempt has a stack of at most
+     * SEPW_FIRST_PIXSTACK pixels, and only when that overflows does the
+     * extraction run again with the full p->pixstack. The stack size
+     * changes nothing but whether it overflows, so the catalogue is the
+     * same. */
+    size_t first = p->pixstack < SEPW_FIRST_PIXSTACK ? p->pixstack : SEPW_FIRST_PIXSTACK;
+    int status = extract_with_stack(&s, p, first, &cat);
+    if (status == SEPW_PIXSTACK_FULL && first < p->pixstack) {
+        sep_catalog_free(cat);
+        cat = NULL;
+        status = extract_with_stack(&s, p, p->pixstack, &cat);
+    }
+    if (status != 0) {
         st = sepw_fail(status, "source extraction", p->pixstack, err);
-    pthread_mutex_unlock(&extract_lock);
-    if (st != HILAL_OK)
         goto cleanup;
+    }
 
     if (cat->nobj > 0) {
         out = calloc((size_t)cat->nobj, sizeof *out);

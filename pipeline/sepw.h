@@ -9,10 +9,10 @@
  *
  * Coordinates are SEP's: 0-based, the centre of the first pixel is (0, 0).
  *
- * Thread safety: sep_extract() depends on a process-wide pixel-stack
- * setting, so hilal_sepw_extract() sets it and extracts under one mutex.
- * The background and aperture functions keep no global state and run
- * concurrently.
+ * Thread safety: every function may run concurrently on different images
+ * (libsep >= 1.2 keeps its working state per call or per thread). The one
+ * process-wide libsep setting, the extraction pixel-stack size, is changed
+ * only while no other extraction runs (see hilal_sepw_extract).
  *
  * Known libsep defect: sep_extract() in libsep 1.2 (Debian 12) allocates
  * its catalogue's flux and cflux arrays twice and frees only the second
@@ -78,7 +78,8 @@ typedef struct hilal_sepw_extract_params {
     double deblend_cont;      /* minimum contrast of a deblended branch */
     int clean;                /* 1: clean spurious detections near bright objects */
     double clean_param;       /* cleaning efficiency */
-    size_t pixstack;          /* SEP pixel-stack size (active pixels held at once) */
+    size_t pixstack;          /* largest SEP pixel stack (active pixels held at once); a
+                                 smaller one is tried first (hilal_sepw_extract) */
     double noise_sigma;       /* per-pixel noise, ADU, used when the image has no var plane */
 } hilal_sepw_extract_params;
 

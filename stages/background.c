@@ -34,6 +34,7 @@
  *    var = 1e30; any other non-positive or non-finite variance is replaced
  *    by the global RMS^2 and flagged HILAL_MASK_NEGVAR.
  */
+#include <float.h>
 #include <math.h>
 #include <pthread.h>
 #include <stdint.h>
@@ -103,25 +104,134 @@ static hilal_status background_init(const hilal_config *cfg, void **state, hilal
  * Source mask on the 2x2-binned image
  * ------------------------------------------------------------------------ */
 
+/* v when keep is 1, +0 when it is 0 (a select on the bits: the compiler
+ * vectorises it, where it does not a conditional expression). */
+static inline float zero_unless(float v, int keep)
+{
+    uint32_t bits;
+    memcpy(&bits, &v, sizeof bits);
+    bits &= 0u - (uint32_t)keep;
+    memcpy(&v, &bits, sizeof v);
+    return v;
+}
+
+/* Flags the non-finite pixels of one image row NODATA, so that from then
+ * on a pixel is unusable exactly when its mask has a HILAL_MASK_UNUSABLE
+ * bit. Rows without one, nearly all, cost one branch-free (vectorised)
+ * count. */
+static void flag_nonfinite(const float *pix, hilal_mask_t *mask, long nx)
+{
+    long nonfinite = 0;
+    for (long x = 0; x < nx; x++)
+        nonfinite += !(fabsf(pix[x]) <= FLT_MAX);
+    for (long x = 0; nonfinite > 0 && x < nx; x++)
+        if (!isfinite(pix[x]))
+            mask[x] |= HILAL_MASK_NODATA;
+}
+
+/* Mean of the usable ones among the n <= 4 pixels v[] of a block (u[k]:
+ * pixel k is usable), summed in double in order (unusable ones add 0);
+ * NaN when none is. *masked is set when none is. */
+static inline float block_mean(const float v[4], const int u[4], int n_px, int *masked)
+{
+    double sum = 0.0;
+    int n = 0;
+    for (int k = 0; k < n_px; k++) {
+        sum += u[k] ? v[k] : 0.0;
+        n += u[k];
+    }
+    *masked = n == 0;
+    return n > 0 ? (float)(sum / n) : NAN;
+}
+
 /* Binned image: each binned pixel is the mean of the usable pixels of its
  * 2x2 block (the last row/column may be a partial block); NaN and masked
- * (1) when the whole block is unusable. */
-static void bin2(const float *pix, const uint8_t *mask, long nx, long ny, float *b, uint8_t *bm,
-                 long bx, long by)
+ * (1) when the whole block is unusable. Non-finite pixels are flagged
+ * NODATA in the image mask on the way (flag_nonfinite). Returns the number
+ * of masked binned pixels. */
+static size_t bin2(hilal_image *img, float *b, uint8_t *bm, long bx, long by)
 {
-    for (long j = 0; j < by; j++)
-        for (long i = 0; i < bx; i++) {
-            double s = 0.0;
-            int n = 0;
-            for (long y = 2 * j; y < 2 * j + 2 && y < ny; y++)
-                for (long x = 2 * i; x < 2 * i + 2 && x < nx; x++)
-                    if (!mask[y * nx + x]) {
-                        s += pix[y * nx + x];
-                        n++;
-                    }
-            b[j * bx + i] = n > 0 ? (float)(s / n) : NAN;
-            bm[j * bx + i] = (uint8_t)(n == 0);
+    const long nx = img->nx, ny = img->ny, nfull = nx / 2;
+    size_t nmasked = 0;
+    for (long j = 0; j < by; j++) {
+        const long y0 = 2 * j;
+        const int two = y0 + 1 < ny; /* the last row of an odd height stands alone */
+        const float *p0 = img->pix + y0 * nx, *p1 = two ? p0 + nx : p0;
+        hilal_mask_t *m0 = img->mask + y0 * nx, *m1 = two ? m0 + nx : m0;
+        flag_nonfinite(p0, m0, nx);
+        if (two)
+            flag_nonfinite(p1, m1, nx);
+        float *bj = b + j * bx;
+        uint8_t *bmj = bm + j * bx;
+        long i = 0;
+        if (two) {
+            /* Whole blocks, the bulk of the work: the same sum as
+             * block_mean written without branches so that it vectorises
+             * (zero_unless, a divisor of 1 for empty blocks, which get
+             * their NaN afterwards). */
+            size_t nempty = 0;
+            for (; i < nfull; i++) {
+                const long x = 2 * i;
+                const int u00 = !(m0[x] & HILAL_MASK_UNUSABLE);
+                const int u01 = !(m0[x + 1] & HILAL_MASK_UNUSABLE);
+                const int u10 = !(m1[x] & HILAL_MASK_UNUSABLE);
+                const int u11 = !(m1[x + 1] & HILAL_MASK_UNUSABLE);
+                double sum = 0.0;
+                sum += zero_unless(p0[x], u00);
+                sum += zero_unless(p0[x + 1], u01);
+                sum += zero_unless(p1[x], u10);
+                sum += zero_unless(p1[x + 1], u11);
+                const int n = u00 + u01 + u10 + u11;
+                bj[i] = (float)(sum / (double)(n + (n == 0)));
+                bmj[i] = (uint8_t)(n == 0);
+                nempty += (size_t)(n == 0);
+            }
+            for (long k = 0; nempty > 0 && k < nfull; k++)
+                if (bmj[k])
+                    bj[k] = NAN;
+            nmasked += nempty;
         }
+        /* Partial blocks: the last column of an odd width, the last row of
+         * an odd height. */
+        for (; i < bx; i++) {
+            const long x = 2 * i;
+            const int has1 = x + 1 < nx;
+            float v[4];
+            int u[4], k = 0, masked;
+            for (int r = 0; r < 1 + two; r++) {
+                const float *p = r ? p1 : p0;
+                const hilal_mask_t *m = r ? m1 : m0;
+                for (long xx = x; xx <= x + has1; xx++, k++) {
+                    v[k] = p[xx];
+                    u[k] = !(m[xx] & HILAL_MASK_UNUSABLE);
+                }
+            }
+            bj[i] = block_mean(v, u, k, &masked);
+            bmj[i] = (uint8_t)masked;
+            nmasked += (size_t)masked;
+        }
+    }
+    return nmasked;
+}
+
+/* The first index i >= from (and < to) with a[i] != 0, else to: eight
+ * bytes at a time over the zeros (most of a detection map). */
+static long next_set(const uint8_t *a, long from, long to)
+{
+    long i = from;
+    while (i < to && (i & 7) != 0 && a[i] == 0)
+        i++;
+    if (i < to && a[i] != 0)
+        return i;
+    for (; i + 8 <= to; i += 8) {
+        uint64_t w;
+        memcpy(&w, a + i, sizeof w);
+        if (w != 0)
+            break;
+    }
+    while (i < to && a[i] == 0)
+        i++;
+    return i;
 }
 
 /* Union-find over pixel indices, with path halving. */
@@ -174,51 +284,53 @@ static void mask_region(uint8_t *m, long bx, long by, const region *r, double gr
  * sqrt(36/256) = 0.375 times the pixel noise), 8-connected regions of at
  * least MASK_MINAREA pixels, each masked by mask_region. Fills src (bx x
  * by) and returns the number of regions, or -1 when out of memory. scratch
- * holds 2 bx by integers. */
+ * holds 2 bx by integers, above bx by bytes. */
 static long binned_sources(const background_state *s, const float *b, const float *bsky,
                            const uint8_t *bm, long bx, long by, double rms, uint8_t *src,
-                           int32_t *scratch)
+                           int32_t *scratch, uint8_t *above)
 {
     size_t n = (size_t)bx * (size_t)by;
     long nreg = 0;
     int32_t *parent = scratch, *rid = scratch + n;
-    uint8_t *above = calloc(n, 1);
     region *reg = NULL;
-    if (above == NULL) {
-        nreg = -1;
-        goto cleanup;
-    }
     double thr = s->mask_thresh_sigma * 0.375 * rms;
     /* 1. Threshold the smoothed image: the sky-subtracted binned image
      *    (masked pixels 0) convolved separably with 1 2 1 along x, then
      *    along y, divided by the kernel weight inside the image. The
      *    parent array holds the x-pass as float until step 2 reuses it. */
     float *hx = (float *)parent;
+    /* The sky-subtracted row, masked pixels 0 (rid is free until step 3). */
+    float *v = (float *)rid;
     for (long y = 0; y < by; y++) {
         const float *bb = b + y * bx, *ss = bsky + y * bx;
         const uint8_t *mm = bm + y * bx;
-        for (long x = 0; x < bx; x++) {
-            double acc = 0.0, w = 0.0;
-            for (int dx = -1; dx <= 1; dx++) {
-                long xx = x + dx;
-                if (xx < 0 || xx >= bx)
-                    continue;
-                double k = dx == 0 ? 2.0 : 1.0;
-                w += k;
-                if (!mm[xx])
-                    acc += k * (bb[xx] - ss[xx]);
-            }
-            hx[y * bx + x] = (float)(acc / w);
+        float *h = hx + y * bx;
+        for (long x = 0; x < bx; x++)
+            v[x] = zero_unless(bb[x] - ss[x], !mm[x]);
+        /* (1 2 1) / 4 inside, (2 1) / 3 and (1 2) / 3 at the ends. */
+        if (bx == 1) {
+            h[0] = (float)(2.0 * v[0] / 2.0);
+            continue;
         }
+        h[0] = (float)((2.0 * v[0] + v[1]) / 3.0);
+        for (long x = 1; x + 1 < bx; x++)
+            h[x] = (float)(((double)v[x - 1] + 2.0 * v[x] + v[x + 1]) * 0.25);
+        h[bx - 1] = (float)(((double)v[bx - 2] + 2.0 * v[bx - 1]) / 3.0);
     }
     for (long y = 0; y < by; y++) {
         long ya = y > 0 ? y - 1 : y, yb = y + 1 < by ? y + 1 : y;
+        const float *hc = hx + y * bx, *ha = hx + ya * bx, *hb = hx + yb * bx;
+        const uint8_t *mm = bm + y * bx;
+        uint8_t *ab = above + y * bx;
+        if (ya != y && yb != y) {
+            for (long x = 0; x < bx; x++)
+                ab[x] = (!mm[x]) & ((2.0 * hc[x] + ha[x] + hb[x]) * 0.25 > thr);
+            continue;
+        }
         double w = 2.0 + (ya != y) + (yb != y);
         for (long x = 0; x < bx; x++) {
-            long q = y * bx + x;
-            double acc = 2.0 * hx[q] + (ya != y ? hx[ya * bx + x] : 0.0) +
-                         (yb != y ? hx[yb * bx + x] : 0.0);
-            above[q] = !bm[q] && acc / w > thr;
+            double acc = 2.0 * hc[x] + (ya != y ? ha[x] : 0.0) + (yb != y ? hb[x] : 0.0);
+            ab[x] = (!mm[x]) & (acc / w > thr);
         }
     }
     /* 2. 8-connected regions by union-find: every pixel above joins its
@@ -227,8 +339,10 @@ static long binned_sources(const background_state *s, const float *b, const floa
     for (long y = 0; y < by; y++)
         for (long x = 0; x < bx; x++) {
             int32_t q = (int32_t)(y * bx + x);
-            if (!above[q])
+            if (!above[q]) {
+                x = next_set(above + y * bx, x, bx) - 1;
                 continue;
+            }
             parent[q] = q;
             for (int k = 0; k < 4; k++) {
                 long xx = x + nbx[k], yy = y + nby[k];
@@ -244,28 +358,28 @@ static long binned_sources(const background_state *s, const float *b, const floa
         }
     /* 3. Every pixel points to its root; roots get consecutive region
      *    numbers; the footprint moments are summed per region. */
-    for (size_t q = 0; q < n; q++)
-        if (above[q]) {
-            parent[q] = uf_find(parent, (int32_t)q);
-            if (parent[q] == (int32_t)q)
-                rid[q] = (int32_t)nreg++;
-        }
+    for (long q = next_set(above, 0, (long)n); q < (long)n; q = next_set(above, q + 1, (long)n)) {
+        parent[q] = uf_find(parent, (int32_t)q);
+        if (parent[q] == (int32_t)q)
+            rid[q] = (int32_t)nreg++;
+    }
     reg = calloc((size_t)nreg + 1, sizeof *reg);
     if (reg == NULL) {
         nreg = -1;
         goto cleanup;
     }
-    for (size_t q = 0; q < n; q++) {
-        if (!above[q])
-            continue;
-        region *r = &reg[rid[parent[q]]];
-        double x = (double)((long)q % bx), y = (double)((long)q / bx);
-        r->npix++;
-        r->sx += x;
-        r->sy += y;
-        r->sxx += x * x;
-        r->syy += y * y;
-        r->sxy += x * y;
+    for (long yi = 0; yi < by; yi++) {
+        const uint8_t *ab = above + yi * bx;
+        for (long xi = next_set(ab, 0, bx); xi < bx; xi = next_set(ab, xi + 1, bx)) {
+            region *r = &reg[rid[parent[yi * bx + xi]]];
+            double x = (double)xi, y = (double)yi;
+            r->npix++;
+            r->sx += x;
+            r->sy += y;
+            r->sxx += x * x;
+            r->syy += y * y;
+            r->sxy += x * y;
+        }
     }
     /* 4. Masks. */
     memset(src, 0, n);
@@ -274,24 +388,20 @@ static long binned_sources(const background_state *s, const float *b, const floa
             mask_region(src, bx, by, &reg[k], s->mask_grow);
 
 cleanup:
-    free(above);
     free(reg);
     return nreg;
 }
 
 /* Bilinear interpolation of a map m (bx x by) given at the centres of the
  * 2x2 blocks of an nx x ny image (binned pixel k is centred on image
- * coordinate 2k + 0.5), clamped at the borders: the column taps and
- * weights (upsample_cols, once per image) and one image row y into out. */
-typedef struct upsample_cols {
-    long *i0, *i1;
-    float *fx;
-} upsample_cols;
-
-/* The two map samples (i0, i1, 0-based, of b along one axis) between which
- * image coordinate x lies, and the weight f of i1: x maps to binned
- * coordinate u = (x - 0.5) / 2; below the first sample or beyond the last
- * the value is that sample's (i0 = i1). */
+ * coordinate 2k + 0.5), clamped at the borders. Image coordinate x maps
+ * to binned coordinate u = (x - 0.5) / 2 and lies between samples
+ * i0 = floor(u) and i1 = i0 + 1 with weight f = u - i0 on i1: f = 0.75 for
+ * even x, 0.25 for odd x; below the first sample or beyond the last the
+ * value is that sample's (i0 = i1). An image row interpolates along y
+ * between two map rows that were first interpolated along x ("expanded"
+ * to nx values); an expanded row serves two image rows, so the upsampler
+ * keeps the last two. */
 static void upsample_taps(long x, long b, long *i0_out, long *i1_out, double *f_out)
 {
     double u = 0.5 * ((double)x - 0.5);
@@ -312,41 +422,72 @@ static void upsample_taps(long x, long b, long *i0_out, long *i1_out, double *f_
     *f_out = f;
 }
 
-static int upsample_cols_make(upsample_cols *c, long bx, long nx)
+typedef struct upsampler {
+    const float *m;
+    long bx, by, nx;
+    float *row[2]; /* expanded map rows */
+    long j[2];     /* the map row each holds, -1 for none */
+} upsampler;
+
+static int upsampler_make(upsampler *u, const float *m, long bx, long by, long nx)
 {
-    c->i0 = malloc((size_t)nx * sizeof *c->i0);
-    c->i1 = malloc((size_t)nx * sizeof *c->i1);
-    c->fx = malloc((size_t)nx * sizeof *c->fx);
-    if (c->i0 == NULL || c->i1 == NULL || c->fx == NULL)
-        return 0;
-    for (long x = 0; x < nx; x++) {
-        double f;
-        upsample_taps(x, bx, &c->i0[x], &c->i1[x], &f);
-        c->fx[x] = (float)f;
+    *u = (upsampler){m, bx, by, nx, {NULL, NULL}, {-1, -1}};
+    u->row[0] = malloc((size_t)nx * sizeof *u->row[0]);
+    u->row[1] = malloc((size_t)nx * sizeof *u->row[1]);
+    return u->row[0] != NULL && u->row[1] != NULL;
+}
+
+static void upsampler_free(upsampler *u)
+{
+    free(u->row[0]);
+    free(u->row[1]);
+}
+
+/* Map row j expanded along x: e[x] = r[i0] + f (r[i1] - r[i0]). In the
+ * interior the pair of image columns 2k - 1, 2k lies between samples k - 1
+ * and k with f = 0.25 and 0.75; the first column (and the last for an even
+ * width) takes the clamped taps. */
+static void upsample_expand(const float *r, long bx, long nx, float *e)
+{
+    long i0, i1;
+    double f;
+    upsample_taps(0, bx, &i0, &i1, &f);
+    e[0] = r[i0] + (float)f * (r[i1] - r[i0]);
+    const long kend = bx < (nx + 1) / 2 ? bx : (nx + 1) / 2; /* 2k < nx */
+    for (long k = 1; k < kend; k++) {
+        float a = r[k - 1], d = r[k] - r[k - 1];
+        e[2 * k - 1] = a + 0.25f * d;
+        e[2 * k] = a + 0.75f * d;
     }
-    return 1;
+    for (long x = 2 * (bx - 1) + 1; x < nx; x++) {
+        upsample_taps(x, bx, &i0, &i1, &f);
+        e[x] = r[i0] + (float)f * (r[i1] - r[i0]);
+    }
 }
 
-static void upsample_cols_free(upsample_cols *c)
+/* Expanded map row j, computed unless one of the two kept rows holds it;
+ * the row `keep` (still needed) is never the one replaced. */
+static const float *upsampler_expanded(upsampler *u, long j, long keep)
 {
-    free(c->i0);
-    free(c->i1);
-    free(c->fx);
+    for (int k = 0; k < 2; k++)
+        if (u->j[k] == j)
+            return u->row[k];
+    int k = u->j[0] == keep ? 1 : 0;
+    upsample_expand(u->m + j * u->bx, u->bx, u->nx, u->row[k]);
+    u->j[k] = j;
+    return u->row[k];
 }
 
-static void upsample_row(const float *m, long bx, long by, const upsample_cols *c, long nx,
-                         long y, float *out)
+/* Image row y of the upsampled map into out (nx values). */
+static void upsample_row(upsampler *u, long y, float *out)
 {
     long j0, j1;
     double f;
-    upsample_taps(y, by, &j0, &j1, &f);
-    float fy = (float)f;
-    const float *r0 = m + j0 * bx, *r1 = m + j1 * bx;
-    for (long x = 0; x < nx; x++) {
-        float a = r0[c->i0[x]] + c->fx[x] * (r0[c->i1[x]] - r0[c->i0[x]]);
-        float b = r1[c->i0[x]] + c->fx[x] * (r1[c->i1[x]] - r1[c->i0[x]]);
-        out[x] = a + fy * (b - a);
-    }
+    upsample_taps(y, u->by, &j0, &j1, &f);
+    const float fy = (float)f;
+    const float *a = upsampler_expanded(u, j0, -1), *b = upsampler_expanded(u, j1, j0);
+    for (long x = 0; x < u->nx; x++)
+        out[x] = a[x] + fy * (b[x] - a[x]);
 }
 
 /* Median of the values histogrammed in h (nb bins of width w starting at
@@ -362,49 +503,96 @@ static double hist_median(const long *h, int nb, double lo, double w, long n)
 
 /* Robust RMS, 1.4826 x the median absolute deviation, of pix - sky over
  * the usable pixels outside the source mask (src, binned, bx wide) (every
- * fourth row of images over 4 Mpx): the median from a histogram of bin sig_guess / 128 over
+ * fourth row of images over 4 Mpx), with the sky rows from the upsampled
+ * binned map bsky: the median from a histogram of bin sig_guess / 128 over
  * +-8 sig_guess, then, in a second pass, the median of |pix - sky - median|
  * from a histogram of the same bins. NaN when fewer than 100 pixels
- * qualify. */
-static double robust_rms(const float *pix, const float *sky, const uint8_t *mask,
-                         const uint8_t *src, long nx, long ny, long bx, double sig_guess)
+ * qualify (or out of memory). skyrow holds nx floats. Per row, the bin
+ * coordinates of all pixels are computed first (a loop that vectorises),
+ * then the qualifying ones are counted. */
+static double robust_rms(const hilal_image *img, upsampler *bsky, const uint8_t *src, long bx,
+                         double sig_guess, float *skyrow)
 {
-    enum { NB = 2048 };
-    long *hist = calloc(NB, sizeof *hist);
+    enum { NB = 2048, NSUB = 4 };
+    const long nx = img->nx, ny = img->ny;
+    /* NSUB interleaved histograms, summed at the end: neighbouring pixels
+     * often fall in the same bin, and one histogram would make each count
+     * wait for the previous one. */
+    long *hist = calloc(NB * NSUB, sizeof *hist);
+    double *t = malloc((size_t)nx * sizeof *t);
     double out = NAN;
     double w = 16.0 * sig_guess / NB, lo = -8.0 * sig_guess;
-    if (hist == NULL || !(w > 0.0) || !isfinite(w))
+    if (hist == NULL || t == NULL || !(w > 0.0) || !isfinite(w))
         goto cleanup;
     /* Every row up to 4 Mpx, every fourth beyond (a million samples). */
     int step = (double)nx * (double)ny > 4.2e6 ? 4 : 1;
     for (int pass = 0; pass < 2; pass++) {
-        double med = out;
+        const double med = out, base = pass == 0 ? lo : 0.0;
         long n = 0;
-        memset(hist, 0, NB * sizeof *hist);
-        for (long y = 0; y < ny; y += step)
+        memset(hist, 0, NB * NSUB * sizeof *hist);
+        for (long y = 0; y < ny; y += step) {
+            const float *pix = img->pix + y * nx;
+            const hilal_mask_t *m = img->mask + y * nx;
+            const uint8_t *sr = src + (y / 2) * bx;
+            upsample_row(bsky, y, skyrow);
+            if (pass == 0)
+                for (long x = 0; x < nx; x++)
+                    t[x] = (((double)pix[x] - skyrow[x]) - base) / w;
+            else
+                for (long x = 0; x < nx; x++)
+                    t[x] = (fabs(((double)pix[x] - skyrow[x]) - med) - base) / w;
             for (long x = 0; x < nx; x++) {
-                long q = y * nx + x;
-                if (mask[q] || src[(y / 2) * bx + x / 2])
+                if ((m[x] & HILAL_MASK_UNUSABLE) || sr[x / 2])
                     continue;
-                double r = (double)pix[q] - sky[q];
-                double v = pass == 0 ? r : fabs(r - med);
-                long k = (long)floor((v - (pass == 0 ? lo : 0.0)) / w);
-                if (k >= 0 && k < NB) {
-                    hist[k]++;
+                /* t >= 0: truncation is floor; NaN fails both tests. */
+                if (t[x] >= 0.0 && t[x] < NB) {
+                    hist[(long)t[x] * NSUB + (x & (NSUB - 1))]++;
                     n++;
                 }
             }
+        }
+        for (long k = 0; k < NB; k++) {
+            long c = 0;
+            for (int j = 0; j < NSUB; j++)
+                c += hist[k * NSUB + j];
+            hist[k] = c; /* (in place: no smaller bin wrote entries k NSUB...) */
+        }
         if (n < 100) {
             out = NAN;
             goto cleanup;
         }
-        out = hist_median(hist, NB, pass == 0 ? lo : 0.0, w, n);
+        out = hist_median(hist, NB, base, w, n);
     }
     out *= 1.4826;
 
 cleanup:
     free(hist);
+    free(t);
     return out;
+}
+
+/* One row of the variance plane: var = (rms rs)^2 + max(pix - sky, 0) ig,
+ * VAR_MASKED where the mask has an unusable bit. Returns the number of
+ * usable pixels whose variance is not positive and finite; *npos counts
+ * the pixels of positive RMS. (Branch-free and on restrict pointers so
+ * that it vectorises: one pass over 16 Mpx per 4k frame.) var may be the
+ * rms row itself (the full-resolution path keeps the RMS map there). */
+static long variance_row(const float *restrict pix, const float *restrict sky, const float *rms,
+                         const hilal_mask_t *restrict m, long nx, float rs, float ig, float *var,
+                         long *npos)
+{
+    long nbad = 0, np = 0;
+    for (long x = 0; x < nx; x++) {
+        const int bad = (m[x] & HILAL_MASK_UNUSABLE) != 0;
+        const float rv = rms[x];
+        np += rv > 0.0f;
+        const float r = rv * rs, src = pix[x] - sky[x];
+        const float v = r * r + (src > 0.0f ? src : 0.0f) * ig;
+        nbad += !(bad | ((v > 0.0f) & (v < INFINITY)));
+        var[x] = bad ? VAR_MASKED : v;
+    }
+    *npos += np;
+    return nbad;
 }
 
 /* ------------------------------------------------------------------------
@@ -419,67 +607,55 @@ static hilal_status background_image(const background_state *s, hilal_image *img
     hilal_status st = HILAL_OK;
     size_t n = (size_t)img->nx * (size_t)img->ny;
     long nx = img->nx, ny = img->ny;
-    uint8_t *mask = NULL, *bm = NULL, *bsrc = NULL;
-    float *bsky = NULL, *brms = NULL;
-    upsample_cols ucols = {NULL, NULL, NULL};
+    uint8_t *mask = NULL, *bm = NULL, *bsrc = NULL; /* (bm, bsrc: in the sky plane) */
+    float *bsky = NULL, *brms = NULL, *rowbuf = NULL;
+    upsampler usky = {0}, urms = {0};
     const char *path = img->meta.path[0] != '\0' ? img->meta.path : "(unnamed)";
+    const int binned = s->mask_sources && nx >= 8 && ny >= 8;
 
     st = hilal_image_alloc_sky(img, err);
     if (st == HILAL_OK)
         st = hilal_image_alloc_var(img, err);
     if (st != HILAL_OK)
         goto cleanup;
-    mask = malloc(n);
-    if (mask == NULL) {
-        st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for the background of a "
-                             "%ld x %ld image", nx, ny);
-        goto cleanup;
-    }
-
-    /* SEP's mask: unusable pixels, and non-finite ones, which are flagged
-     * NODATA here when ingest did not. SEP reads the pixels themselves. */
-    size_t nmasked = 0;
-    for (size_t i = 0; i < n; i++) {
-        int bad = (img->mask[i] & HILAL_MASK_UNUSABLE) != 0;
-        if (!isfinite(img->pix[i])) {
-            img->mask[i] |= HILAL_MASK_NODATA;
-            bad = 1;
-        }
-        mask[i] = (uint8_t)bad;
-        nmasked += (size_t)bad;
-    }
-    if (nmasked == n) {
-        st = hilal_error_set(err, HILAL_ERR_DATA,
-                             "%s image %s: every pixel is masked (saturated, bad or no data), "
-                             "so there is no background to measure",
-                             which, path);
-        goto cleanup;
-    }
 
     double gsky = NAN, grms = NAN, rscale = 1.0;
     int masked_sources = 0;
-    const float *bin_rms = NULL; /* binned RMS map (binned path) */
-    long bin_x = 0, bin_y = 0;
-    if (s->mask_sources && nx >= 8 && ny >= 8) {
+    if (binned) {
         /* 2. The binned path: sources found and the background measured on
          *    the image binned 2 x 2, with meshes of half the side (the same
          *    meshes on the sky). */
         long bx = (nx + 1) / 2, by = (ny + 1) / 2;
         size_t bn = (size_t)bx * (size_t)by;
-        /* The variance plane is free until the end: it holds the binned
-         * image and the labelling scratch (3 bx by 4-byte words fit in
-         * nx ny), which saves allocating (and page-faulting) them. */
+        /* The variance and sky planes are free until step 3, which writes
+         * them: the variance plane holds the binned image and the
+         * labelling scratch (3 bx by 4-byte words fit in nx ny), the sky
+         * plane the binned masks (3 bx by bytes). Fresh memory costs a
+         * page fault per 4 KiB when first touched; these planes are touched
+         * anyway. (The binned sky and RMS maps are read while step 3
+         * writes both planes: they have their own memory.) */
         float *b = img->var;
         int32_t *scratch = (int32_t *)(img->var + bn);
+        bm = (uint8_t *)img->sky;
+        bsrc = bm + bn;
+        uint8_t *above = bsrc + bn;
         bsky = malloc(bn * sizeof *bsky);
         brms = malloc(bn * sizeof *brms);
-        bm = malloc(bn);
-        bsrc = malloc(bn);
-        if (bsky == NULL || brms == NULL || bm == NULL || bsrc == NULL) {
+        if (bsky == NULL || brms == NULL) {
             st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for source masking");
             goto cleanup;
         }
-        bin2(img->pix, mask, nx, ny, b, bm, bx, by);
+        /* Unusable pixels (non-finite ones are flagged NODATA here when
+         * ingest did not) take no part; a binned pixel is masked when its
+         * whole block is, so every pixel is masked exactly when every
+         * binned one is. */
+        if (bin2(img, b, bm, bx, by) == bn) {
+            st = hilal_error_set(err, HILAL_ERR_DATA,
+                                 "%s image %s: every pixel is masked (saturated, bad or no "
+                                 "data), so there is no background to measure",
+                                 which, path);
+            goto cleanup;
+        }
         int bmesh = s->mesh_px / 2 > 4 ? s->mesh_px / 2 : 4;
         hilal_sepw_image bim = {b, NULL, bm, bx, by};
         double bgsky = NAN, bgrms = NAN;
@@ -487,7 +663,7 @@ static hilal_status background_image(const background_state *s, hilal_image *img
         if (st != HILAL_OK)
             goto cleanup;
         long nreg = bgrms > 0.0 && isfinite(bgrms)
-                        ? binned_sources(s, b, bsky, bm, bx, by, bgrms, bsrc, scratch)
+                        ? binned_sources(s, b, bsky, bm, bx, by, bgrms, bsrc, scratch, above)
                         : 0;
         if (nreg < 0) {
             st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for source masking");
@@ -521,14 +697,15 @@ static hilal_status background_image(const background_state *s, hilal_image *img
                                  which, path, grms, gsky);
             goto cleanup;
         }
-        /* The sky map at full resolution (bilinear between the binned
-         * pixel centres; the map is smooth on the mesh scale). */
-        if (!upsample_cols_make(&ucols, bx, nx)) {
+        /* The sky and RMS maps at full resolution: bilinear between the
+         * binned pixel centres (the maps are smooth on the mesh scale),
+         * made row by row where they are used. */
+        rowbuf = malloc((size_t)nx * sizeof *rowbuf);
+        if (rowbuf == NULL || !upsampler_make(&usky, bsky, bx, by, nx) ||
+            !upsampler_make(&urms, brms, bx, by, nx)) {
             st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for the background");
             goto cleanup;
         }
-        for (long y = 0; y < ny; y++)
-            upsample_row(bsky, bx, by, &ucols, nx, y, img->sky + y * nx);
         /* The RMS of a full-resolution pixel: the binned map scaled so its
          * global value is the robust RMS (1.4826 MAD) of the image's own
          * source-free pixels. For independent pixels the factor is 2 (a
@@ -536,19 +713,41 @@ static hilal_status background_image(const background_state *s, hilal_image *img
          * in resampled or stacked images, gives another factor, which this
          * measures rather than assumes. The MAD needs no clipping
          * correction. */
-        double sig = robust_rms(img->pix, img->sky, mask, bsrc, nx, ny, bx, 2.0 * grms);
+        double sig = robust_rms(img, &usky, bsrc, bx, 2.0 * grms, rowbuf);
         if (!(sig > 0.0) || !isfinite(sig))
             sig = 2.0 * grms / CLIPPED_GAUSS_RMS;
         rscale = sig / grms;
-        bin_rms = brms;
-        bin_x = bx;
-        bin_y = by;
         grms = sig;
     } else {
         /* 1. The full-resolution path (SExtractor's algorithm exactly, as
-         *    without source masking): the sky map into the sky plane, the
-         *    RMS map into the variance plane, which step 3 turns into the
-         *    variance in place. */
+         *    without source masking): SEP's mask holds the unusable pixels,
+         *    and the non-finite ones, which are flagged NODATA here when
+         *    ingest did not (SEP reads the pixels themselves). The sky map
+         *    goes into the sky plane, the RMS map into the variance plane,
+         *    which step 3 turns into the variance in place. */
+        mask = malloc(n);
+        if (mask == NULL) {
+            st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for the background of a "
+                                 "%ld x %ld image", nx, ny);
+            goto cleanup;
+        }
+        size_t nmasked = 0;
+        for (size_t i = 0; i < n; i++) {
+            int bad = (img->mask[i] & HILAL_MASK_UNUSABLE) != 0;
+            if (!isfinite(img->pix[i])) {
+                img->mask[i] |= HILAL_MASK_NODATA;
+                bad = 1;
+            }
+            mask[i] = (uint8_t)bad;
+            nmasked += (size_t)bad;
+        }
+        if (nmasked == n) {
+            st = hilal_error_set(err, HILAL_ERR_DATA,
+                                 "%s image %s: every pixel is masked (saturated, bad or no "
+                                 "data), so there is no background to measure",
+                                 which, path);
+            goto cleanup;
+        }
         hilal_sepw_image im = {img->pix, NULL, mask, nx, ny};
         st = hilal_sepw_background(&im, s->mesh_px, s->filter_size, img->sky, img->var, &gsky,
                                    &grms, err);
@@ -567,7 +766,9 @@ static hilal_status background_image(const background_state *s, hilal_image *img
     }
 
     /* 3. Variance plane, one pass: var = (rms rscale)^2 + max(pix - sky, 0)
-     *    / gain. */
+     *    / gain (on the binned path the same pass writes the sky plane).
+     *    From here a pixel is unusable exactly when its mask has an
+     *    unusable bit (non-finite pixels were flagged above). */
     double gain = img->meta.gain_e_per_adu;
     int have_gain = isfinite(gain) && gain > 0.0;
     double inv_gain = have_gain ? 1.0 / gain : 0.0;
@@ -577,45 +778,32 @@ static hilal_status background_image(const background_state *s, hilal_image *img
                   "(no source Poisson noise). Set the gain keyword in the ingest settings",
                   which, path);
     size_t nneg = 0;
-    float fallback = (float)(grms * grms), rms_max = 0.0f;
+    float fallback = (float)(grms * grms);
+    long npos = 0; /* pixels of positive RMS */
     const float rs = (float)rscale, ig = (float)inv_gain;
-    float *rowbuf = NULL;
-    if (bin_rms != NULL && (rowbuf = malloc((size_t)nx * sizeof *rowbuf)) == NULL) {
-        st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for the background");
-        goto cleanup;
-    }
     for (long y = 0; y < ny; y++) {
         /* The RMS of the row: upsampled from the binned map, or the
          * full-resolution map already in the variance plane. */
-        float *var = img->var + y * nx;
+        float *var = img->var + y * nx, *sky = img->sky + y * nx;
         const float *rms = var;
-        if (bin_rms != NULL) {
-            upsample_row(bin_rms, bin_x, bin_y, &ucols, nx, y, rowbuf);
+        if (binned) {
+            upsample_row(&usky, y, sky);
+            upsample_row(&urms, y, rowbuf);
             rms = rowbuf;
         }
-        const float *pix = img->pix + y * nx, *sky = img->sky + y * nx;
-        const uint8_t *m = mask + y * nx;
-        long nbad = 0;
-        for (long x = 0; x < nx; x++) {
-            float rv = rms[x];
-            rms_max = rv > rms_max ? rv : rms_max;
-            float r = rv * rs, src = pix[x] - sky[x];
-            float v = r * r + (src > 0.0f ? src : 0.0f) * ig;
-            nbad += !m[x] && !(v > 0.0f && v < INFINITY);
-            var[x] = m[x] ? VAR_MASKED : v;
-        }
+        const hilal_mask_t *m = img->mask + y * nx;
+        long nbad = variance_row(img->pix + y * nx, sky, rms, m, nx, rs, ig, var, &npos);
         /* Rare: non-positive or non-finite variance (NaN sky, ...). */
         for (long x = 0; nbad > 0 && x < nx; x++)
-            if (!m[x] && !(var[x] > 0.0f && var[x] < INFINITY)) {
+            if (!(m[x] & HILAL_MASK_UNUSABLE) && !(var[x] > 0.0f && var[x] < INFINITY)) {
                 var[x] = fallback;
                 img->mask[y * nx + x] |= HILAL_MASK_NEGVAR;
                 nneg++;
             }
     }
-    free(rowbuf);
     /* libsep reports a global RMS of 1 when no mesh has any scatter; the
      * RMS map is then 0 everywhere. */
-    if (!(rms_max > 0.0f)) {
+    if (npos == 0) {
         st = hilal_error_set(err, HILAL_ERR_DATA,
                              "%s image %s: the background RMS is 0 ADU (sky %g ADU); a constant "
                              "or empty image cannot be processed",
@@ -632,12 +820,12 @@ static hilal_status background_image(const background_state *s, hilal_image *img
               grms, masked_sources ? " (sources masked)" : "");
 
 cleanup:
-    upsample_cols_free(&ucols);
+    upsampler_free(&usky);
+    upsampler_free(&urms);
+    free(rowbuf);
     free(mask);
     free(bsky);
     free(brms);
-    free(bm);
-    free(bsrc);
     return st;
 }
 

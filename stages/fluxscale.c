@@ -316,28 +316,43 @@ static void robust_slope(pair *p, size_t n, double clip, double *r_out, double *
 #define BG_FLUX_FRAC 0.01 /* ... or this fraction of the source's flux */
 #define BG_MIN_FILL 0.25  /* meshes with fewer usable pixels than this fraction are skipped */
 
-/* Marks (1) the pixels of mask m (nx x ny) that carry light of a star of
- * list L: out to where a Moffat profile (BG_BETA, FWHM fwhm) of the star's
- * peak times scale falls to lim; extended sources (second-moment axes
- * larger than the stars', a_star) get an ellipse scaled by their size. */
-static void mask_list(uint8_t *m, long nx, long ny, const hilal_starlist *L, double scale,
-                      double fwhm, double lim, double flim)
+/* The masked ellipse of one source (see mask_ellipses). */
+typedef struct mask_ellipse {
+    double x0, y0;       /* centre, 0-based px */
+    double A, B;         /* semi-axes, px */
+    double ct, sn;       /* cosine and sine of the position angle */
+    long i0, i1, j0, j1; /* bounding box, px (not clipped to the image) */
+} mask_ellipse;
+
+/* The stars' size: median semi-major axis of the usable stars (0 when
+ * none, or out of memory). */
+static double median_axis(const hilal_starlist *L)
 {
+    double a_star = 0.0;
+    double *v = malloc((L->n + 1) * sizeof *v);
+    size_t n = 0;
+    if (v != NULL) {
+        for (size_t i = 0; i < L->n; i++)
+            if (L->stars[i].usable && L->stars[i].a_px > 0.0)
+                v[n++] = L->stars[i].a_px;
+        a_star = n > 0 ? hilal_median_double(v, n) : 0.0;
+    }
+    free(v);
+    return a_star;
+}
+
+/* The ellipses that mask the light of the stars of list L (into e, at
+ * most L->n; returns how many): out to where a Moffat profile (BG_BETA,
+ * FWHM fwhm) of the star's peak times scale falls to lim; extended sources
+ * (second-moment axes larger than the stars') get an ellipse scaled by
+ * their size. */
+static size_t mask_ellipses(const hilal_starlist *L, double scale, double fwhm, double lim,
+                            double flim, mask_ellipse *e)
+{
+    const double a_star = median_axis(L);
     double alpha = fwhm / (2.0 * sqrt(pow(2.0, 1.0 / BG_BETA) - 1.0));
     double ppf = (BG_BETA - 1.0) / (3.14159265358979323846 * alpha * alpha);
-    /* The stars' size: median semi-major axis of the usable stars. */
-    double a_star = 0.0;
-    {
-        double *v = malloc((L->n + 1) * sizeof *v);
-        size_t n = 0;
-        if (v != NULL) {
-            for (size_t i = 0; i < L->n; i++)
-                if (L->stars[i].usable && L->stars[i].a_px > 0.0)
-                    v[n++] = L->stars[i].a_px;
-            a_star = n > 0 ? hilal_median_double(v, n) : 0.0;
-        }
-        free(v);
-    }
+    size_t ne = 0;
     for (size_t k = 0; k < L->n; k++) {
         const hilal_star *o = &L->stars[k];
         if (!isfinite(o->x) || !isfinite(o->y))
@@ -361,67 +376,141 @@ static void mask_list(uint8_t *m, long nx, long ny, const hilal_starlist *L, dou
             A = r * fmax(1.0, o->a_px / a_star);
             B = r * fmax(1.0, o->b_px / a_star);
         }
-        double ct = isfinite(o->theta_rad) ? cos(o->theta_rad) : 1.0;
-        double sn = isfinite(o->theta_rad) ? sin(o->theta_rad) : 0.0;
-        double x0 = o->x - 1.0, y0 = o->y - 1.0;
-        long i0 = (long)floor(x0 - A), i1 = (long)ceil(x0 + A);
-        long j0 = (long)floor(y0 - A), j1 = (long)ceil(y0 + A);
-        for (long j = j0 < 0 ? 0 : j0; j <= j1 && j < ny; j++)
-            for (long i = i0 < 0 ? 0 : i0; i <= i1 && i < nx; i++) {
-                double du = i - x0, dv = j - y0;
-                double pu = (du * ct + dv * sn) / A, pv = (-du * sn + dv * ct) / B;
-                if (pu * pu + pv * pv <= 1.0)
-                    m[j * nx + i] = 1;
+        mask_ellipse *m = &e[ne++];
+        m->ct = isfinite(o->theta_rad) ? cos(o->theta_rad) : 1.0;
+        m->sn = isfinite(o->theta_rad) ? sin(o->theta_rad) : 0.0;
+        m->x0 = o->x - 1.0;
+        m->y0 = o->y - 1.0;
+        m->A = A;
+        m->B = B;
+        m->i0 = (long)floor(m->x0 - A);
+        m->i1 = (long)ceil(m->x0 + A);
+        m->j0 = (long)floor(m->y0 - A);
+        m->j1 = (long)ceil(m->y0 + A);
+    }
+    return ne;
+}
+
+/* Marks (1) the pixels of image rows [ylo, yhi) (of an image nx wide) that
+ * lie inside any of the n ellipses, in m, which holds those rows (row j at
+ * m + (j - ylo) nx). */
+static void mask_band(uint8_t *m, long nx, const mask_ellipse *e, size_t n, long ylo, long yhi)
+{
+    enum { CHUNK = 64 };
+    double q[CHUNK];
+    for (size_t k = 0; k < n; k++) {
+        const mask_ellipse *el = &e[k];
+        if (el->j1 < ylo || el->j0 >= yhi || el->i1 < 0 || el->i0 >= nx)
+            continue;
+        const double x0 = el->x0, y0 = el->y0, A = el->A, B = el->B, ct = el->ct, sn = el->sn;
+        /* The box clipped to the band, row by row in chunks: the
+         * elliptical radius of a chunk's pixels (a loop on int columns that
+         * vectorises, divisions included), then the marks. */
+        const int ia = (int)(el->i0 < 0 ? 0 : el->i0), ib = (int)(el->i1 < nx ? el->i1 : nx - 1);
+        for (long j = el->j0 < ylo ? ylo : el->j0; j <= el->j1 && j < yhi; j++) {
+            const double dv = j - y0;
+            uint8_t *row = m + (j - ylo) * nx;
+            for (int c0 = ia; c0 <= ib; c0 += CHUNK) {
+                const int nc = ib - c0 + 1 < CHUNK ? ib - c0 + 1 : CHUNK;
+                for (int c = 0; c < nc; c++) {
+                    const double du = (c0 + c) - x0;
+                    const double pu = (du * ct + dv * sn) / A, pv = (-du * sn + dv * ct) / B;
+                    q[c] = pu * pu + pv * pv;
+                }
+                for (int c = 0; c < nc; c++)
+                    if (q[c] <= 1.0)
+                        row[c0 + c] = 1;
             }
+        }
     }
 }
 
 typedef struct bg_job {
     const hilal_image *sci, *ref;
-    const uint8_t *srcmask;
+    const mask_ellipse *ell; /* the sources of both lists */
+    size_t nell;
     double r, sigma;
     long mesh, mx, my;
     double *sum;           /* per mesh */
     long *cnt;
+    long mesh_w, mesh_h;   /* mesh size inside the image */
+    float *scratch;        /* mesh_w floats per thread */
+    uint8_t *band;         /* mesh_h x nx source-mask bytes per thread */
+    const float *zero_row; /* nx zeros, standing in for a missing sky plane */
 } bg_job;
 
-/* Accumulates the sums of N - r R, clipped at +-BG_CLIP sigma, over the
- * meshes of mesh rows [lo, hi); each mesh row belongs to one call, so no
- * locking is needed. (The clip is centred on 0: the offsets sought are a
- * small fraction of sigma, so the symmetric clip leaves their mean
+/* One row segment of n pixels: d = (N - sky_N) - r (R - sky_R), and 0 where
+ * the pixel is a source (src), masked in either image, or |d| > lim (NaN
+ * included); returns the number of pixels kept. Branch-free on restrict
+ * pointers so that it vectorises. */
+static long clipped_diff(const float *restrict np, const float *restrict ns,
+                         const hilal_mask_t *restrict nm, const float *restrict rp,
+                         const float *restrict rs, const hilal_mask_t *restrict rm,
+                         const uint8_t *restrict src, long n, float r, float lim,
+                         float *restrict d)
+{
+    long kept = 0;
+    for (long x = 0; x < n; x++) {
+        const float v = (np[x] - ns[x]) - r * (rp[x] - rs[x]);
+        const int keep = (src[x] == 0) & (((nm[x] | rm[x]) & HILAL_MASK_UNUSABLE) == 0) &
+                         (fabsf(v) <= lim);
+        uint32_t bits;
+        memcpy(&bits, &v, sizeof bits);
+        bits &= 0u - (uint32_t)keep;
+        memcpy(&d[x], &bits, sizeof bits);
+        kept += keep;
+    }
+    return kept;
+}
+
+/* Accumulates the sums of N - r R, clipped at +-BG_CLIP sigma, away from
+ * the sources of both lists, over the meshes of mesh rows [lo, hi); each
+ * mesh row belongs to one call, so no locking is needed, and its source
+ * mask is made there (mask_band on the band of image rows), where it is
+ * read while still in cache. (The clip is centred on 0: the offsets sought
+ * are a small fraction of sigma, so the symmetric clip leaves their mean
  * unbiased while cosmic rays, defects and residuals of unlisted bright
  * sources go.) */
 #define BG_CLIP 4.0
 static void bg_rows(void *ctx, long lo, long hi, int tid)
 {
-    (void)tid;
     const bg_job *b = ctx;
     const hilal_image *sci = b->sci, *ref = b->ref;
     long nx = sci->nx, ny = sci->ny;
     const float lim = (float)(BG_CLIP * b->sigma), rr = (float)b->r;
+    float *d = b->scratch + (size_t)tid * (size_t)b->mesh_w;
+    const float *zero = b->zero_row;
     for (long my = lo; my < hi; my++) {
         long y0 = my * b->mesh, y1 = y0 + b->mesh < ny ? y0 + b->mesh : ny;
+        double *sum = b->sum + my * b->mx;
+        long *cnt = b->cnt + my * b->mx;
+        uint8_t *band = b->band + (size_t)tid * (size_t)b->mesh_h * (size_t)nx;
+        memset(band, 0, (size_t)(y1 - y0) * (size_t)nx);
+        mask_band(band, nx, b->ell, b->nell, y0, y1);
         for (long mx = 0; mx < b->mx; mx++) {
-            long x0 = mx * b->mesh, x1 = x0 + b->mesh < nx ? x0 + b->mesh : nx;
-            double s = 0.0;
-            long n = 0;
-            for (long y = y0; y < y1; y++) {
-                const long o = y * nx;
-                for (long x = x0; x < x1; x++) {
-                    long q = o + x;
-                    /* (Pixels without data are NaN here and fail the clip.) */
-                    if (b->srcmask[q] || ((sci->mask[q] | ref->mask[q]) & HILAL_MASK_UNUSABLE))
-                        continue;
-                    float d = (sci->pix[q] - (sci->sky ? sci->sky[q] : 0.0f)) -
-                              rr * (ref->pix[q] - (ref->sky ? ref->sky[q] : 0.0f));
-                    if (!(fabsf(d) <= lim))
-                        continue;
-                    s += d;
-                    n++;
-                }
+            sum[mx] = 0.0;
+            cnt[mx] = 0;
+        }
+        /* Whole image rows in turn (the planes are read as streams), each
+         * mesh's part added to its own sums: per mesh the same sums in the
+         * same order as mesh by mesh. */
+        for (long y = y0; y < y1; y++) {
+            for (long mx = 0; mx < b->mx; mx++) {
+                long x0 = mx * b->mesh, x1 = x0 + b->mesh < nx ? x0 + b->mesh : nx;
+                const long o = y * nx + x0;
+                /* The values of N - r R, 0 where not used (masked, a
+                 * source, or clipped; pixels without data are NaN here and
+                 * fail the clip), in a vectorised pass; then their sum in
+                 * order, which adding the zeros leaves as it is. */
+                cnt[mx] += clipped_diff(sci->pix + o, sci->sky ? sci->sky + o : zero + x0,
+                                        sci->mask + o, ref->pix + o,
+                                        ref->sky ? ref->sky + o : zero + x0, ref->mask + o,
+                                        band + (y - y0) * nx + x0, x1 - x0, rr, lim, d);
+                double s = sum[mx];
+                for (long x = 0; x < x1 - x0; x++)
+                    s += d[x];
+                sum[mx] = s;
             }
-            b->sum[my * b->mx + mx] = s;
-            b->cnt[my * b->mx + mx] = n;
         }
     }
 }
@@ -431,16 +520,20 @@ typedef struct bg_apply_job {
     const double *coef;
     int order;
     double r;
+    const double *u;  /* nx normalised column coordinates */
+    double *scratch;  /* nx doubles per thread */
 } bg_apply_job;
 
 /* ref->sky -= poly(u, v) / r over rows [lo, hi): per row the polynomial
- * collapses to one in u, evaluated by Horner's rule. */
+ * collapses to one in u, evaluated by Horner's rule, one coefficient at a
+ * time over the whole row (loops that vectorise). */
 static void bg_apply_rows(void *ctx, long lo, long hi, int tid)
 {
-    (void)tid;
     const bg_apply_job *a = ctx;
     long nx = a->ref->nx, ny = a->ref->ny;
     double cu[4];
+    const double *restrict u = a->u;
+    double *restrict pv = a->scratch + (size_t)tid * (size_t)nx;
     for (long y = lo; y < hi; y++) {
         double v = (y - 0.5 * (ny - 1)) / (0.5 * ny);
         /* cu[p] = sum over terms u^p v^q of coef v^q. */
@@ -450,13 +543,14 @@ static void bg_apply_rows(void *ctx, long lo, long hi, int tid)
         for (int d = 0; d <= a->order; d++)
             for (int p = d; p >= 0; p--, k++)
                 cu[p] += a->coef[k] * pow(v, d - p);
-        float *row = a->ref->sky + y * nx;
-        for (long x = 0; x < nx; x++) {
-            double u = (x - 0.5 * (nx - 1)) / (0.5 * nx), pv = 0.0;
-            for (int p = a->order; p >= 0; p--)
-                pv = pv * u + cu[p];
-            row[x] = (float)(row[x] - pv / a->r);
-        }
+        for (long x = 0; x < nx; x++)
+            pv[x] = cu[a->order];
+        for (int p = a->order - 1; p >= 0; p--)
+            for (long x = 0; x < nx; x++)
+                pv[x] = pv[x] * u[x] + cu[p];
+        float *restrict row = a->ref->sky + y * nx;
+        for (long x = 0; x < nx; x++)
+            row[x] = (float)(row[x] - pv[x] / a->r);
     }
 }
 
@@ -472,10 +566,21 @@ static hilal_status match_background(const fluxscale_state *s, hilal_frame *fram
     double sn = sci->sky_rms_adu, sr = ref->sky_rms_adu;
     double sigma = sqrt(sn * sn + r * r * sr * sr);
     long mx = (nx + mesh - 1) / mesh, my = (ny + mesh - 1) / mesh, nm = mx * my;
-    uint8_t *srcmask = calloc((size_t)nx * (size_t)ny, 1);
     double *sum = malloc((size_t)nm * sizeof *sum);
     long *cnt = malloc((size_t)nm * sizeof *cnt);
-    if (srcmask == NULL || sum == NULL || cnt == NULL) {
+    int nthreads = s->threads < HILAL_PARALLEL_MAX_THREADS ? s->threads : HILAL_PARALLEL_MAX_THREADS;
+    if (nthreads < 1)
+        nthreads = 1;
+    /* Per thread: a mesh row of N - r R values and a band of source-mask
+     * rows. */
+    long mesh_w = mesh < nx ? mesh : nx, mesh_h = mesh < ny ? mesh : ny;
+    float *scratch = malloc((size_t)nthreads * (size_t)mesh_w * sizeof *scratch);
+    uint8_t *band = malloc((size_t)nthreads * (size_t)mesh_h * (size_t)nx);
+    mask_ellipse *ell = malloc((frame->sci_stars.n + frame->ref_stars.n + 1) * sizeof *ell);
+    float *zero = sci->sky == NULL || ref->sky == NULL ? calloc((size_t)nx, sizeof *zero) : NULL;
+    double *ucol = NULL, *pvrow = NULL;
+    if (sum == NULL || cnt == NULL || scratch == NULL || band == NULL || ell == NULL ||
+        ((sci->sky == NULL || ref->sky == NULL) && zero == NULL)) {
         st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for the differential background");
         goto cleanup;
     }
@@ -487,14 +592,16 @@ static hilal_status match_background(const fluxscale_state *s, hilal_frame *fram
     /* Sources of both lists, in units of N - r R. */
     double fs = isfinite(frame->sci_psf.fwhm_px) ? frame->sci_psf.fwhm_px : 3.0;
     double fr = isfinite(frame->ref_psf.fwhm_px) ? frame->ref_psf.fwhm_px : 3.0;
-    mask_list(srcmask, nx, ny, &frame->sci_stars, 1.0, fs, BG_MASK_SIGMA * sigma,
-              BG_FLUX_SIGMA * sigma);
-    mask_list(srcmask, nx, ny, &frame->ref_stars, r, fr, BG_MASK_SIGMA * sigma,
-              BG_FLUX_SIGMA * sigma);
 
     /* Clipped means per mesh. */
-    bg_job job = {sci, ref, srcmask, r, sigma, mesh, mx, my, sum, cnt};
-    hilal_parallel_for(s->threads, my, bg_rows, &job);
+    size_t nell = mask_ellipses(&frame->sci_stars, 1.0, fs, BG_MASK_SIGMA * sigma,
+                                BG_FLUX_SIGMA * sigma, ell);
+    nell += mask_ellipses(&frame->ref_stars, r, fr, BG_MASK_SIGMA * sigma, BG_FLUX_SIGMA * sigma,
+                          ell + nell);
+    bg_job job = {.sci = sci, .ref = ref, .ell = ell, .nell = nell, .r = r, .sigma = sigma,
+                  .mesh = mesh, .mx = mx, .my = my, .sum = sum, .cnt = cnt, .mesh_w = mesh_w,
+                  .mesh_h = mesh_h, .scratch = scratch, .band = band, .zero_row = zero};
+    hilal_parallel_for(nthreads, my, bg_rows, &job);
 
     /* Weighted polynomial fit to the mesh means (weight: pixel count),
      * with meshes more than 4 sigma off the fit dropped once. */
@@ -568,17 +675,30 @@ static hilal_status match_background(const fluxscale_state *s, hilal_frame *fram
     /* Apply: R gains poly / r, so N - r R loses poly. */
     if (ref->sky == NULL && (st = hilal_image_alloc_sky(ref, err)) != HILAL_OK)
         goto cleanup;
-    bg_apply_job aj = {ref, coef, order, r};
-    hilal_parallel_for(s->threads, ny, bg_apply_rows, &aj);
+    ucol = malloc((size_t)nx * sizeof *ucol);
+    pvrow = malloc((size_t)nthreads * (size_t)nx * sizeof *pvrow);
+    if (ucol == NULL || pvrow == NULL) {
+        st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for the differential background");
+        goto cleanup;
+    }
+    for (long x = 0; x < nx; x++)
+        ucol[x] = (x - 0.5 * (nx - 1)) / (0.5 * nx);
+    bg_apply_job aj = {ref, coef, order, r, ucol, pvrow};
+    hilal_parallel_for(nthreads, ny, bg_apply_rows, &aj);
     hilal_log(HILAL_LOG_DEBUG,
               "frame %s: differential background (science - %.4f x reference) %.3f ADU at the "
               "centre (order %d, %ld meshes of %ld px); removed through the reference's sky map",
               frame->frame_id, r, coef[0], order, nvalid, mesh);
 
 cleanup:
-    free(srcmask);
+    free(band);
+    free(ell);
     free(sum);
     free(cnt);
+    free(scratch);
+    free(zero);
+    free(ucol);
+    free(pvrow);
     return st;
 }
 

@@ -1,12 +1,15 @@
 /* The ingest stage: reads the science and reference images and their
- * detector metadata. See include/hilal/ingest.h and docs/ingest.md. */
+ * detector metadata, the two files in two threads when pipeline.threads
+ * allows. See include/hilal/ingest.h and docs/ingest.md. */
 #include "hilal/ingest.h"
 
 #include <math.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "hilal/fft.h"
 #include "hilal/fits.h"
 #include "hilal/log.h"
 
@@ -304,6 +307,47 @@ static void resolve_optional(const headers *h, const char *key, double fallback,
     *out = found ? v : NAN;
 }
 
+/* Pixels equal to the declared no-data value nodata_adu (when finite;
+ * compared after BSCALE/BZERO, in float32) become NaN and NODATA; then
+ * pixels at or above the saturation level saturate_adu (when finite) are
+ * flagged SAT (no-data pixels are NaN and never compare true). The image
+ * comes from the FITS reader, whose mask holds NODATA exactly for its NaN
+ * pixels, so *nnodata, the no-data pixels, is the NaN count afterwards.
+ * Each block of pixels is first tested with branch-free counts (the
+ * compiler vectorises them); only blocks with such a pixel are written. */
+static void flag_values(hilal_image *img, double nodata_adu, double saturate_adu,
+                        size_t *nnodata, size_t *nsat)
+{
+    enum { BLOCK = 4096 };
+    const size_t n = (size_t)img->nx * (size_t)img->ny;
+    const int use_fill = isfinite(nodata_adu), use_sat = isfinite(saturate_adu);
+    /* Without a level the comparisons are made false: NaN never compares. */
+    const float fill = use_fill ? (float)nodata_adu : NAN;
+    const float sat = use_sat ? (float)saturate_adu : NAN;
+    float *pix = img->pix;
+    hilal_mask_t *mask = img->mask;
+    *nnodata = *nsat = 0;
+    for (size_t b0 = 0; b0 < n; b0 += BLOCK) {
+        size_t b1 = b0 + BLOCK < n ? b0 + BLOCK : n, nnan = 0, nflag = 0;
+        for (size_t i = b0; i < b1; i++) {
+            nnan += pix[i] != pix[i];
+            nflag += (pix[i] == fill) | (pix[i] >= sat);
+        }
+        *nnodata += nnan;
+        for (size_t i = b0; nflag > 0 && i < b1; i++) {
+            if (pix[i] == fill) {
+                pix[i] = NAN;
+                mask[i] |= HILAL_MASK_NODATA;
+                (*nnodata)++;
+            }
+            if (pix[i] >= sat) {
+                mask[i] |= HILAL_MASK_SAT;
+                (*nsat)++;
+            }
+        }
+    }
+}
+
 hilal_status hilal_ingest_read(const hilal_ingest_opts *o, const char *path, int hdu,
                                hilal_image **out, hilal_ingest_sources *sources,
                                hilal_error *err)
@@ -372,31 +416,11 @@ hilal_status hilal_ingest_read(const hilal_ingest_opts *o, const char *path, int
     lookup_text(&h, o->key_object, meta->object, sizeof meta->object, src->object,
                 sizeof src->object);
 
-    /* A declared no-data value (compared after BSCALE/BZERO, in float32). */
-    size_t n = (size_t)img->nx * (size_t)img->ny, nsat = 0;
-    if (isfinite(o->nodata_adu)) {
-        float fill = (float)o->nodata_adu;
-        for (size_t i = 0; i < n; i++) {
-            if (img->pix[i] == fill) {
-                img->pix[i] = NAN;
-                img->mask[i] |= HILAL_MASK_NODATA;
-            }
-        }
-    }
-    /* Saturated pixels: value at or above the level (no-data pixels are NaN
-     * and never compare true). */
-    if (isfinite(meta->saturate_adu)) {
-        float sat = (float)meta->saturate_adu;
-        for (size_t i = 0; i < n; i++) {
-            if (img->pix[i] >= sat) {
-                img->mask[i] |= HILAL_MASK_SAT;
-                nsat++;
-            }
-        }
-    }
+    /* The declared no-data value and saturation. */
+    size_t nnodata = 0, nsat = 0;
+    flag_values(img, o->nodata_adu, meta->saturate_adu, &nnodata, &nsat);
     hilal_log(HILAL_LOG_DEBUG, "%s: %ld x %ld px, BITPIX %d, %zu no-data and %zu saturated px",
-              where, img->nx, img->ny, meta->bitpix,
-              hilal_image_count_mask(img, HILAL_MASK_NODATA), nsat);
+              where, img->nx, img->ny, meta->bitpix, nnodata, nsat);
 
 cleanup:
     free(prim);
@@ -412,42 +436,89 @@ cleanup:
  * The stage
  * ------------------------------------------------------------------------ */
 
+typedef struct ingest_state {
+    hilal_ingest_opts opts;
+    int threads; /* pipeline.threads, resolved */
+} ingest_state;
+
 static hilal_status ingest_init(const hilal_config *cfg, void **state, hilal_error *err)
 {
-    hilal_ingest_opts *o = malloc(sizeof *o);
-    if (o == NULL)
+    ingest_state *s = malloc(sizeof *s);
+    if (s == NULL)
         return hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory");
-    hilal_status st = hilal_ingest_opts_from_config(cfg, o, err);
+    hilal_status st = hilal_ingest_opts_from_config(cfg, &s->opts, err);
     if (st != HILAL_OK) {
-        free(o);
+        free(s);
         return st;
     }
-    *state = o;
+    /* pipeline.threads = 0: one per core. */
+    s->threads = hilal_fft_threads((int)hilal_config_get_int(cfg, "pipeline.threads"));
+    *state = s;
     return HILAL_OK;
+}
+
+/* The reference image, read in a second thread. */
+typedef struct ingest_thread {
+    const hilal_ingest_opts *o;
+    const char *path;
+    int hdu;
+    hilal_image *img;
+    hilal_error err;
+    hilal_status st;
+} ingest_thread;
+
+static void *ingest_thread_main(void *arg)
+{
+    ingest_thread *t = arg;
+    t->st = hilal_ingest_read(t->o, t->path, t->hdu, &t->img, NULL, &t->err);
+    return NULL;
 }
 
 static hilal_status ingest_run(const void *state, hilal_frame *frame, hilal_error *err)
 {
-    const hilal_ingest_opts *o = state;
-    hilal_status st;
-    if (frame->sci == NULL) {
-        if (frame->sci_path[0] == '\0')
-            return hilal_error_set(err, HILAL_ERR_USAGE, "no science image given");
+    const ingest_state *s = state;
+    const hilal_ingest_opts *o = &s->opts;
+    hilal_status st = HILAL_OK;
+    int need_sci = frame->sci == NULL, need_ref = frame->ref == NULL;
+    if (need_sci && frame->sci_path[0] == '\0')
+        return hilal_error_set(err, HILAL_ERR_USAGE, "no science image given");
+    if (need_ref && frame->ref_path[0] == '\0')
+        return hilal_error_set(err, HILAL_ERR_USAGE, "no reference image given");
+    /* The science image here, the reference in a second thread when
+     * allowed (or when the thread cannot be started, afterwards here): the
+     * two files are independent, and reading one is mostly CPU (pixel
+     * conversion, checksum). The science error wins, and the frame gets
+     * the reference only when both were read, as when read in turn.
+     * CFITSIO (built reentrant) and wcslib's header parser are thread-safe;
+     * CFITSIO's stack of error messages is shared by all threads, so when
+     * one file fails while the other is being read, the CFITSIO detail
+     * quoted in the message may be incomplete (the status and the rest of
+     * the message are not affected). Night workers read files
+     * concurrently in the same way. */
+    ingest_thread t = {o, frame->ref_path, frame->ref_hdu, NULL, {0}, HILAL_OK};
+    hilal_error_clear(&t.err);
+    pthread_t tid;
+    int threaded = need_sci && need_ref && s->threads >= 2 &&
+                   pthread_create(&tid, NULL, ingest_thread_main, &t) == 0;
+    if (need_sci) {
         st = hilal_ingest_read(o, frame->sci_path, frame->sci_hdu, &frame->sci, NULL, err);
-        if (st != HILAL_OK) {
+        if (st != HILAL_OK)
             hilal_error_context(err, "science");
-            return st;
-        }
     }
-    if (frame->ref == NULL) {
-        if (frame->ref_path[0] == '\0')
-            return hilal_error_set(err, HILAL_ERR_USAGE, "no reference image given");
-        st = hilal_ingest_read(o, frame->ref_path, frame->ref_hdu, &frame->ref, NULL, err);
-        if (st != HILAL_OK) {
-            hilal_error_context(err, "reference");
-            return st;
-        }
+    if (threaded)
+        pthread_join(tid, NULL);
+    else if (st == HILAL_OK && need_ref)
+        ingest_thread_main(&t);
+    if (st == HILAL_OK && need_ref && t.st != HILAL_OK) {
+        st = hilal_error_set(err, t.st, "%s", t.err.msg);
+        hilal_error_context(err, "reference");
     }
+    if (st != HILAL_OK) {
+        hilal_image_free(t.img);
+        return st;
+    }
+    if (need_ref)
+        frame->ref = t.img;
     frame->products |= HILAL_PROD_SCIENCE | HILAL_PROD_REFERENCE;
     return HILAL_OK;
 }
