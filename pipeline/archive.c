@@ -34,14 +34,17 @@
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
+#include <zlib.h>
 
 #include "associate.h"
 #include "h5.h"
 #include "hilal/checksum.h"
+#include "hilal/fft.h"
 #include "hilal/log.h"
 #include "hilal/stats.h"
 #include "hilal/version.h"
 #include "hilal/wcs.h"
+#include "parallel.h"
 
 #define FORMAT_NAME "Hilal candidate archive"
 
@@ -1559,14 +1562,51 @@ static double sampled_median(const float *a, const hilal_mask_t *mask, size_t n,
     float *s = malloc((n / stride + 1) * sizeof *s);
     if (s == NULL)
         return NAN;
-    for (size_t i = 0; i < n; i += stride) {
-        if (!isfinite(a[i]) || (mask != NULL && (mask[i] & bad)) || (positive_only && a[i] <= 0))
-            continue;
-        s[m++] = a[i];
+    /* The samples are a page or more apart: each one misses the caches
+     * and the TLB. They are loaded BATCH at a time into local arrays first,
+     * so that those misses overlap instead of waiting for each in turn. */
+    enum { BATCH = 32 };
+    for (size_t i0 = 0; i0 < n; i0 += BATCH * stride) {
+        float v[BATCH];
+        hilal_mask_t mk[BATCH];
+        size_t nb = 0;
+        for (size_t i = i0; i < n && nb < BATCH; i += stride) {
+            v[nb] = a[i];
+            mk[nb++] = mask != NULL ? mask[i] : 0;
+        }
+        for (size_t j = 0; j < nb; j++) {
+            if (!isfinite(v[j]) || (mk[j] & bad) || (positive_only && v[j] <= 0))
+                continue;
+            s[m++] = v[j];
+        }
     }
     double med = hilal_median_float(s, m);
     free(s);
     return med;
+}
+
+/* Threads the archive uses to cut stamps and sample planes while it
+ * writes: two on a machine with more than one processor. */
+static int archive_threads(void) { return hilal_fft_threads(0) > 1 ? 2 : 1; }
+
+/* One sampled_median() to compute (a == NULL: none, NaN). */
+typedef struct median_job {
+    const float *a;
+    const hilal_mask_t *mask;
+    size_t n;
+    hilal_mask_t bad;
+    int positive_only;
+    double med;
+} median_job;
+
+/* hilal_parallel_for() body: jobs lo .. hi - 1. */
+static void median_range(void *ctx, long lo, long hi, int tid)
+{
+    median_job *jobs = ctx;
+    (void)tid;
+    for (long i = lo; i < hi; i++)
+        jobs[i].med = sampled_median(jobs[i].a, jobs[i].mask, jobs[i].n, jobs[i].bad,
+                                     jobs[i].positive_only);
 }
 
 /* Copies a string into a fixed field, truncating (fields hold the first
@@ -1638,14 +1678,22 @@ static void fill_frame_row(const hilal_frame *frame, int32_t run_id, hilal_archi
     r->reg_rms_x_px = has_al ? frame->reg_rms_x_px : NAN;
     r->reg_rms_y_px = has_al ? frame->reg_rms_y_px : NAN;
 
-    r->sky_sci_adu = sci != NULL ? sampled_median(sci->sky, sci->mask, (size_t)(sci->nx * sci->ny),
-                                                  HILAL_MASK_UNUSABLE, 0) : NAN;
+    /* The median sky of both images and the median flux error, three
+     * planes sampled at once (each sample waits on memory). */
+    int has_diff = (frame->products & HILAL_PROD_DIFFERENCE) != 0 && d->nx > 0;
+    median_job jobs[3] = {
+        {sci != NULL ? sci->sky : NULL, sci != NULL ? sci->mask : NULL,
+         sci != NULL ? (size_t)(sci->nx * sci->ny) : 0, HILAL_MASK_UNUSABLE, 0, NAN},
+        {ref != NULL ? ref->sky : NULL, ref != NULL ? ref->mask : NULL,
+         ref != NULL ? (size_t)(ref->nx * ref->ny) : 0, HILAL_MASK_UNUSABLE, 0, NAN},
+        {has_diff ? d->flux_err : NULL, d->mask, has_diff ? (size_t)(d->nx * d->ny) : 0,
+         HILAL_MASK_UNUSABLE | HILAL_MASK_EDGE, 1, NAN}};
+    hilal_parallel_for(archive_threads(), 3, median_range, jobs);
+    r->sky_sci_adu = sci != NULL ? jobs[0].med : NAN;
     r->sky_rms_sci_adu = sci != NULL ? sci->sky_rms_adu : NAN;
-    r->sky_ref_adu = ref != NULL ? sampled_median(ref->sky, ref->mask, (size_t)(ref->nx * ref->ny),
-                                                  HILAL_MASK_UNUSABLE, 0) : NAN;
+    r->sky_ref_adu = ref != NULL ? jobs[1].med : NAN;
     r->sky_rms_ref_adu = ref != NULL ? ref->sky_rms_adu : NAN;
 
-    int has_diff = (frame->products & HILAL_PROD_DIFFERENCE) != 0 && d->nx > 0;
     r->scorr_mean = has_diff ? d->scorr_mean : NAN;
     r->scorr_std = has_diff ? d->scorr_std : NAN;
     r->f_d = has_diff ? d->f_d : NAN;
@@ -1653,9 +1701,7 @@ static void fill_frame_row(const hilal_frame *frame, int32_t run_id, hilal_archi
      * the difference image (ZOGY eq. 43) is the flux_err image; its median
      * over usable pixels times 5 is the flux a transient needs to be found
      * at S/N 5 on a typical pixel. */
-    r->limflux5_adu = has_diff ? 5.0 * sampled_median(d->flux_err, d->mask, (size_t)(d->nx * d->ny),
-                                                      HILAL_MASK_UNUSABLE | HILAL_MASK_EDGE, 1)
-                               : NAN;
+    r->limflux5_adu = has_diff ? 5.0 * jobs[2].med : NAN;
     r->zeropoint_mag = sci != NULL ? sci->meta.zeropoint_mag : NAN;
     r->limmag5 = isfinite(r->zeropoint_mag) && r->limflux5_adu > 0
                      ? r->zeropoint_mag - 2.5 * log10(r->limflux5_adu) : NAN;
@@ -1728,29 +1774,54 @@ static void cut_float(const float *img, long nx, long ny, long x0, long y0, int 
     }
 }
 
-/* Mask stamp: outside pixels are NODATA|EDGE. m2 (may be NULL) is OR-ed in. */
+/* Mask stamp: outside pixels are NODATA|EDGE. m1 and m2 (either may be
+ * NULL) are OR-ed. */
 static void cut_mask(const hilal_mask_t *m1, const hilal_mask_t *m2, long nx, long ny, long x0,
                      long y0, int S, uint16_t *out)
 {
+    const uint16_t outside = HILAL_MASK_NODATA | HILAL_MASK_EDGE;
+    const int inside = x0 >= 0 && x0 + S <= nx;
     for (int j = 0; j < S; j++) {
-        long y = y0 + j;
-        for (int i = 0; i < S; i++) {
-            long x = x0 + i;
-            uint16_t v = HILAL_MASK_NODATA | HILAL_MASK_EDGE;
-            if (x >= 0 && x < nx && y >= 0 && y < ny) {
-                size_t k = (size_t)y * (size_t)nx + (size_t)x;
-                v = (uint16_t)((m1 ? m1[k] : 0) | (m2 ? m2[k] : 0));
+        const long y = y0 + j;
+        uint16_t *o = out + (size_t)j * (size_t)S;
+        if (y < 0 || y >= ny) {
+            for (int i = 0; i < S; i++)
+                o[i] = outside;
+            continue;
+        }
+        const hilal_mask_t *r1 = m1 != NULL ? m1 + (size_t)y * (size_t)nx : NULL;
+        const hilal_mask_t *r2 = m2 != NULL ? m2 + (size_t)y * (size_t)nx : NULL;
+        if (inside && r1 != NULL && r2 != NULL) {
+            for (int i = 0; i < S; i++)
+                o[i] = (uint16_t)(r1[x0 + i] | r2[x0 + i]);
+        } else if (inside && r1 != NULL) {
+            for (int i = 0; i < S; i++)
+                o[i] = r1[x0 + i];
+        } else {
+            for (int i = 0; i < S; i++) {
+                const long x = x0 + i;
+                o[i] = x >= 0 && x < nx
+                           ? (uint16_t)((r1 != NULL ? r1[x] : 0) | (r2 != NULL ? r2[x] : 0))
+                           : outside;
             }
-            out[(size_t)j * S + i] = v;
         }
     }
 }
 
-/* Stamps cut per group: ~64 MB of float stamps at most. */
+/* Stamps copied at a time by a merge: ~64 MB of float stamps at most. */
 static size_t group_rows(int S)
 {
     size_t rows = ((size_t)64 << 20) / ((size_t)S * (size_t)S * sizeof(float));
     return rows < 1 ? 1 : rows;
+}
+
+/* Stamps cut and written at a time: ~16 MB of float stamps, in whole chunks
+ * of the float stacks. */
+static size_t block_rows(int S)
+{
+    const size_t crow = (size_t)stack_chunk_rows(S);
+    size_t rows = ((size_t)16 << 20) / ((size_t)S * (size_t)S * sizeof(float)) / crow * crow;
+    return rows < crow ? crow : rows;
 }
 
 typedef struct stamp_order { long y0, x0; size_t k; } stamp_order;
@@ -1763,6 +1834,270 @@ static int stamp_order_cmp(const void *a, const void *b)
     if (p->x0 != q->x0)
         return p->x0 < q->x0 ? -1 : 1;
     return p->k < q->k ? -1 : (p->k > q->k);
+}
+
+/* The deflate level with which this library can filter mask stamps itself
+ * and hand them to HDF5 as whole chunks (H5Dwrite_chunk()): the dataset's
+ * filter pipeline is exactly shuffle of 2-byte elements then deflate, one
+ * stamp per chunk, and the file's little-endian uint16 is the native one.
+ * -1 when HDF5 must filter them (no compression, another pipeline). */
+static int mask_direct_level(const hilal_archive *ar)
+{
+    int level = -1;
+    hid_t dcpl = H5Dget_create_plist(ar->d_mask);
+    hsize_t chunk[3];
+    if (dcpl < 0) {
+        hilal_h5_clear();
+        return -1;
+    }
+    if (H5Pget_layout(dcpl) == H5D_CHUNKED && H5Pget_chunk(dcpl, 3, chunk) == 3 &&
+        chunk[0] == 1 && chunk[1] == (hsize_t)ar->cutout_size &&
+        chunk[2] == (hsize_t)ar->cutout_size && H5Pget_nfilters(dcpl) == 2 &&
+        H5Tequal(H5T_NATIVE_UINT16, H5T_STD_U16LE) > 0) {
+        unsigned flags, cd0[4], cd1[4], config;
+        size_t n0 = 4, n1 = 4;
+        H5Z_filter_t f0 = H5Pget_filter2(dcpl, 0, &flags, &n0, cd0, 0, NULL, &config);
+        H5Z_filter_t f1 = H5Pget_filter2(dcpl, 1, &flags, &n1, cd1, 0, NULL, &config);
+        if (f0 == H5Z_FILTER_SHUFFLE && n0 >= 1 && cd0[0] == 2 && f1 == H5Z_FILTER_DEFLATE &&
+            n1 >= 1 && cd1[0] <= 9)
+            level = (int)cd1[0];
+    }
+    H5Pclose(dcpl);
+    hilal_h5_clear();
+    return level;
+}
+
+/* zarena_of[] of a stamp that is the all-zero stamp. */
+#define ZERO_STAMP 2
+
+/* Compressed mask stamps of one thread, one after the other. */
+typedef struct zarena {
+    unsigned char *buf;
+    size_t used, cap;
+} zarena;
+
+/* Writing the stamps of a frame's n candidates (file rows row0 .. row0 + n -
+ * 1). Planes 0 .. HILAL_ARCHIVE_NFLOAT_PLANES - 1 are float planes cut from
+ * src; the mask plane is m1 | m2. The candidates are taken in blocks
+ * (block j: candidates bstart[j] .. bstart[j + 1] - 1), and each block's
+ * stamps in order of their first row (order[], block after block):
+ * consecutive stamps then read neighbouring image rows. A task is one
+ * plane of one block, cut into one of two buffers and written with one
+ * call; tasks t = j nplanes + p. */
+typedef struct stamp_writer {
+    hilal_archive *ar;
+    const float *src[HILAL_ARCHIVE_NFLOAT_PLANES];
+    const hilal_mask_t *m1, *m2;
+    long nx, ny;
+    int S;
+    hsize_t row0;
+    size_t n;
+    const stamp_order *order;
+    const size_t *bstart;
+    size_t nblocks;
+    int nplanes;                /* the float planes, and the mask unless level >= 0 */
+    void *buf[2];
+    /* Mask stamps filtered here (level >= 0): cut and compressed one at a
+     * time by whichever thread is free (next_mask counts those taken),
+     * stamp k into arena[zarena_of[k]] at zoff[k], zlen[k] bytes (0: left
+     * to HDF5), or, zarena_of[k] == ZERO_STAMP, the all-zero stamp. */
+    int level;
+    size_t zcap;
+    size_t next_mask;
+    int writing;                /* 1 while the calling thread writes a task */
+    size_t *zoff, *zlen;
+    unsigned char *zarena_of;
+    zarena arena[2];
+    unsigned char *zero;        /* the all-zero stamp, filtered: zero_len bytes (0: none) */
+    size_t zero_len;
+    uint16_t *mtmp[2];          /* per thread: one raw stamp */
+    unsigned char *stmp[2];     /* per thread: one shuffled stamp */
+} stamp_writer;
+
+/* Cuts stamps lo .. hi - 1 (in order) of task t into buf. */
+static void cut_task(const stamp_writer *w, size_t t, size_t lo, size_t hi, void *buf)
+{
+    const size_t SS = (size_t)w->S * (size_t)w->S, j = t / (size_t)w->nplanes;
+    const int p = (int)(t % (size_t)w->nplanes);
+    for (size_t o = w->bstart[j] + lo; o < w->bstart[j] + hi; o++) {
+        const stamp_order *so = &w->order[o];
+        const size_t at = (so->k - w->bstart[j]) * SS;
+        if (p < HILAL_ARCHIVE_NFLOAT_PLANES)
+            cut_float(w->src[p], w->nx, w->ny, so->x0 - 1, so->y0 - 1, w->S, (float *)buf + at);
+        else
+            cut_mask(w->m1, w->m2, w->nx, w->ny, so->x0 - 1, so->y0 - 1, w->S, (uint16_t *)buf + at);
+    }
+}
+
+/* Writes task t from buf. */
+static hilal_status write_task(const stamp_writer *w, size_t t, const void *buf, hilal_error *err)
+{
+    const size_t j = t / (size_t)w->nplanes;
+    const int p = (int)(t % (size_t)w->nplanes);
+    const hsize_t row = w->row0 + w->bstart[j];
+    const size_t nrows = w->bstart[j + 1] - w->bstart[j];
+    if (p < HILAL_ARCHIVE_NFLOAT_PLANES)
+        return hilal_h5_write_rows(w->ar->d_cut[p], H5T_NATIVE_FLOAT, row, nrows, buf, err);
+    return hilal_h5_write_rows(w->ar->d_mask, H5T_NATIVE_UINT16, row, nrows, buf, err);
+}
+
+/* Cuts and filters the mask stamp order[o] in thread tid. HDF5's shuffle
+ * filter stores the first bytes of all 2-byte elements, then all second
+ * bytes; its deflate filter is zlib's compress2() at the dataset's level. */
+static void mask_unit(stamp_writer *w, size_t o, int tid)
+{
+    const size_t SS = (size_t)w->S * (size_t)w->S;
+    const stamp_order *so = &w->order[o];
+    uint16_t *raw = w->mtmp[tid];
+    unsigned char *sh = w->stmp[tid];
+    zarena *z = &w->arena[tid];
+    w->zlen[so->k] = 0;
+    cut_mask(w->m1, w->m2, w->nx, w->ny, so->x0 - 1, so->y0 - 1, w->S, raw);
+    /* Most stamps are clean: an all-zero stamp is the all-zero chunk,
+     * compressed once. */
+    uint16_t any = 0;
+    for (size_t i = 0; i < SS; i++)
+        any |= raw[i];
+    if (any == 0 && w->zero_len > 0) {
+        w->zarena_of[so->k] = ZERO_STAMP;
+        w->zoff[so->k] = 0;
+        w->zlen[so->k] = w->zero_len;
+        return;
+    }
+    if (z->cap - z->used < w->zcap) {
+        size_t cap = 2 * z->cap + 16 * w->zcap;
+        unsigned char *tmp = realloc(z->buf, cap);
+        if (tmp == NULL)
+            return; /* HDF5 compresses this one */
+        z->buf = tmp;
+        z->cap = cap;
+    }
+    for (size_t i = 0; i < SS; i++) {
+        sh[i] = (unsigned char)(raw[i] & 0xff);
+        sh[SS + i] = (unsigned char)(raw[i] >> 8);
+    }
+    uLongf len = (uLongf)w->zcap;
+    if (compress2(z->buf + z->used, &len, sh, (uLong)(2 * SS), w->level) != Z_OK)
+        return;
+    w->zoff[so->k] = z->used;
+    w->zlen[so->k] = (size_t)len;
+    w->zarena_of[so->k] = (unsigned char)tid;
+    z->used += (size_t)len;
+}
+
+/* Mask stamps in thread tid until none is left or, when `until_written`,
+ * until the calling thread has written its task. */
+static void mask_units(stamp_writer *w, int tid, int until_written)
+{
+    if (w->level < 0)
+        return;
+    while (!until_written || __atomic_load_n(&w->writing, __ATOMIC_ACQUIRE)) {
+        size_t o = __atomic_fetch_add(&w->next_mask, 1, __ATOMIC_RELAXED);
+        if (o >= w->n)
+            break;
+        mask_unit(w, o, tid);
+    }
+}
+
+/* hilal_parallel_for() body: stamps lo .. hi - 1 of the first task, into
+ * the first buffer. */
+static void first_range(void *ctx, long lo, long hi, int tid)
+{
+    const stamp_writer *w = ctx;
+    (void)tid;
+    cut_task(w, 0, (size_t)lo, (size_t)hi, w->buf[0]);
+}
+
+/* hilal_parallel_for() body: the mask stamps left. */
+static void mask_range(void *ctx, long lo, long hi, int tid)
+{
+    (void)lo;
+    (void)hi;
+    mask_units(ctx, tid, 0);
+}
+
+/* One step: the calling thread writes task t from buf[t % 2] (task 0 of
+ * the step; HDF5 calls stay in that thread), while a second thread cuts
+ * task t + 1 into the other buffer, then mask stamps until the write is
+ * done (task 1). */
+typedef struct stamp_step {
+    stamp_writer *w;
+    size_t t, ntasks;
+    hilal_status st;
+    hilal_error *err;
+} stamp_step;
+
+static void step_task(void *ctx, long lo, long hi, int tid)
+{
+    stamp_step *s = ctx;
+    stamp_writer *w = s->w;
+    for (long i = lo; i < hi; i++) {
+        if (i == 0) {
+            s->st = write_task(w, s->t, w->buf[s->t % 2], s->err);
+            __atomic_store_n(&w->writing, 0, __ATOMIC_RELEASE);
+        } else {
+            if (s->t + 1 < s->ntasks) {
+                const size_t j = (s->t + 1) / (size_t)w->nplanes;
+                cut_task(w, s->t + 1, 0, w->bstart[j + 1] - w->bstart[j], w->buf[(s->t + 1) % 2]);
+            }
+            mask_units(w, tid, 1);
+        }
+    }
+}
+
+/* Writes the mask stamps filtered by mask_unit(), one chunk each, in row
+ * order; a stamp left to HDF5 (no memory for it) is cut again into mtmp[0]
+ * and written through the filters. */
+static hilal_status write_masks(stamp_writer *w, hilal_error *err)
+{
+    hilal_status st = HILAL_OK;
+    size_t *where = malloc((w->n > 0 ? w->n : 1) * sizeof *where);
+    if (where == NULL)
+        return hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory");
+    for (size_t o = 0; o < w->n; o++)
+        where[w->order[o].k] = o;
+    for (size_t k = 0; k < w->n && st == HILAL_OK; k++) {
+        const hsize_t row = w->row0 + k;
+        if (w->zlen[k] == 0) {
+            const stamp_order *so = &w->order[where[k]];
+            cut_mask(w->m1, w->m2, w->nx, w->ny, so->x0 - 1, so->y0 - 1, w->S, w->mtmp[0]);
+            st = hilal_h5_write_rows(w->ar->d_mask, H5T_NATIVE_UINT16, row, 1, w->mtmp[0], err);
+            continue;
+        }
+        hsize_t off[3] = {row, 0, 0};
+        const unsigned char *data =
+            w->zarena_of[k] == ZERO_STAMP ? w->zero : w->arena[w->zarena_of[k]].buf + w->zoff[k];
+        if (H5Dwrite_chunk(w->ar->d_mask, H5P_DEFAULT, 0, off, w->zlen[k], data) < 0)
+            st = hilal_h5_error(err, "cannot write the mask stamp of row %llu",
+                                (unsigned long long)row);
+    }
+    free(where);
+    return st;
+}
+
+/* Cuts and writes every stamp of the frame: the first task cut by all
+ * threads, then each task written while the next one is cut and mask
+ * stamps compressed; then the mask stamps left, by all threads, and their
+ * chunks. The writes (the kernel copying into its page cache) overlap all
+ * the cutting and compression. */
+static hilal_status write_stamps(stamp_writer *w, int threads, hilal_error *err)
+{
+    hilal_status st = HILAL_OK;
+    const size_t ntasks = w->nblocks * (size_t)w->nplanes;
+    if (ntasks == 0)
+        return HILAL_OK;
+    hilal_parallel_for(threads, (long)(w->bstart[1] - w->bstart[0]), first_range, w);
+    for (size_t t = 0; t < ntasks && st == HILAL_OK; t++) {
+        stamp_step step = {w, t, ntasks, HILAL_OK, err};
+        w->writing = 1;
+        hilal_parallel_for(threads, 2, step_task, &step);
+        st = step.st;
+    }
+    if (st == HILAL_OK && w->level >= 0) {
+        hilal_parallel_for(threads, threads, mask_range, w);
+        st = write_masks(w, err);
+    }
+    return st;
 }
 
 /* Association into objects (schema 2): each candidate row joins the nearest
@@ -1843,14 +2178,29 @@ static hilal_status write_candidates(hilal_archive *ar, const hilal_frame *frame
     size_t n = frame->ncands;
     int S = ar->cutout_size, half = S / 2;
     long nx = sci->nx, ny = sci->ny;
-    size_t SS = (size_t)S * (size_t)S, G = group_rows(S);
-    if (G > n)
-        G = n > 0 ? n : 1;
+    const size_t SS = (size_t)S * (size_t)S, R = block_rows(S);
+    const int level = mask_direct_level(ar);
+    /* Blocks of at most R candidates, their file rows starting at
+     * multiples of R (whole chunks), but the first. */
+    size_t nblocks = 0;
+    for (size_t b = 0; b < n; b += R - ((size_t)start + b) % R)
+        nblocks++;
     hilal_archive_cand *rows = calloc(n > 0 ? n : 1, sizeof *rows);
-    stamp_order *order = malloc(G * sizeof *order);
-    float *stamps = malloc(G * SS * sizeof *stamps);
-    uint16_t *mstamps = malloc(G * SS * sizeof *mstamps);
-    if (rows == NULL || order == NULL || stamps == NULL || mstamps == NULL) {
+    stamp_order *order = malloc((n > 0 ? n : 1) * sizeof *order);
+    size_t *bstart = malloc((nblocks + 1) * sizeof *bstart);
+    const size_t R1 = R < n ? R : (n > 0 ? n : 1);
+    void *bufs[2] = {malloc(R1 * SS * sizeof(float)), malloc(R1 * SS * sizeof(float))};
+    size_t *zoff = level >= 0 ? malloc((n > 0 ? n : 1) * sizeof *zoff) : NULL;
+    size_t *zlen = level >= 0 ? malloc((n > 0 ? n : 1) * sizeof *zlen) : NULL;
+    unsigned char *zarena_of = level >= 0 ? malloc(n > 0 ? n : 1) : NULL;
+    uint16_t *mtmp = malloc(2 * SS * sizeof *mtmp);
+    unsigned char *stmp = malloc(2 * 2 * SS);
+    unsigned char *zero = level >= 0 ? malloc((size_t)compressBound((uLong)(2 * SS))) : NULL;
+    stamp_writer w;
+    memset(&w, 0, sizeof w);
+    if (rows == NULL || order == NULL || bstart == NULL || bufs[0] == NULL || bufs[1] == NULL ||
+        (level >= 0 && (zoff == NULL || zlen == NULL || zarena_of == NULL)) || mtmp == NULL ||
+        stmp == NULL) {
         st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for %zu candidates", n);
         goto cleanup;
     }
@@ -1911,7 +2261,7 @@ static hilal_status write_candidates(hilal_archive *ar, const hilal_frame *frame
     if (st != HILAL_OK)
         goto cleanup;
 
-    /* Extend every stack once, then fill it group by group. */
+    /* Extend every stack once, then fill it block by block. */
     hid_t stacks[HILAL_ARCHIVE_NFLOAT_PLANES + 1];
     for (int p = 0; p < HILAL_ARCHIVE_NFLOAT_PLANES; p++)
         stacks[p] = ar->d_cut[p];
@@ -1922,39 +2272,53 @@ static hilal_status write_candidates(hilal_archive *ar, const hilal_frame *frame
         if (st == HILAL_OK && have < (hsize_t)start + n)
             st = hilal_h5_set_nrows(stacks[p], (hsize_t)start + n, err);
     }
-    /* Stamps are cut plane by plane with the candidates of a group taken in
-     * order of their first row: consecutive stamps then read overlapping
-     * image rows, which stay in the processor caches (random order would
-     * wait on memory for every stamp row). */
-    for (size_t g0 = 0; g0 < n && st == HILAL_OK; g0 += G) {
-        size_t ng = n - g0 < G ? n - g0 : G;
-        for (size_t k = 0; k < ng; k++)
-            order[k] = (stamp_order){rows[g0 + k].stamp_y0, rows[g0 + k].stamp_x0, k};
-        qsort(order, ng, sizeof *order, stamp_order_cmp);
-        for (int p = 0; p <= HILAL_ARCHIVE_NFLOAT_PLANES && st == HILAL_OK; p++) {
-            for (size_t o = 0; o < ng; o++) {
-                size_t k = order[o].k;
-                long x0 = order[o].x0 - 1, y0 = order[o].y0 - 1;
-                if (p < HILAL_ARCHIVE_NFLOAT_PLANES)
-                    cut_float(src[p], nx, ny, x0, y0, S, stamps + k * SS);
-                else
-                    cut_mask(m1, m2, nx, ny, x0, y0, S, mstamps + k * SS);
-            }
-            st = hilal_h5_write_rows(stacks[p], p < HILAL_ARCHIVE_NFLOAT_PLANES ? H5T_NATIVE_FLOAT
-                                                                                : H5T_NATIVE_UINT16,
-                                     (hsize_t)start + g0, ng,
-                                     p < HILAL_ARCHIVE_NFLOAT_PLANES ? (const void *)stamps
-                                                                     : (const void *)mstamps,
-                                     err);
+    /* The stamps, block by block, each block's in order of their first row. */
+    nblocks = 0;
+    bstart[0] = 0;
+    for (size_t b = 0; b < n; nblocks++) {
+        size_t e = b + R - ((size_t)start + b) % R;
+        if (e > n)
+            e = n;
+        for (size_t k = b; k < e; k++)
+            order[k] = (stamp_order){rows[k].stamp_y0, rows[k].stamp_x0, k};
+        qsort(order + b, e - b, sizeof *order, stamp_order_cmp);
+        bstart[nblocks + 1] = b = e;
+    }
+    w = (stamp_writer){.ar = ar, .m1 = m1, .m2 = m2, .nx = nx, .ny = ny, .S = S,
+                       .row0 = (hsize_t)start, .n = n, .order = order, .bstart = bstart,
+                       .nblocks = nblocks, .buf = {bufs[0], bufs[1]}, .level = level,
+                       .zcap = (size_t)compressBound((uLong)(2 * SS)), .zoff = zoff,
+                       .zlen = zlen, .zarena_of = zarena_of, .mtmp = {mtmp, mtmp + SS},
+                       .stmp = {stmp, stmp + 2 * SS}};
+    w.nplanes = HILAL_ARCHIVE_NFLOAT_PLANES + (level < 0);
+    memcpy(w.src, src, sizeof src);
+    if (level >= 0 && zero != NULL) {
+        /* The all-zero mask stamp, shuffled (still zeros) and deflated. */
+        uLongf len = (uLongf)w.zcap;
+        memset(stmp, 0, 2 * SS);
+        if (compress2(zero, &len, stmp, (uLong)(2 * SS), level) == Z_OK) {
+            w.zero = zero;
+            w.zero_len = (size_t)len;
         }
     }
+    if (st == HILAL_OK)
+        st = write_stamps(&w, archive_threads(), err);
     if (st == HILAL_OK)
         st = hilal_h5_write_rows(ar->d_cand, ar->t_cand, (hsize_t)start, n, rows, err);
 cleanup:
     free(rows);
     free(order);
-    free(stamps);
-    free(mstamps);
+    free(bstart);
+    free(bufs[0]);
+    free(bufs[1]);
+    free(zoff);
+    free(zlen);
+    free(zarena_of);
+    free(w.arena[0].buf);
+    free(w.arena[1].buf);
+    free(mtmp);
+    free(stmp);
+    free(zero);
     return st;
 }
 

@@ -741,7 +741,7 @@ static hilal_status get_dims(hid_t dset, hsize_t dims[MAX_RANK], int *rank, hila
 hilal_status hilal_h5_nrows(hid_t dset, int refresh, hsize_t *n, hilal_error *err)
 {
     hsize_t dims[MAX_RANK];
-    int rank;
+    int rank = 0;
     *n = 0;
     if (refresh && H5Drefresh(dset) < 0)
         return hilal_h5_error(err, "cannot refresh a dataset");
@@ -754,7 +754,7 @@ hilal_status hilal_h5_nrows(hid_t dset, int refresh, hsize_t *n, hilal_error *er
 hilal_status hilal_h5_set_nrows(hid_t dset, hsize_t n, hilal_error *err)
 {
     hsize_t dims[MAX_RANK];
-    int rank;
+    int rank = 0;
     hilal_status st = get_dims(dset, dims, &rank, err);
     if (st != HILAL_OK)
         return st;
@@ -772,7 +772,7 @@ static hilal_status select_rows(hid_t dset, hsize_t start, hsize_t n, hid_t *fsp
                                 hid_t *mspace, hilal_error *err)
 {
     hsize_t dims[MAX_RANK], off[MAX_RANK] = {0}, cnt[MAX_RANK];
-    int rank;
+    int rank = 0;
     *fspace = *mspace = H5I_INVALID_HID;
     hilal_status st = get_dims(dset, dims, &rank, err);
     if (st != HILAL_OK)

@@ -8,8 +8,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "hilal/fft.h"
 #include "hilal/log.h"
 #include "hilal/stage.h"
+#include "parallel.h"
 
 static const hilal_param detect_params[] = {
     {"thresh_sigma", HILAL_PARAM_DOUBLE, "5", 1, 1000, "sigma",
@@ -75,45 +77,133 @@ static int is_extremum(const float *sc, const hilal_mask_t *mask, long nx, long 
     return 1;
 }
 
-/* Collects every extremum beyond the threshold into a growing array. */
-static hilal_status find_extrema(const hilal_diff *diff, const hilal_detect_params *p,
-                                 peak **out, size_t *nout, hilal_error *err)
+/* The extrema found in a band of rows, in raster order. */
+typedef struct peak_list {
+    peak *pk;
+    size_t n, cap;
+    int nomem;
+} peak_list;
+
+/* The scan of S_corr for extrema, split into bands of rows. */
+typedef struct extrema_scan {
+    const hilal_diff *diff;
+    const hilal_detect_params *p;
+    peak_list bands[HILAL_PARALLEL_MAX_THREADS];
+} extrema_scan;
+
+/* Pixels tested at once for a value beyond the threshold. */
+#define SCAN_BLOCK 16
+
+/* Kept out of the scan loop: inlined there, GCC 12 no longer vectorises
+ * block_reaches(). */
+#if defined(__GNUC__)
+#define SCAN_NOINLINE __attribute__((noinline))
+#else
+#define SCAN_NOINLINE
+#endif
+
+/* Whether one of the SCAN_BLOCK values from p has |value| >= thr (NaN has
+ * not). Written for the compiler to vectorise. */
+static SCAN_NOINLINE int block_reaches(const float *p, float thr)
 {
-    const long nx = diff->nx, ny = diff->ny, m = p->edge_margin_px;
-    const float thr = (float)p->thresh_sigma;
-    size_t n = 0, cap = 0;
-    peak *pk = NULL;
-    *out = NULL;
-    *nout = 0;
-    for (long y = m; y < ny - m; y++) {
-        for (long x = m; x < nx - m; x++) {
-            size_t i = (size_t)y * (size_t)nx + (size_t)x;
-            float v = diff->scorr[i];
-            /* Beyond the threshold, on a usable pixel, and the most extreme
-             * value of its sign in the 3x3 neighbourhood. */
-            if (!isfinite(v) || fabsf(v) < thr)
+    int any = 0;
+    for (int k = 0; k < SCAN_BLOCK; k++)
+        any |= fabsf(p[k]) >= thr;
+    return any;
+}
+
+/* hilal_parallel_for() body: the extrema of rows m + lo .. m + hi - 1 (m =
+ * the edge margin) into band tid. Most pixels are far below the threshold:
+ * a block of SCAN_BLOCK pixels is first tested as a whole for |S_corr| >=
+ * thr (one vectorisable pass; NaN fails it), and only a block with such a
+ * pixel is examined pixel by pixel. */
+static void extrema_rows(void *ctx, long lo, long hi, int tid)
+{
+    extrema_scan *sc = ctx;
+    const hilal_diff *diff = sc->diff;
+    const long nx = diff->nx, ny = diff->ny, m = sc->p->edge_margin_px;
+    const float thr = (float)sc->p->thresh_sigma;
+    peak_list *out = &sc->bands[tid];
+    for (long y = m + lo; y < m + hi && !out->nomem; y++) {
+        const float *row = diff->scorr + (size_t)y * (size_t)nx;
+        for (long xb = m; xb < nx - m; xb += SCAN_BLOCK) {
+            const long xe = xb + SCAN_BLOCK < nx - m ? xb + SCAN_BLOCK : nx - m;
+            if (xe - xb == SCAN_BLOCK && !block_reaches(row + xb, thr))
                 continue;
-            if (diff->mask != NULL && (diff->mask[i] & HILAL_DETECT_VETO_MASK) != 0)
-                continue;
-            if (!is_extremum(diff->scorr, diff->mask, nx, ny, x, y, v > 0 ? 1.0f : -1.0f))
-                continue;
-            if (n == cap) {
-                size_t ncap = cap ? 2 * cap : 256;
-                peak *tmp = realloc(pk, ncap * sizeof *pk);
-                if (tmp == NULL) {
-                    free(pk);
-                    return hilal_error_set(err, HILAL_ERR_NOMEM,
-                                           "out of memory for %zu detection peaks", ncap);
+            for (long x = xb; x < xe; x++) {
+                size_t i = (size_t)y * (size_t)nx + (size_t)x;
+                float v = row[x];
+                /* Beyond the threshold, on a usable pixel, and the most
+                 * extreme value of its sign in the 3x3 neighbourhood. */
+                if (!isfinite(v) || fabsf(v) < thr)
+                    continue;
+                if (diff->mask != NULL && (diff->mask[i] & HILAL_DETECT_VETO_MASK) != 0)
+                    continue;
+                if (!is_extremum(diff->scorr, diff->mask, nx, ny, x, y, v > 0 ? 1.0f : -1.0f))
+                    continue;
+                if (out->n == out->cap) {
+                    size_t ncap = out->cap ? 2 * out->cap : 256;
+                    peak *tmp = realloc(out->pk, ncap * sizeof *tmp);
+                    if (tmp == NULL) {
+                        out->nomem = 1;
+                        break;
+                    }
+                    out->pk = tmp;
+                    out->cap = ncap;
                 }
-                pk = tmp;
-                cap = ncap;
+                out->pk[out->n++] = (peak){x, y, v, 0};
             }
-            pk[n++] = (peak){x, y, v, 0};
+            if (out->nomem)
+                break;
         }
     }
-    *out = pk;
-    *nout = n;
-    return HILAL_OK;
+}
+
+/* Collects every extremum beyond the threshold into one array, in raster
+ * order: bands of rows are scanned by up to `threads` threads and joined in
+ * order, so the result does not depend on the number of threads. */
+static hilal_status find_extrema(const hilal_diff *diff, const hilal_detect_params *p, int threads,
+                                 peak **out, size_t *nout, hilal_error *err)
+{
+    hilal_status st = HILAL_OK;
+    const long nrows = diff->ny - 2 * p->edge_margin_px;
+    extrema_scan sc;
+    memset(&sc, 0, sizeof sc);
+    sc.diff = diff;
+    sc.p = p;
+    *out = NULL;
+    *nout = 0;
+    if (nrows <= 0 || diff->nx - 2 * p->edge_margin_px <= 0)
+        return HILAL_OK;
+    if (threads > HILAL_PARALLEL_MAX_THREADS)
+        threads = HILAL_PARALLEL_MAX_THREADS;
+    hilal_parallel_for(threads, nrows, extrema_rows, &sc);
+    size_t n = 0;
+    for (int t = 0; t < HILAL_PARALLEL_MAX_THREADS; t++) {
+        if (sc.bands[t].nomem)
+            st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for %zu detection peaks",
+                                 sc.bands[t].cap * 2);
+        n += sc.bands[t].n;
+    }
+    peak *pk = NULL;
+    if (st == HILAL_OK && n > 0) {
+        pk = malloc(n * sizeof *pk);
+        if (pk == NULL)
+            st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for %zu detection peaks", n);
+    }
+    if (st == HILAL_OK) {
+        size_t k = 0;
+        for (int t = 0; t < HILAL_PARALLEL_MAX_THREADS && k < n; t++) {
+            if (sc.bands[t].n > 0)
+                memcpy(pk + k, sc.bands[t].pk, sc.bands[t].n * sizeof *pk);
+            k += sc.bands[t].n;
+        }
+        *out = pk;
+        *nout = n;
+    }
+    for (int t = 0; t < HILAL_PARALLEL_MAX_THREADS; t++)
+        free(sc.bands[t].pk);
+    return st;
 }
 
 /* Greedy merging in order of decreasing |S_corr|: a peak within radius of an
@@ -176,9 +266,10 @@ cleanup:
     return st;
 }
 
-hilal_status hilal_detect_peaks(const hilal_diff *diff, const hilal_detect_params *p,
-                                hilal_candidate **cands, size_t *ncands, size_t *nfound,
-                                hilal_error *err)
+/* hilal_detect_peaks() with the scan on up to `threads` threads. */
+static hilal_status detect_peaks(const hilal_diff *diff, const hilal_detect_params *p, int threads,
+                                 hilal_candidate **cands, size_t *ncands, size_t *nfound,
+                                 hilal_error *err)
 {
     hilal_status st = HILAL_OK;
     peak *pk = NULL;
@@ -199,7 +290,7 @@ hilal_status hilal_detect_peaks(const hilal_diff *diff, const hilal_detect_param
                                p->max_candidates);
 
     /* 1. Local extrema of S_corr beyond the threshold. */
-    st = find_extrema(diff, p, &pk, &n, err);
+    st = find_extrema(diff, p, threads, &pk, &n, err);
     if (st != HILAL_OK)
         goto cleanup;
 
@@ -254,27 +345,44 @@ cleanup:
     return st;
 }
 
+hilal_status hilal_detect_peaks(const hilal_diff *diff, const hilal_detect_params *p,
+                                hilal_candidate **cands, size_t *ncands, size_t *nfound,
+                                hilal_error *err)
+{
+    return detect_peaks(diff, p, 1, cands, ncands, nfound, err);
+}
+
 /* ---- the stage ---------------------------------------------------------- */
+
+/* The stage's state: the parameters and the threads of pipeline.threads. */
+typedef struct detect_state {
+    hilal_detect_params p;
+    int threads;
+} detect_state;
 
 static hilal_status detect_init(const hilal_config *cfg, void **state, hilal_error *err)
 {
-    hilal_detect_params *p = calloc(1, sizeof *p);
-    if (p == NULL)
+    detect_state *s = calloc(1, sizeof *s);
+    if (s == NULL)
         return hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory");
+    hilal_detect_params *p = &s->p;
     p->thresh_sigma = hilal_config_get_double(cfg, "detect.thresh_sigma");
     p->merge_radius_px = hilal_config_get_double(cfg, "detect.merge_radius_px");
     p->max_candidates = (size_t)hilal_config_get_int(cfg, "detect.max_candidates");
     p->edge_margin_px = hilal_config_get_int(cfg, "pipeline.edge_margin");
-    *state = p;
+    /* pipeline.threads = 0: one per core. */
+    s->threads = hilal_fft_threads((int)hilal_config_get_int(cfg, "pipeline.threads"));
+    *state = s;
     return HILAL_OK;
 }
 
 static hilal_status detect_run(const void *state, hilal_frame *frame, hilal_error *err)
 {
-    const hilal_detect_params *p = state;
+    const detect_state *s = state;
+    const hilal_detect_params *p = &s->p;
     hilal_candidate *c = NULL;
     size_t n = 0, nfound = 0;
-    hilal_status st = hilal_detect_peaks(&frame->diff, p, &c, &n, &nfound, err);
+    hilal_status st = detect_peaks(&frame->diff, p, s->threads, &c, &n, &nfound, err);
     if (st != HILAL_OK)
         return st;
     if (nfound > n)

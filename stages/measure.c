@@ -16,8 +16,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "hilal/fft.h"
 #include "hilal/stage.h"
 #include "hilal/wcs.h"
+#include "parallel.h"
 
 static const hilal_param measure_params[] = {
     {"weight_scale", HILAL_PARAM_DOUBLE, "1.5", 0.5, 5, "",
@@ -390,9 +392,60 @@ static void measure_one(const hilal_diff *diff, hilal_candidate *c)
         c->flux_err = bilinear(diff->flux_err, nx, ny, (double)ix + u, (double)iy + v);
 }
 
-hilal_status hilal_measure_candidates(const hilal_diff *diff, const hilal_image *sci,
-                                      double weight_scale, hilal_candidate *cands, size_t n,
-                                      hilal_error *err)
+/* The candidates of a frame being measured, shared by the threads. */
+typedef struct measure_job {
+    const hilal_diff *diff;
+    hilal_candidate *cands;
+    const hilal_neighbours *nb;
+    double sigma_w, zp, mjd;
+} measure_job;
+
+/* hilal_parallel_for() body: position and flux of candidates lo .. hi - 1. */
+static void position_range(void *ctx, long lo, long hi, int tid)
+{
+    const measure_job *j = ctx;
+    (void)tid;
+    for (long k = lo; k < hi; k++)
+        measure_one(j->diff, &j->cands[k]);
+}
+
+/* hilal_parallel_for() body: shape, magnitude and time of candidates
+ * lo .. hi - 1 (the positions of all of them are final). */
+static void shape_range(void *ctx, long lo, long hi, int tid)
+{
+    const measure_job *j = ctx;
+    const hilal_diff *diff = j->diff;
+    (void)tid;
+    for (long k = lo; k < hi; k++) {
+        hilal_candidate *c = &j->cands[k];
+        double others[2 * 32];
+        size_t no = hilal_neighbours_find(j->nb, (size_t)k, 7.0 * j->sigma_w, others, 32);
+        c->fwhm = NAN;
+        c->elongation = NAN;
+        if (diff->d != NULL)
+            hilal_measure_shape(diff->d, diff->nx, diff->ny, diff->mask, c->x - 1.0, c->y - 1.0,
+                                c->snr < 0 ? -1.0 : 1.0, j->sigma_w, others, no, &c->fwhm,
+                                &c->elongation);
+        /* 4. Magnitude of |flux| with the zero point (mag of 1 ADU):
+         * m = zp - 2.5 log10|F|, sigma_m = 2.5/ln(10) sigma_F/|F|. */
+        c->mag = NAN;
+        c->mag_err = NAN;
+        if (isfinite(j->zp) && isfinite(c->flux) && c->flux != 0) {
+            c->mag = j->zp - 2.5 * log10(fabs(c->flux));
+            c->mag_err = 1.0857362047581294 * c->flux_err / fabs(c->flux);
+        }
+        c->mjd = j->mjd;
+        c->ra = NAN;
+        c->dec = NAN;
+    }
+}
+
+/* hilal_measure_candidates() on up to `threads` threads. Each candidate is
+ * measured from the frame and the final positions of the others alone, so
+ * the results do not depend on the number of threads. */
+static hilal_status measure_candidates(const hilal_diff *diff, const hilal_image *sci,
+                                       double weight_scale, int threads, hilal_candidate *cands,
+                                       size_t n, hilal_error *err)
 {
     hilal_status st = HILAL_OK;
     double *xs = NULL, *ys = NULL, *ra = NULL, *dec = NULL;
@@ -414,37 +467,16 @@ hilal_status hilal_measure_candidates(const hilal_diff *diff, const hilal_image 
                                "of candidates cannot be measured; the subtract stage must fill "
                                "diff.psf_d");
 
-    const double zp = sci->meta.zeropoint_mag, mjd = sci->meta.mjd;
-    for (size_t k = 0; k < n; k++)
-        measure_one(diff, &cands[k]);
+    /* 1-2. Positions and fluxes. */
+    measure_job job = {diff, cands, &nb, sigma_w, sci->meta.zeropoint_mag, sci->meta.mjd};
+    hilal_parallel_for(threads, (long)n, position_range, &job);
 
     /* 3. Shape on D, sign-corrected so that a fading source is positive,
      * leaving out the pixels nearer to another candidate. */
     st = hilal_neighbours_init(&nb, cands, n, err);
     if (st != HILAL_OK)
         return st;
-    for (size_t k = 0; k < n; k++) {
-        hilal_candidate *c = &cands[k];
-        double others[2 * 32];
-        size_t no = hilal_neighbours_find(&nb, k, 7.0 * sigma_w, others, 32);
-        c->fwhm = NAN;
-        c->elongation = NAN;
-        if (diff->d != NULL)
-            hilal_measure_shape(diff->d, diff->nx, diff->ny, diff->mask, c->x - 1.0, c->y - 1.0,
-                                c->snr < 0 ? -1.0 : 1.0, sigma_w, others, no, &c->fwhm,
-                                &c->elongation);
-        /* 4. Magnitude of |flux| with the zero point (mag of 1 ADU):
-         * m = zp - 2.5 log10|F|, sigma_m = 2.5/ln(10) sigma_F/|F|. */
-        c->mag = NAN;
-        c->mag_err = NAN;
-        if (isfinite(zp) && isfinite(c->flux) && c->flux != 0) {
-            c->mag = zp - 2.5 * log10(fabs(c->flux));
-            c->mag_err = 1.0857362047581294 * c->flux_err / fabs(c->flux);
-        }
-        c->mjd = mjd;
-        c->ra = NAN;
-        c->dec = NAN;
-    }
+    hilal_parallel_for(threads, (long)n, shape_range, &job);
 
     /* 5. Sky positions, all at once. */
     if (sci->meta.wcs != NULL) {
@@ -483,10 +515,18 @@ cleanup:
     return st;
 }
 
+hilal_status hilal_measure_candidates(const hilal_diff *diff, const hilal_image *sci,
+                                      double weight_scale, hilal_candidate *cands, size_t n,
+                                      hilal_error *err)
+{
+    return measure_candidates(diff, sci, weight_scale, 1, cands, n, err);
+}
+
 /* ---- the stage ---------------------------------------------------------- */
 
 typedef struct measure_state {
     double weight_scale;
+    int threads;                /* pipeline.threads (0: one per core) */
 } measure_state;
 
 static hilal_status measure_init(const hilal_config *cfg, void **state, hilal_error *err)
@@ -495,6 +535,9 @@ static hilal_status measure_init(const hilal_config *cfg, void **state, hilal_er
     if (s == NULL)
         return hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory");
     s->weight_scale = hilal_config_get_double(cfg, "measure.weight_scale");
+    s->threads = 1;
+    if (hilal_config_param(cfg, "pipeline.threads") != NULL)
+        s->threads = hilal_fft_threads((int)hilal_config_get_int(cfg, "pipeline.threads"));
     *state = s;
     return HILAL_OK;
 }
@@ -502,8 +545,8 @@ static hilal_status measure_init(const hilal_config *cfg, void **state, hilal_er
 static hilal_status measure_run(const void *state, hilal_frame *frame, hilal_error *err)
 {
     const measure_state *s = state;
-    return hilal_measure_candidates(&frame->diff, frame->sci, s->weight_scale, frame->cands,
-                                    frame->ncands, err);
+    return measure_candidates(&frame->diff, frame->sci, s->weight_scale, s->threads, frame->cands,
+                              frame->ncands, err);
 }
 
 static void measure_fini(void *state) { free(state); }

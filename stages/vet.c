@@ -14,10 +14,11 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "hilal/fft.h"
 #include "hilal/log.h"
 #include "hilal/stage.h"
-#include "hilal/stats.h"
 #include "hilal/zogy.h"
+#include "parallel.h"
 
 /* The table is the single source of truth for the defaults;
  * hilal_vet_params_default() parses it. vet_fields gives, in the same
@@ -148,8 +149,60 @@ void hilal_vet_params_default(hilal_vet_params *p)
 /* The logistic function 1 / (1 + e^-z). */
 static double logistic(double z) { return 1.0 / (1.0 + exp(-z)); }
 
+/* The k-th smallest (0-based) of the non-NaN a[0..n-1], k < n, reordering
+ * a. Quickselect (Hoare 1961) with a median-of-3 pivot p and branch-free
+ * partitions: one pass moves the values < p to the front, a second moves
+ * those equal to p after them (so that ties, and an all-equal range, end
+ * it); the loop then keeps the part that holds rank k, and sorts the last
+ * 16 or fewer by insertion. The partitions compare and swap every value
+ * without a data-dependent branch, several times faster on noise than
+ * Wirth's scheme (hilal_select_kth_float()), whose branches the processor
+ * mispredicts half of the time. The k-th smallest value is unique, so both
+ * return the same value (a zero may come with the other sign, which
+ * compares equal). */
+static float select_kth(float *a, size_t n, size_t k)
+{
+    size_t lo = 0, hi = n;
+    while (hi - lo > 16) {
+        const float p0 = a[lo], p1 = a[lo + (hi - lo) / 2], p2 = a[hi - 1];
+        const float p = p0 < p1 ? (p1 < p2 ? p1 : (p0 < p2 ? p2 : p0))
+                                : (p0 < p2 ? p0 : (p1 < p2 ? p2 : p1));
+        /* [lo, i): < p. */
+        size_t i = lo;
+        for (size_t j = lo; j < hi; j++) {
+            const float x = a[j];
+            a[j] = a[i];
+            a[i] = x;
+            i += x < p;
+        }
+        if (k < i) {
+            hi = i;
+            continue;
+        }
+        /* [i, e): == p (at least p itself). */
+        size_t e = i;
+        for (size_t j = i; j < hi; j++) {
+            const float x = a[j];
+            a[j] = a[e];
+            a[e] = x;
+            e += x <= p;
+        }
+        if (k < e)
+            return p;
+        lo = e;
+    }
+    for (size_t i = lo + 1; i < hi; i++) {
+        const float x = a[i];
+        size_t j = i;
+        for (; j > lo && x < a[j - 1]; j--)
+            a[j] = a[j - 1];
+        a[j] = x;
+    }
+    return a[k];
+}
+
 /* Median (upper median for even n) of a[0..n-1], reordering a. n > 0. */
-static float median_select(float *a, size_t n) { return hilal_select_kth_float(a, n, n / 2); }
+static float median_select(float *a, size_t n) { return select_kth(a, n, n / 2); }
 
 /* Whether the 0-based pixel (x, y) is nearer to one of the others than to
  * (X, Y). */
@@ -346,7 +399,15 @@ double hilal_vet_score(const hilal_vet_params *p, const hilal_vet_psfinfo *info,
 
 /* ---- statistics --------------------------------------------------------- */
 
-/* Per-frame context of the vetting. */
+/* Scratch of one thread. */
+typedef struct vet_scratch {
+    float *buf;                     /* a band of tiles or an image annulus (nbuf floats) */
+    size_t *count;                  /* pixels of each tile of a band (ntx) */
+    float *tmp;                     /* a tile, for median_bracket() */
+} vet_scratch;
+
+/* Per-frame context of the vetting: read-only while candidates are vetted,
+ * apart from each thread's scratch. */
 typedef struct vet_ctx {
     const hilal_diff *diff;
     const hilal_vet_params *p;
@@ -361,43 +422,113 @@ typedef struct vet_ctx {
     double ref_delta;
     double r_fp, r_dip;             /* footprint and dipole radii, px */
     long ntx, nty;                  /* tiles */
-    double *tile_std;               /* robust std of S_corr per tile, NaN until computed */
-    float *buf;                     /* scratch, tile_px^2 or annulus */
-    size_t nbuf;
+    unsigned char *need;            /* per tile: 1 when it holds a candidate */
+    double *tile_std;               /* robust std of S_corr per needed tile (else NaN) */
+    long *bands;                    /* rows of tiles (ty) with needed tiles */
+    size_t nbands;
+    size_t nbuf;                    /* floats in each scratch buf */
+    hilal_candidate *cands;
     hilal_neighbours nb;            /* the candidates by position */
+    vet_scratch scratch[HILAL_PARALLEL_MAX_THREADS];
 } vet_ctx;
 
-/* Robust (1.4826 MAD) standard deviation of S_corr in tile (tx, ty) over
- * usable pixels; NaN with fewer than 64 of them. */
-static double tile_std(vet_ctx *v, long tx, long ty)
+/* The upper median (the (n/2)-th smallest value, 0-based) of the non-NaN
+ * a[0..n-1], as median_select() finds it, reordering a; tmp holds n
+ * floats. Long arrays first go through one pass of Floyd and Rivest's
+ * selection (Comm. ACM 18, 165, 1975): two values lo <= hi that bracket the
+ * median are selected from a regular sample of 512 values (ranks 3 sigma
+ * of the binomial apart around the median's expected rank); one pass
+ * counts the values below lo and copies those within [lo, hi] to tmp
+ * (~15% of them); when the median's rank falls among the copied values it
+ * is selected there, otherwise (rarely) among all of them. Either way the
+ * result is the (n/2)-th smallest value. */
+static float median_bracket(float *a, size_t n, float *tmp)
 {
-    double *slot = &v->tile_std[ty * v->ntx + tx];
-    if (!isnan(*slot))
-        return *slot;
-    const long t = v->p->tile_px, nx = v->nx;
-    const long x0 = tx * t, y0 = ty * t;
-    const long x1 = x0 + t < v->nx ? x0 + t : v->nx, y1 = y0 + t < v->ny ? y0 + t : v->ny;
-    size_t n = 0;
-    for (long y = y0; y < y1; y++)
-        for (long x = x0; x < x1; x++) {
-            size_t i = (size_t)y * (size_t)nx + (size_t)x;
-            float s = v->diff->scorr[i];
-            if (!isfinite(s))
-                continue;
-            if (v->diff->mask != NULL && (v->diff->mask[i] & HILAL_DETECT_VETO_MASK) != 0)
-                continue;
-            v->buf[n++] = s;
-        }
-    double sd = NAN;
-    if (n >= 64) {
-        float med = median_select(v->buf, n);
-        for (size_t k = 0; k < n; k++)
-            v->buf[k] = fabsf(v->buf[k] - med);
-        sd = 1.4826 * median_select(v->buf, n);
+    enum { NS = 512 };
+    const size_t k = n / 2;
+    if (n < 8 * NS)
+        return select_kth(a, n, k);
+    float smp[NS];
+    for (size_t i = 0; i < NS; i++)
+        smp[i] = a[i * n / NS];
+    const double pos = ((double)k + 0.5) * NS / (double)n;
+    const double margin = 3.0 * sqrt(0.25 * NS) + 2.0;
+    const long klo = (long)floor(pos - margin), khi = (long)ceil(pos + margin);
+    const float lo = klo >= 0 ? select_kth(smp, NS, (size_t)klo) : -INFINITY;
+    const float hi = khi < NS ? select_kth(smp, NS, (size_t)khi) : INFINITY;
+    size_t below = 0, m = 0;
+    for (size_t i = 0; i < n; i++) {
+        const float x = a[i];
+        below += x < lo;
+        tmp[m] = x;
+        m += (x >= lo) & (x <= hi);
     }
-    /* Remember "computed" even when undefined: INFINITY marks NaN results. */
-    *slot = isnan(sd) ? INFINITY : sd;
-    return *slot;
+    if (below <= k && k < below + m)
+        return select_kth(tmp, m, k - below);
+    return select_kth(a, n, k);
+}
+
+/* Robust (1.4826 MAD) standard deviation of the n values a (reordered and
+ * overwritten; tmp: n floats of scratch); NaN for fewer than 64. */
+static double robust_std(float *a, size_t n, float *tmp)
+{
+    if (n < 64)
+        return NAN;
+    /* Median, then the median of the absolute deviations from it. */
+    float med = median_bracket(a, n, tmp);
+    for (size_t k = 0; k < n; k++)
+        a[k] = fabsf(a[k] - med);
+    float mad = median_bracket(a, n, tmp);
+    return 1.4826 * mad;
+}
+
+/* The noise of S_corr in the needed tiles of the band of tiles ty: the
+ * robust standard deviation over the usable pixels of each tile. The band
+ * is read row by row across the frame, so that memory is read in whole
+ * rows, each tile's pixels going to its own part of the scratch buffer:
+ * tile tx, columns x0 .. x1 - 1, holds at most (x1 - x0) x band-height
+ * pixels from x0 x band-height on. */
+static void band_std(const vet_ctx *v, vet_scratch *sc, long ty)
+{
+    const long ts = v->p->tile_px, nx = v->nx, ntx = v->ntx;
+    const long y0 = ty * ts, y1 = y0 + ts < v->ny ? y0 + ts : v->ny, h = y1 - y0;
+    const hilal_mask_t *mask = v->diff->mask;
+    const unsigned char *need = v->need + ty * ntx;
+    size_t *count = sc->count;
+    for (long tx = 0; tx < ntx; tx++)
+        count[tx] = 0;
+    for (long y = y0; y < y1; y++) {
+        const float *srow = v->diff->scorr + (size_t)y * (size_t)nx;
+        const hilal_mask_t *mrow = mask != NULL ? mask + (size_t)y * (size_t)nx : NULL;
+        for (long tx = 0; tx < ntx; tx++) {
+            if (!need[tx])
+                continue;
+            const long x0 = tx * ts, x1 = x0 + ts < nx ? x0 + ts : nx;
+            float *out = sc->buf + (size_t)x0 * (size_t)h;
+            size_t n = count[tx];
+            for (long x = x0; x < x1; x++) {
+                float s = srow[x];
+                if (!isfinite(s))
+                    continue;
+                if (mrow != NULL && (mrow[x] & HILAL_DETECT_VETO_MASK) != 0)
+                    continue;
+                out[n++] = s;
+            }
+            count[tx] = n;
+        }
+    }
+    for (long tx = 0; tx < ntx; tx++)
+        if (need[tx])
+            v->tile_std[ty * ntx + tx] =
+                robust_std(sc->buf + (size_t)(tx * ts) * (size_t)h, count[tx], sc->tmp);
+}
+
+/* hilal_parallel_for() body: the bands bands[lo .. hi). */
+static void bands_range(void *ctx, long lo, long hi, int tid)
+{
+    vet_ctx *v = ctx;
+    for (long i = lo; i < hi; i++)
+        band_std(v, &v->scratch[tid], v->bands[i]);
 }
 
 /* Normalised sharpness z of the image in which the event is positive (the
@@ -411,8 +542,9 @@ static double tile_std(vet_ctx *v, long tx, long ty)
  * the 3x3 under the candidate is at least img_sharp_snr sigma above it (a
  * faint event's pixels carry no shape information). Pixels nearer to one of
  * the nothers neighbouring candidates are left out of the fit. */
-static double image_z(vet_ctx *v, const hilal_image *img, const hilal_psf *psf, double delta,
-                      double X, double Y, const double *others, size_t nothers)
+static double image_z(const vet_ctx *v, vet_scratch *sc, const hilal_image *img,
+                      const hilal_psf *psf, double delta, double X, double Y,
+                      const double *others, size_t nothers)
 {
     if (img == NULL || psf == NULL || !(delta >= 1.2))
         return NAN;
@@ -425,6 +557,7 @@ static double image_z(vet_ctx *v, const hilal_image *img, const hilal_psf *psf, 
         r = 2.0;
     const double r2a = r * r, r2b = 4.0 * r2a;
     const long rb = (long)ceil(2.0 * r);
+    float *buf = sc->buf;
     size_t n = 0;
     for (long y = iy - rb; y <= iy + rb; y++)
         for (long x = ix - rb; x <= ix + rb; x++) {
@@ -435,14 +568,14 @@ static double image_z(vet_ctx *v, const hilal_image *img, const hilal_psf *psf, 
             if (d2 <= r2a || d2 > r2b || (pm[i] & HILAL_MASK_UNUSABLE) != 0 || !isfinite(px[i]))
                 continue;
             if (n < v->nbuf)
-                v->buf[n++] = px[i];
+                buf[n++] = px[i];
         }
     if (n < 16)
         return NAN;
-    const double bg = median_select(v->buf, n);
+    const double bg = median_select(buf, n);
     for (size_t k = 0; k < n; k++)
-        v->buf[k] = fabsf(v->buf[k] - (float)bg);
-    const double sigma = 1.4826 * median_select(v->buf, n);
+        buf[k] = fabsf(buf[k] - (float)bg);
+    const double sigma = 1.4826 * median_select(buf, n);
     if (!(sigma > 0))
         return NAN;
     double best = -INFINITY;
@@ -485,8 +618,77 @@ static int ref_mask_defect(const vet_ctx *v, double X, double Y)
     return 0;
 }
 
-/* All statistics, flags and rb of candidate k. */
-static void vet_one(vet_ctx *v, hilal_candidate *cands, size_t k)
+/* OR of the masks (each may be NULL) over the len pixels from index i. */
+static hilal_mask_t mask_or(const hilal_mask_t *a, const hilal_mask_t *b, const hilal_mask_t *c,
+                            size_t i, long len)
+{
+    hilal_mask_t acc = 0;
+    if (a != NULL)
+        for (long k = 0; k < len; k++)
+            acc |= a[i + (size_t)k];
+    if (b != NULL)
+        for (long k = 0; k < len; k++)
+            acc |= b[i + (size_t)k];
+    if (c != NULL)
+        for (long k = 0; k < len; k++)
+            acc |= c[i + (size_t)k];
+    return acc;
+}
+
+/* Squared distances from the 0-based position (X, Y) (nearest pixel ix, iy)
+ * to the nearest pixel centre with a HILAL_MASK_UNUSABLE bit (*dmask2) and
+ * with SAT (*dsat2) in the union of the difference, science and aligned
+ * reference masks, both capped at rs^2, rs = search_radius_px. Only pixels
+ * of the square of half-side ceil(rs) around (ix, iy) can be nearer than
+ * rs. A row is skipped when no pixel of it can lower either distance
+ * (dy^2 is at least the larger, *dsat2: SAT is one of the unusable bits,
+ * so *dsat2 >= *dmask2) or when none of its pixels in the square is
+ * unusable (one vectorisable OR over the row); the others are searched
+ * pixel by pixel. The minimum does not depend on the order the pixels are
+ * visited in, so this is the exhaustive search of the square. */
+static void mask_distances(const vet_ctx *v, double X, double Y, long ix, long iy, double *dsat2,
+                           double *dmask2)
+{
+    const long nx = v->nx, ny = v->ny;
+    const double rs = v->p->search_radius_px;
+    const long rr = (long)ceil(rs);
+    const hilal_mask_t *ma = v->diff->mask, *mb = v->sci_mask;
+    const hilal_mask_t *mc = v->ref != NULL ? v->ref->mask : NULL;
+    const long xa = ix - rr < 0 ? 0 : ix - rr, xb = ix + rr >= nx ? nx - 1 : ix + rr;
+    double ds2 = rs * rs, dm2 = rs * rs;
+    if (xa <= xb) {
+        for (long y = iy - rr; y <= iy + rr; y++) {
+            if (y < 0 || y >= ny)
+                continue;
+            const double dy = (double)y - Y;
+            if (dy * dy >= ds2)
+                continue;
+            const size_t row = (size_t)y * (size_t)nx;
+            if ((mask_or(ma, mb, mc, row + (size_t)xa, xb - xa + 1) & HILAL_MASK_UNUSABLE) == 0)
+                continue;
+            for (long x = xa; x <= xb; x++) {
+                size_t i = row + (size_t)x;
+                hilal_mask_t m = ma != NULL ? ma[i] : 0;
+                if (mb != NULL)
+                    m |= mb[i];
+                if (mc != NULL)
+                    m |= mc[i];
+                if ((m & HILAL_MASK_UNUSABLE) == 0)
+                    continue;
+                double dx = (double)x - X, d2 = dx * dx + dy * dy;
+                if (d2 < dm2)
+                    dm2 = d2;
+                if ((m & HILAL_MASK_SAT) && d2 < ds2)
+                    ds2 = d2;
+            }
+        }
+    }
+    *dsat2 = ds2;
+    *dmask2 = dm2;
+}
+
+/* All statistics, flags and rb of candidate k, with the scratch sc. */
+static void vet_one(const vet_ctx *v, vet_scratch *sc, hilal_candidate *cands, size_t k)
 {
     hilal_candidate *c = &cands[k];
     const hilal_diff *diff = v->diff;
@@ -546,8 +748,9 @@ static void vet_one(vet_ctx *v, hilal_candidate *cands, size_t k)
     c->sharpness = sharpness_at(diff->d, nx, ny, diff->mask, X, Y, sign, 0.0, &diff->psf_d, v->r_fp,
                                 others, no);
     {
-        double zi = sign > 0 ? image_z(v, v->sci, v->sci_psf, v->sci_delta, X, Y, others, no)
-                             : image_z(v, v->ref, v->ref_psf, v->ref_delta, X, Y, others, no);
+        double zi = sign > 0
+                        ? image_z(v, sc, v->sci, v->sci_psf, v->sci_delta, X, Y, others, no)
+                        : image_z(v, sc, v->ref, v->ref_psf, v->ref_delta, X, Y, others, no);
         double zd = (c->sharpness - 1.0) / (v->info.sharp_delta - 1.0);
         if (isfinite(zi) && (!isfinite(zd) || zi > zd))
             c->sharpness = 1.0 + zi * (v->info.sharp_delta - 1.0);
@@ -598,30 +801,8 @@ static void vet_one(vet_ctx *v, hilal_candidate *cands, size_t k)
      * difference, science and aligned reference masks; capped at the search
      * radius. */
     {
-        const double rs = v->p->search_radius_px;
-        const long rr = (long)ceil(rs);
-        double dsat2 = rs * rs, dmask2 = rs * rs;
-        for (long y = iy - rr; y <= iy + rr; y++) {
-            if (y < 0 || y >= ny)
-                continue;
-            for (long x = ix - rr; x <= ix + rr; x++) {
-                if (x < 0 || x >= nx)
-                    continue;
-                size_t i = (size_t)y * (size_t)nx + (size_t)x;
-                hilal_mask_t m = diff->mask != NULL ? diff->mask[i] : 0;
-                if (v->sci_mask != NULL)
-                    m |= v->sci_mask[i];
-                if (v->ref != NULL)
-                    m |= v->ref->mask[i];
-                if ((m & HILAL_MASK_UNUSABLE) == 0)
-                    continue;
-                double dx = (double)x - X, dy = (double)y - Y, d2 = dx * dx + dy * dy;
-                if (d2 < dmask2)
-                    dmask2 = d2;
-                if ((m & HILAL_MASK_SAT) && d2 < dsat2)
-                    dsat2 = d2;
-            }
-        }
+        double dsat2, dmask2;
+        mask_distances(v, X, Y, ix, iy, &dsat2, &dmask2);
         c->dist_sat_px = sqrt(dsat2);
         c->dist_mask_px = sqrt(dmask2);
         if (c->dist_sat_px <= v->p->sat_radius_px)
@@ -640,7 +821,7 @@ static void vet_one(vet_ctx *v, hilal_candidate *cands, size_t k)
             flags |= HILAL_CAND_BAD_TILE;
         long tx = ix / v->p->tile_px, ty = iy / v->p->tile_px;
         if (ix >= 0 && iy >= 0 && tx < v->ntx && ty < v->nty) {
-            double sd = tile_std(v, tx, ty);
+            double sd = v->tile_std[ty * v->ntx + tx];
             if (isfinite(sd) && fabs(sd - 1.0) > v->p->tile_tol)
                 flags |= HILAL_CAND_BAD_TILE;
         }
@@ -657,8 +838,22 @@ static void vet_one(vet_ctx *v, hilal_candidate *cands, size_t k)
     c->flags = flags;
 }
 
-hilal_status hilal_vet_candidates(const hilal_frame *frame, const hilal_vet_params *p,
-                                  hilal_candidate *cands, size_t n, hilal_error *err)
+/* hilal_parallel_for() body: candidates lo .. hi - 1. */
+static void cands_range(void *ctx, long lo, long hi, int tid)
+{
+    vet_ctx *v = ctx;
+    for (long k = lo; k < hi; k++)
+        vet_one(v, &v->scratch[tid], v->cands, (size_t)k);
+}
+
+/* hilal_vet_candidates() on up to `threads` threads. Every candidate is
+ * vetted from the frame and the positions of the others alone, and the
+ * per-tile noise is computed for every tile holding a candidate before any
+ * candidate is vetted, so the results do not depend on the number of
+ * threads. */
+static hilal_status vet_candidates(const hilal_frame *frame, const hilal_vet_params *p,
+                                   int threads, hilal_candidate *cands, size_t n,
+                                   hilal_error *err)
 {
     hilal_status st = HILAL_OK;
     vet_ctx v;
@@ -704,44 +899,98 @@ hilal_status hilal_vet_candidates(const hilal_frame *frame, const hilal_vet_para
         v.r_dip = v.r_fp;
     v.ntx = (v.nx + p->tile_px - 1) / p->tile_px;
     v.nty = (v.ny + p->tile_px - 1) / p->tile_px;
-    v.tile_std = malloc((size_t)v.ntx * (size_t)v.nty * sizeof *v.tile_std);
-    /* Scratch for a tile or an image annulus, whichever is larger. */
+    if (threads < 1)
+        threads = 1;
+    if (threads > HILAL_PARALLEL_MAX_THREADS)
+        threads = HILAL_PARALLEL_MAX_THREADS;
+    if ((size_t)threads > n)
+        threads = (int)n;
+    v.cands = cands;
+    const size_t ntile = (size_t)v.ntx * (size_t)v.nty;
+    v.tile_std = malloc(ntile * sizeof *v.tile_std);
+    v.need = calloc(ntile, 1);
+    v.bands = malloc((size_t)v.nty * sizeof *v.bands);
+    /* Scratch for a band of tiles or an image annulus, whichever is
+     * larger. */
     double rmax = v.r_fp;
     if (v.sci_psf != NULL && p->footprint_fwhm * v.sci_psf->fwhm_px > rmax)
         rmax = p->footprint_fwhm * v.sci_psf->fwhm_px;
     if (v.ref_psf != NULL && p->footprint_fwhm * v.ref_psf->fwhm_px > rmax)
         rmax = p->footprint_fwhm * v.ref_psf->fwhm_px;
     const long ra = 2 * (long)ceil(2.0 * rmax) + 1;
-    v.nbuf = (size_t)p->tile_px * (size_t)p->tile_px;
+    const size_t tile_n = (size_t)(p->tile_px < v.nx ? p->tile_px : v.nx) *
+                          (size_t)(p->tile_px < v.ny ? p->tile_px : v.ny);
+    v.nbuf = (size_t)v.nx * (size_t)(p->tile_px < v.ny ? p->tile_px : v.ny);
     if ((size_t)(ra * ra) > v.nbuf)
         v.nbuf = (size_t)(ra * ra);
-    v.buf = malloc(v.nbuf * sizeof *v.buf);
-    if (v.tile_std == NULL || v.buf == NULL) {
-        st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for vetting");
+    int nomem = v.tile_std == NULL || v.need == NULL || v.bands == NULL;
+    for (int t = 0; t < threads && !nomem; t++) {
+        v.scratch[t].buf = malloc(v.nbuf * sizeof *v.scratch[t].buf);
+        v.scratch[t].count = malloc((size_t)v.ntx * sizeof *v.scratch[t].count);
+        v.scratch[t].tmp = malloc(tile_n * sizeof *v.scratch[t].tmp);
+        nomem = v.scratch[t].buf == NULL || v.scratch[t].count == NULL ||
+                v.scratch[t].tmp == NULL;
+    }
+    if (nomem) {
+        st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for vetting %zu candidates", n);
         goto cleanup;
     }
-    for (long i = 0; i < v.ntx * v.nty; i++)
-        v.tile_std[i] = NAN;
 
+    /* 1. The noise of S_corr in every tile that holds a candidate (the
+     * tile of its nearest pixel), once per tile, band by band. */
+    for (size_t i = 0; i < ntile; i++)
+        v.tile_std[i] = NAN;
+    for (size_t k = 0; k < n; k++) {
+        const long ix = (long)floor(cands[k].x - 1.0 + 0.5);
+        const long iy = (long)floor(cands[k].y - 1.0 + 0.5);
+        const long tx = ix / p->tile_px, ty = iy / p->tile_px;
+        if (ix >= 0 && iy >= 0 && tx < v.ntx && ty < v.nty)
+            v.need[ty * v.ntx + tx] = 1;
+    }
+    for (long ty = 0; ty < v.nty; ty++)
+        if (memchr(v.need + ty * v.ntx, 1, (size_t)v.ntx) != NULL)
+            v.bands[v.nbands++] = ty;
+    hilal_parallel_for(threads, (long)v.nbands, bands_range, &v);
+
+    /* 2. The candidates. */
     st = hilal_neighbours_init(&v.nb, cands, n, err);
     if (st != HILAL_OK)
         goto cleanup;
-    for (size_t k = 0; k < n; k++)
-        vet_one(&v, cands, k);
+    hilal_parallel_for(threads, (long)n, cands_range, &v);
 cleanup:
     hilal_neighbours_clear(&v.nb);
+    for (int t = 0; t < HILAL_PARALLEL_MAX_THREADS; t++) {
+        free(v.scratch[t].buf);
+        free(v.scratch[t].count);
+        free(v.scratch[t].tmp);
+    }
     free(v.tile_std);
-    free(v.buf);
+    free(v.need);
+    free(v.bands);
     return st;
+}
+
+hilal_status hilal_vet_candidates(const hilal_frame *frame, const hilal_vet_params *p,
+                                  hilal_candidate *cands, size_t n, hilal_error *err)
+{
+    return vet_candidates(frame, p, 1, cands, n, err);
 }
 
 /* ---- the stage ---------------------------------------------------------- */
 
+/* The stage's state: the parameters (first, so that the state reads as a
+ * hilal_vet_params) and the threads of pipeline.threads. */
+typedef struct vet_state {
+    hilal_vet_params p;
+    int threads;
+} vet_state;
+
 static hilal_status vet_init(const hilal_config *cfg, void **state, hilal_error *err)
 {
-    hilal_vet_params *p = calloc(1, sizeof *p);
-    if (p == NULL)
+    vet_state *s = calloc(1, sizeof *s);
+    if (s == NULL)
         return hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory");
+    hilal_vet_params *p = &s->p;
     char key[96];
     for (size_t k = 0; k < NVET; k++) {
         snprintf(key, sizeof key, "vet.%s", vet_params[k].key);
@@ -760,17 +1009,22 @@ static hilal_status vet_init(const hilal_config *cfg, void **state, hilal_error 
             "vet.sat_radius_px (%g px) must be smaller than vet.search_radius_px (%g px), beyond "
             "which distances to saturated pixels are not measured",
             p->sat_radius_px, p->search_radius_px);
-        free(p);
+        free(s);
         return st;
     }
-    *state = p;
+    /* pipeline.threads = 0: one per core. */
+    s->threads = 1;
+    if (hilal_config_param(cfg, "pipeline.threads") != NULL)
+        s->threads = hilal_fft_threads((int)hilal_config_get_int(cfg, "pipeline.threads"));
+    *state = s;
     return HILAL_OK;
 }
 
 static hilal_status vet_run(const void *state, hilal_frame *frame, hilal_error *err)
 {
-    const hilal_vet_params *p = state;
-    hilal_status st = hilal_vet_candidates(frame, p, frame->cands, frame->ncands, err);
+    const vet_state *s = state;
+    hilal_status st =
+        vet_candidates(frame, &s->p, s->threads, frame->cands, frame->ncands, err);
     if (st != HILAL_OK)
         return st;
     size_t nreal = 0;

@@ -565,6 +565,166 @@ static void test_stage(const char *dir)
 }
 
 /* docs/archive.md documents every column of every table. */
+/* The stamps: the mask stamps with compression (the library filters each
+ * stamp, shuffle then deflate, and hands HDF5 whole chunks) at levels 1 and
+ * 9, and without (HDF5 writes them as they are); 255 px stamps, which the
+ * library writes in blocks of 64 candidates, the second frame's first block
+ * starting off a block boundary. Every stamp of two frames reads back
+ * exactly through the C API, and the mask stamps through plain HDF5 with
+ * the dataset's filter pipeline. */
+static void test_stamp_blocks(const char *dir)
+{
+    const struct { int size, level; size_t n1, n2; } cases[] = {
+        {63, 0, 97, 33}, {63, 1, 97, 33}, {63, 9, 97, 33}, {255, 1, 66, 3}};
+    for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
+        const int S = cases[c].size, level = cases[c].level;
+        const size_t n1 = cases[c].n1, n2 = cases[c].n2, n = n1 + n2;
+        char path[4200], why[256];
+        hilal_error err = {0};
+        hilal_archive *ar = NULL;
+        hilal_archive_commit c1, c2;
+        int32_t run = 0;
+        hilal_archive_options opt;
+        hilal_archive_options_init(&opt);
+        opt.cutout_size = S;
+        opt.compress_level = level;
+        snprintf(path, sizeof path, "%s/stamps_%d_%d.h5", dir, S, level);
+        hilal_status st = hilal_archive_open_write(path, &opt, &ar, &err);
+        CHECK_OK(st, &err);
+        if (st != HILAL_OK)
+            continue;
+        CHECK_OK(hilal_archive_begin_run(ar, "stamps", HASH1, &run, &err), &err);
+        append(ar, run, "s1", 5, n1, &c1);
+        append(ar, run, "s2", 6, n2, &c2);
+        CHECK_OK(hilal_archive_close(ar, &err), &err);
+
+        CHECK_OK(hilal_archive_open_read(path, &ar, &err), &err);
+        hilal_archive_cand *rows = NULL;
+        size_t nr = 0, bad = 0;
+        CHECK_OK(hilal_archive_query(ar, NULL, &rows, &nr, &err), &err);
+        for (size_t i = 0; i < nr; i++) {
+            hilal_archive_cutout cut;
+            if (hilal_archive_read_cutout(ar, rows[i].cand_id, &cut, &err) != HILAL_OK) {
+                bad++;
+                continue;
+            }
+            if (!tf_cutout_matches(&cut, &rows[i], i < n1 ? 5 : 6, NX, NY, why, sizeof why) &&
+                bad++ == 0)
+                CHECK(0, "%d px, level %d, candidate %lld: %s", S, level,
+                      (long long)rows[i].cand_id, why);
+            hilal_archive_cutout_clear(&cut);
+        }
+        CHECK(nr == n && bad == 0, "%d px, level %d: %zu of %zu cutouts differ", S, level, bad, nr);
+        free(rows);
+        hilal_archive_free(ar);
+
+        /* Plain HDF5: the dataset's filters and every mask pixel. */
+        hid_t fid = H5Fopen(path, H5F_ACC_RDONLY, H5P_DEFAULT);
+        hid_t ds = fid >= 0 ? H5Dopen2(fid, "cutouts/mask", H5P_DEFAULT) : -1;
+        hid_t dcpl = ds >= 0 ? H5Dget_create_plist(ds) : -1;
+        int nf = dcpl >= 0 ? H5Pget_nfilters(dcpl) : -1;
+        CHECK(nf == (level > 0 ? 2 : 0), "level %d: %d filters on the mask stamps", level, nf);
+        const size_t SS = (size_t)S * (size_t)S;
+        uint16_t *all = malloc(n * SS * sizeof *all);
+        CHECK(ds >= 0 && all != NULL &&
+                  H5Dread(ds, H5T_NATIVE_UINT16, H5S_ALL, H5S_ALL, H5P_DEFAULT, all) >= 0,
+              "%d px, level %d: mask stamps read with plain HDF5", S, level);
+        size_t nbad = 0;
+        for (int fr = 0; fr < 2 && all != NULL; fr++) {
+            hilal_frame f;
+            const size_t nf_c = fr == 0 ? n1 : n2, first = fr == 0 ? 0 : n1;
+            tf_make(&f, "x", fr == 0 ? 5 : 6, NX, NY, nf_c);
+            for (size_t i = 0; i < nf_c; i++) {
+                const hilal_candidate *cd = &f.cands[i];
+                long x0 = (long)floor(cd->x - 0.5) - S / 2, y0 = (long)floor(cd->y - 0.5) - S / 2;
+                for (long j = 0; j < S; j++)
+                    for (long k = 0; k < S; k++) {
+                        long x = x0 + k, y = y0 + j;
+                        int in = x >= 0 && y >= 0 && x < NX && y < NY;
+                        uint16_t want = in ? tf_mask(x, y) : (HILAL_MASK_NODATA | HILAL_MASK_EDGE);
+                        nbad += all[(first + i) * SS + (size_t)(j * S + k)] != want;
+                    }
+            }
+            hilal_frame_clear(&f);
+        }
+        CHECK(nbad == 0, "%d px, level %d: %zu mask pixels differ read with plain HDF5", S, level,
+              nbad);
+        free(all);
+        if (dcpl >= 0)
+            H5Pclose(dcpl);
+        if (ds >= 0)
+            H5Dclose(ds);
+        if (fid >= 0)
+            H5Fclose(fid);
+        remove(path);
+    }
+}
+
+/* Clean mask stamps (all zero: most candidates of a real frame) share one
+ * filtered chunk; stamps touching a masked patch or the border do not. The
+ * mask stamps of a frame whose difference mask is clean but for a 5 x 5
+ * patch read back exactly with plain HDF5. */
+static void test_clean_masks(const char *dir)
+{
+    char path[4200];
+    hilal_error err = {0};
+    hilal_archive *ar = NULL;
+    hilal_archive_commit c;
+    int32_t run = 0;
+    const size_t n = 80;
+    snprintf(path, sizeof path, "%s/clean_masks.h5", dir);
+    hilal_frame f;
+    CHECK(tf_make(&f, "clean", 7, NX, NY, n) == 0, "frame built");
+    for (long i = 0; i < NX * NY; i++)
+        f.diff.mask[i] = 0;
+    for (long y = 78; y < 83; y++)
+        for (long x = 98; x < 103; x++)
+            f.diff.mask[y * NX + x] = HILAL_MASK_SAT | HILAL_MASK_CR;
+    hilal_status st = hilal_archive_open_write(path, NULL, &ar, &err);
+    CHECK_OK(st, &err);
+    if (st != HILAL_OK) {
+        hilal_frame_clear(&f);
+        return;
+    }
+    CHECK_OK(hilal_archive_begin_run(ar, "clean", HASH1, &run, &err), &err);
+    CHECK_OK(hilal_archive_append_frame(ar, run, &f, &c, &err), &err);
+    CHECK_OK(hilal_archive_close(ar, &err), &err);
+
+    const int S = 63;
+    const size_t SS = (size_t)S * S;
+    uint16_t *all = malloc(n * SS * sizeof *all);
+    hid_t fid = H5Fopen(path, H5F_ACC_RDONLY, H5P_DEFAULT);
+    hid_t ds = fid >= 0 ? H5Dopen2(fid, "cutouts/mask", H5P_DEFAULT) : -1;
+    CHECK(ds >= 0 && all != NULL &&
+              H5Dread(ds, H5T_NATIVE_UINT16, H5S_ALL, H5S_ALL, H5P_DEFAULT, all) >= 0,
+          "mask stamps read with plain HDF5");
+    size_t nbad = 0, nclean = 0, npatch = 0;
+    for (size_t i = 0; i < n && all != NULL; i++) {
+        const hilal_candidate *cd = &f.cands[i];
+        long x0 = (long)floor(cd->x - 0.5) - S / 2, y0 = (long)floor(cd->y - 0.5) - S / 2;
+        int clean = 1, patch = 0;
+        for (long j = 0; j < S; j++)
+            for (long k = 0; k < S; k++) {
+                long x = x0 + k, y = y0 + j;
+                int in = x >= 0 && y >= 0 && x < NX && y < NY;
+                uint16_t want = in ? f.diff.mask[y * NX + x] : (HILAL_MASK_NODATA | HILAL_MASK_EDGE);
+                nbad += all[i * SS + (size_t)(j * S + k)] != want;
+                clean &= want == 0;
+                patch |= in && want != 0;
+            }
+        nclean += clean;
+        npatch += patch;
+    }
+    CHECK(nbad == 0 && nclean > 5 && npatch > 5,
+          "%zu mask pixels differ (%zu clean stamps, %zu on the patch)", nbad, nclean, npatch);
+    free(all);
+    if (ds >= 0)
+        H5Dclose(ds);
+    if (fid >= 0)
+        H5Fclose(fid);
+    hilal_frame_clear(&f);
+}
+
 static void test_docs(void)
 {
     const char *src = getenv("HILAL_SOURCE_DIR");
@@ -602,6 +762,8 @@ int main(void)
     test_filters(dir);
     test_errors(dir);
     test_stage(dir);
+    test_stamp_blocks(dir);
+    test_clean_masks(dir);
     test_docs();
     return hilal_test_finish();
 }

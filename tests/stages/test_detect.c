@@ -353,6 +353,111 @@ static void test_stage(void)
     hilal_config_free(cfg);
 }
 
+/* Every extremum, by the rules of docs/vetting.md section 1 applied pixel by
+ * pixel over the whole frame (independent of the stage's blocked scan):
+ * |S_corr| >= thr, finite, not vetoed, at least margin px from the border,
+ * all 8 neighbours on the image, finite and usable, and the strict
+ * extremum of its sign (ties go to the earlier pixel in raster order). */
+static size_t brute_extrema(const hilal_diff *d, double thr, long margin)
+{
+    const long nx = d->nx, ny = d->ny;
+    size_t n = 0;
+    for (long y = margin; y < ny - margin; y++)
+        for (long x = margin; x < nx - margin; x++) {
+            float v = d->scorr[y * nx + x];
+            if (!isfinite(v) || fabsf(v) < (float)thr || (d->mask[y * nx + x] & HILAL_DETECT_VETO_MASK))
+                continue;
+            float s = v > 0 ? 1.0f : -1.0f, a = s * v;
+            int ok = 1;
+            for (long dy = -1; dy <= 1 && ok; dy++)
+                for (long dx = -1; dx <= 1 && ok; dx++) {
+                    long xx = x + dx, yy = y + dy;
+                    if (dx == 0 && dy == 0)
+                        continue;
+                    if (xx < 0 || yy < 0 || xx >= nx || yy >= ny) {
+                        ok = 0;
+                        break;
+                    }
+                    float w = d->scorr[yy * nx + xx];
+                    if (!isfinite(w) || (d->mask[yy * nx + xx] & HILAL_DETECT_VETO_MASK))
+                        ok = 0;
+                    else if ((dy < 0 || (dy == 0 && dx < 0)) ? s * w >= a : s * w > a)
+                        ok = 0;
+                }
+            n += ok;
+        }
+    return n;
+}
+
+/* Whether two candidate lists hold the same detections (the fields detect
+ * sets, compared bit for bit; the padding of the struct is not compared). */
+static int same_cands(const hilal_candidate *a, const hilal_candidate *b, size_t n)
+{
+    for (size_t k = 0; k < n; k++)
+        if (a[k].cand_id != b[k].cand_id || memcmp(&a[k].x, &b[k].x, sizeof a[k].x) != 0 ||
+            memcmp(&a[k].y, &b[k].y, sizeof a[k].y) != 0 ||
+            memcmp(&a[k].snr, &b[k].snr, sizeof a[k].snr) != 0 || a[k].flags != b[k].flags)
+            return 0;
+    return 1;
+}
+
+/* The scan misses no extremum anywhere (odd widths, the last columns, NaN
+ * and infinite values, masked pixels), and gives the same candidates with
+ * 1, 2, 3 and 7 threads. */
+static void test_scan_threads(void)
+{
+    hilal_error err = {0};
+    hilal_config *cfg = hilal_registry_config_new(&err);
+    const hilal_stage *stage = hilal_registry_find("detect");
+    const long sizes[][2] = {{301, 173}, {37, 41}, {16, 9}};
+    for (size_t z = 0; z < sizeof sizes / sizeof sizes[0] && cfg != NULL; z++) {
+        const long nx = sizes[z][0], ny = sizes[z][1];
+        hilal_frame f;
+        synth_model m = synth_gaussian(1.2);
+        synth_frame(&f, nx, ny, &m, 11, 31 + z, 1.0);
+        synth_finish(&f, 1.0);
+        synth_rng r = {55 + z, 0, 0};
+        for (long i = 0; i < nx * ny; i++) {
+            double u = synth_uniform(&r);
+            if (u < 0.01)
+                f.diff.scorr[i] = NAN;
+            else if (u < 0.015)
+                f.diff.scorr[i] = u < 0.0125 ? INFINITY : -INFINITY;
+            else if (u < 0.03)
+                f.diff.mask[i] = HILAL_MASK_SAT;
+            else if (u < 0.2)
+                f.diff.scorr[i] *= 2.5f; /* many peaks beyond 3 sigma */
+        }
+        /* Extrema in the last columns and rows. */
+        f.diff.scorr[(ny / 2) * nx + nx - 2] = 9.0f;
+        f.diff.scorr[(ny - 2) * nx + nx / 2] = -9.0f;
+        const long margin = 1;
+        const size_t want = brute_extrema(&f.diff, 3.0, margin);
+        hilal_candidate *ref = NULL;
+        size_t nref = 0;
+        hilal_detect_params p = params(3.0, 0.1, margin, 100000);
+        CHECK_OK(hilal_detect_peaks(&f.diff, &p, &ref, &nref, NULL, &err), &err);
+        CHECK(nref == want && want > 0, "%ld x %ld: %zu extrema found, %zu by the pixel-by-pixel rule",
+              nx, ny, nref, want);
+        CHECK_OK(hilal_config_set(cfg, "detect.thresh_sigma", "3", "test", &err), &err);
+        CHECK_OK(hilal_config_set(cfg, "detect.merge_radius_px", "0.1", "test", &err), &err);
+        CHECK_OK(hilal_config_set(cfg, "pipeline.edge_margin", "1", "test", &err), &err);
+        const char *threads[] = {"1", "2", "3", "7"};
+        for (size_t t = 0; t < sizeof threads / sizeof threads[0]; t++) {
+            void *state = NULL;
+            CHECK_OK(hilal_config_set(cfg, "pipeline.threads", threads[t], "test", &err), &err);
+            CHECK_OK(stage->init(cfg, &state, &err), &err);
+            CHECK_OK(stage->run(state, &f, &err), &err);
+            CHECK(f.ncands == nref && same_cands(f.cands, ref, nref),
+                  "%ld x %ld, %s threads: the same %zu candidates", nx, ny, threads[t], nref);
+            stage->fini(state);
+        }
+        free(ref);
+        hilal_frame_clear(&f);
+    }
+    hilal_config_free(cfg);
+}
+
 int main(void)
 {
     test_noise();
@@ -361,6 +466,7 @@ int main(void)
     test_exclusion();
     test_cap();
     test_errors();
+    test_scan_threads();
     test_stage();
     return hilal_test_finish();
 }

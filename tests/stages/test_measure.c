@@ -280,11 +280,59 @@ static void test_errors_and_stage(void)
     hilal_frame_clear(&f);
 }
 
+/* Measuring with 1, 2, 3 and 7 threads gives the same bytes as the library
+ * call, on a crowded frame (neighbours within each other's shape windows). */
+static void test_threads(void)
+{
+    hilal_error err = {0};
+    hilal_frame f;
+    synth_model m = synth_gaussian(1.5);
+    const long nx = 300, ny = 220;
+    synth_frame(&f, nx, ny, &m, 15, 61, 1.0);
+    synth_rng r = {62, 0, 0};
+    for (int k = 0; k < 300; k++) {
+        double snr = 6.0 * exp(log(10.0) * synth_uniform(&r));
+        synth_add_point(&f, &m, 10 + (nx - 20) * synth_uniform(&r), 10 + (ny - 20) * synth_uniform(&r),
+                        (k % 4 == 0 ? -1 : 1) * synth_amp(&f, snr));
+    }
+    synth_finish(&f, 50.0);
+    f.sci->meta.zeropoint_mag = 25.0;
+    f.sci->meta.mjd = 60001.25;
+    detect(&f);
+    const size_t n = f.ncands;
+    hilal_candidate *found = malloc(n * sizeof *found), *ref = malloc(n * sizeof *ref);
+    memcpy(found, f.cands, n * sizeof *found);
+    CHECK_OK(hilal_measure_candidates(&f.diff, f.sci, 1.5, f.cands, n, &err), &err);
+    memcpy(ref, f.cands, n * sizeof *ref);
+    size_t shaped = 0;
+    for (size_t k = 0; k < n; k++)
+        shaped += isfinite(ref[k].fwhm);
+    CHECK(n > 150 && shaped > n / 2, "%zu candidates, %zu with a shape", n, shaped);
+    hilal_config *cfg = hilal_registry_config_new(&err);
+    const hilal_stage *stage = hilal_registry_find("measure");
+    const char *threads[] = {"1", "2", "3", "7"};
+    for (size_t t = 0; t < sizeof threads / sizeof threads[0] && cfg != NULL; t++) {
+        void *state = NULL;
+        CHECK_OK(hilal_config_set(cfg, "pipeline.threads", threads[t], "test", &err), &err);
+        CHECK_OK(stage->init(cfg, &state, &err), &err);
+        memcpy(f.cands, found, n * sizeof *found);
+        CHECK_OK(stage->run(state, &f, &err), &err);
+        CHECK(memcmp(f.cands, ref, n * sizeof *ref) == 0, "%s threads: the same measurements",
+              threads[t]);
+        stage->fini(state);
+    }
+    hilal_config_free(cfg);
+    free(found);
+    free(ref);
+    hilal_frame_clear(&f);
+}
+
 int main(void)
 {
     test_accuracy();
     test_shape();
     test_metadata();
     test_errors_and_stage();
+    test_threads();
     return hilal_test_finish();
 }

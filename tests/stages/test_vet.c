@@ -506,6 +506,201 @@ static void test_stage(void)
     hilal_config_free(cfg);
 }
 
+/* A crowded frame for the thread and distance tests: point sources of both
+ * signs and cosmic rays at S/N 6-60, a science image and an aligned
+ * reference with their PSFs, saturated stars, a bad column, cosmic rays
+ * and no-data corners in the three masks. */
+static void crowded_frame(hilal_frame *f, long nx, long ny, uint64_t seed)
+{
+    hilal_error err = {0};
+    synth_model m = synth_gaussian(1.5);
+    synth_frame(f, nx, ny, &m, 15, seed, 1.0);
+    f->ref = hilal_image_new(nx, ny, &err);
+    synth_psf(&f->sci_psf, &m, 15);
+    synth_psf(&f->ref_psf, &m, 15);
+    f->products |= HILAL_PROD_ALIGNED | HILAL_PROD_PSF;
+    synth_rng r = {seed + 7, 0, 0};
+    for (long i = 0; i < nx * ny; i++) {
+        f->sci->pix[i] = (float)(100.0 + 5.0 * synth_gauss(&r));
+        f->ref->pix[i] = (float)(100.0 + 4.0 * synth_gauss(&r));
+    }
+    for (int k = 0; k < 260; k++) {
+        double x = 4 + (nx - 8) * synth_uniform(&r), y = 4 + (ny - 8) * synth_uniform(&r);
+        double snr = 6.0 * exp(log(10.0) * synth_uniform(&r));
+        long ix = (long)x, iy = (long)y;
+        if (k % 3 == 2) {
+            synth_add_pixel(f, ix, iy, (k % 2 ? 1 : -1) * spike_amp(f, snr));
+            (k % 2 ? f->sci : f->ref)->pix[iy * nx + ix] += (float)(40 * snr);
+        } else {
+            double sign = k % 5 == 0 ? -1 : 1;
+            synth_add_point(f, &m, x, y, sign * synth_amp(f, snr));
+            hilal_image *img = sign > 0 ? f->sci : f->ref;
+            for (long yy = iy - 7; yy <= iy + 7; yy++)
+                for (long xx = ix - 7; xx <= ix + 7; xx++)
+                    if (xx >= 0 && yy >= 0 && xx < nx && yy < ny)
+                        img->pix[yy * nx + xx] += (float)(60 * snr * synth_pixel(&m, xx - x, yy - y));
+        }
+    }
+    synth_finish(f, 1.0);
+    /* Saturated stars (science), a bad column (difference), cosmic rays
+     * (reference), no data in two corners (all three). */
+    for (int k = 0; k < 12; k++) {
+        long cx = (long)(nx * synth_uniform(&r)), cy = (long)(ny * synth_uniform(&r));
+        for (long y = cy - 2; y <= cy + 2; y++)
+            for (long x = cx - 2; x <= cx + 2; x++)
+                if (x >= 0 && y >= 0 && x < nx && y < ny && (x - cx) * (x - cx) + (y - cy) * (y - cy) <= 4)
+                    f->sci->mask[y * nx + x] |= HILAL_MASK_SAT;
+    }
+    for (long y = 0; y < ny; y++)
+        f->diff.mask[y * nx + nx / 3] |= HILAL_MASK_BAD;
+    for (int k = 0; k < 40; k++)
+        f->ref->mask[(long)(ny * synth_uniform(&r)) * nx + (long)(nx * synth_uniform(&r))] |= HILAL_MASK_CR;
+    for (long y = 0; y < 20; y++)
+        for (long x = 0; x < 20 - y; x++) {
+            f->diff.mask[y * nx + x] |= HILAL_MASK_NODATA;
+            f->ref->mask[(ny - 1 - y) * nx + (nx - 1 - x)] |= HILAL_MASK_NODATA;
+        }
+}
+
+/* The distances to the nearest saturated and unusable pixels, searched over
+ * the whole frame (independent of the stage's windowed search). */
+static void brute_distances(const hilal_frame *f, const hilal_candidate *c, double rs,
+                            double *dsat, double *dmask)
+{
+    const long nx = f->diff.nx, ny = f->diff.ny;
+    const double X = c->x - 1.0, Y = c->y - 1.0;
+    double ds2 = rs * rs, dm2 = rs * rs;
+    for (long y = 0; y < ny; y++)
+        for (long x = 0; x < nx; x++) {
+            size_t i = (size_t)y * nx + x;
+            hilal_mask_t m = f->diff.mask[i] | f->sci->mask[i] | f->ref->mask[i];
+            if (!(m & HILAL_MASK_UNUSABLE))
+                continue;
+            double dx = (double)x - X, dy = (double)y - Y, d2 = dx * dx + dy * dy;
+            if (d2 < dm2)
+                dm2 = d2;
+            if ((m & HILAL_MASK_SAT) && d2 < ds2)
+                ds2 = d2;
+        }
+    *dsat = sqrt(ds2);
+    *dmask = sqrt(dm2);
+}
+
+/* Vetting with 1, 2, 3 and 7 threads gives the same bytes as the library
+ * call; the distances equal an exhaustive search. */
+static void test_threads(void)
+{
+    hilal_error err = {0};
+    hilal_frame f;
+    crowded_frame(&f, 331, 257, 811);
+    hilal_detect_params dp = {5.0, 0, 4, 100000};
+    CHECK_OK(hilal_detect_peaks(&f.diff, &dp, &f.cands, &f.ncands, NULL, &err), &err);
+    CHECK_OK(hilal_measure_candidates(&f.diff, f.sci, 1.5, f.cands, f.ncands, &err), &err);
+    const size_t n = f.ncands;
+    CHECK(n > 150, "a crowded frame: %zu candidates", n);
+    hilal_candidate *measured = malloc(n * sizeof *measured), *ref = malloc(n * sizeof *ref);
+    memcpy(measured, f.cands, n * sizeof *measured);
+    hilal_vet_params vp;
+    hilal_vet_params_default(&vp);
+    CHECK_OK(hilal_vet_candidates(&f, &vp, f.cands, n, &err), &err);
+    memcpy(ref, f.cands, n * sizeof *ref);
+
+    size_t nsat = 0, nmask = 0, nbad = 0;
+    for (size_t k = 0; k < n; k++) {
+        double dsat, dmask;
+        brute_distances(&f, &ref[k], vp.search_radius_px, &dsat, &dmask);
+        nbad += dsat != ref[k].dist_sat_px || dmask != ref[k].dist_mask_px;
+        nsat += dsat < vp.search_radius_px;
+        nmask += dmask < vp.search_radius_px;
+    }
+    printf("threads: %zu candidates, %zu within the search radius of SAT, %zu of a mask\n", n,
+           nsat, nmask);
+    CHECK(nbad == 0 && nsat > 10 && nmask > nsat,
+          "distances equal the exhaustive search (%zu differ; %zu near SAT, %zu near masks)", nbad,
+          nsat, nmask);
+
+    hilal_config *cfg = hilal_registry_config_new(&err);
+    const hilal_stage *stage = hilal_registry_find("vet");
+    const char *threads[] = {"1", "2", "3", "7"};
+    for (size_t t = 0; t < sizeof threads / sizeof threads[0] && cfg != NULL; t++) {
+        void *state = NULL;
+        CHECK_OK(hilal_config_set(cfg, "pipeline.threads", threads[t], "test", &err), &err);
+        CHECK_OK(stage->init(cfg, &state, &err), &err);
+        memcpy(f.cands, measured, n * sizeof *measured);
+        CHECK_OK(stage->run(state, &f, &err), &err);
+        CHECK(memcmp(f.cands, ref, n * sizeof *ref) == 0,
+              "%s threads: the same statistics, flags and rb", threads[t]);
+        stage->fini(state);
+    }
+    hilal_config_free(cfg);
+    free(measured);
+    free(ref);
+    hilal_frame_clear(&f);
+}
+
+static int cmp_float(const void *a, const void *b)
+{
+    float x = *(const float *)a, y = *(const float *)b;
+    return (x > y) - (x < y);
+}
+
+/* The noise check of a tile is exact: S_corr in a 128 x 128 tile is set to
+ * values with many ties, to Gaussian noise, and to noise whose regular
+ * sample (every 32nd usable pixel) is an outlier; BAD_TILE follows the
+ * robust standard deviation computed here by sorting, on either side of
+ * vet.tile_tol. */
+static void test_tile_exact(void)
+{
+    hilal_error err = {0};
+    for (int pattern = 0; pattern < 3; pattern++) {
+        hilal_frame f;
+        synth_model m = synth_gaussian(1.5);
+        synth_frame(&f, 256, 256, &m, 15, 901 + pattern, 1.0);
+        synth_finish(&f, 1.0);
+        synth_rng r = {77 + pattern, 0, 0};
+        enum { T = 128 };
+        static float vals[T * T];
+        size_t nv = 0;
+        for (long y = 0; y < T; y++)
+            for (long x = 0; x < T; x++) {
+                size_t i = (size_t)y * 256 + x;
+                float v;
+                if (pattern == 0)
+                    v = 0.21f * (float)((x * 7 + y * 13) % 11) - 0.8f;
+                else
+                    v = (float)(1.3 * synth_gauss(&r));
+                if (pattern == 2 && (y * T + x) % 32 == 0)
+                    v = 50.0f;
+                f.diff.scorr[i] = v;
+                vals[nv++] = v;
+            }
+        /* The robust standard deviation, by sorting: 1.4826 MAD. */
+        qsort(vals, nv, sizeof vals[0], cmp_float);
+        const float med = vals[nv / 2];
+        for (size_t k = 0; k < nv; k++)
+            vals[k] = fabsf(vals[k] - med);
+        qsort(vals, nv, sizeof vals[0], cmp_float);
+        const double sd = 1.4826 * vals[nv / 2], off = fabs(sd - 1.0);
+        f.cands = calloc(1, sizeof *f.cands);
+        f.ncands = 1;
+        f.cands[0] = (hilal_candidate){.cand_id = 1, .x = 50.2, .y = 60.7, .snr = 8, .fwhm = 3.5,
+                                       .elongation = 1.1};
+        hilal_vet_params vp;
+        hilal_vet_params_default(&vp);
+        vp.tile_tol = off * (1 - 1e-6);
+        CHECK_OK(hilal_vet_candidates(&f, &vp, f.cands, 1, &err), &err);
+        int below = (f.cands[0].flags & HILAL_CAND_BAD_TILE) != 0;
+        vp.tile_tol = off * (1 + 1e-6);
+        CHECK_OK(hilal_vet_candidates(&f, &vp, f.cands, 1, &err), &err);
+        int above = (f.cands[0].flags & HILAL_CAND_BAD_TILE) != 0;
+        printf("tile pattern %d: robust std %.6f\n", pattern, sd);
+        CHECK(off > 0.01 && below && !above,
+              "tile pattern %d: robust std %.6f flagged just below |sd - 1| (%d), not above (%d)",
+              pattern, sd, below, above);
+        hilal_frame_clear(&f);
+    }
+}
+
 int main(void)
 {
     test_real_vs_cosmic();
@@ -514,6 +709,8 @@ int main(void)
     test_ref_defect();
     test_science_sharpness();
     test_bad_tile();
+    test_tile_exact();
+    test_threads();
     test_score();
     test_stage();
     return hilal_test_finish();
