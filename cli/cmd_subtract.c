@@ -3,6 +3,7 @@
  * difference products written to a multi-extension FITS file. */
 #include <math.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "cli.h"
@@ -30,6 +31,9 @@ static void help(void)
            "  FLUX_ERR  its 1-sigma error, science ADU\n"
            "  PSF_D     PSF of D (eq. 14)\n"
            "  MASK      science and reference masks combined, plus filled pixels\n"
+           "  TILES     table, one row per tile (one for a frame in one piece): PSF\n"
+           "            FWHMs, flux ratio, registration RMS, S_corr median and std,\n"
+           "            BAD flag (docs/zogy.md, Tiles)\n"
            "\n"
            "The image extensions carry the science image's WCS. An existing OUT.fits is\n"
            "replaced only once the new file is complete.\n"
@@ -134,6 +138,94 @@ typedef struct plane {
     const char *what;
 } plane;
 
+
+/* The TILES table: one row per tile ZOGY ran on (one row when the frame
+ * was subtracted in one piece), with the PSFs, flux ratio, registration
+ * RMS and S_corr statistics of each (docs/zogy.md, "Tiles"). */
+static hilal_status write_tiles(hilal_fits_writer *w, const hilal_diff *d, hilal_error *err)
+{
+    const long n = d->tiles != NULL ? d->ntiles_x * d->ntiles_y : 0;
+    hilal_status st = HILAL_OK;
+    enum { NJ = 11, ND = 11 };
+    int32_t *j[NJ] = {0};
+    double *v[ND] = {0};
+    for (int c = 0; c < NJ; c++)
+        if ((j[c] = calloc((size_t)n + 1, sizeof *j[c])) == NULL)
+            st = HILAL_ERR_NOMEM;
+    for (int c = 0; c < ND; c++)
+        if ((v[c] = calloc((size_t)n + 1, sizeof *v[c])) == NULL)
+            st = HILAL_ERR_NOMEM;
+    if (st != HILAL_OK) {
+        st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for the tile table");
+        goto cleanup;
+    }
+    for (long t = 0; t < n; t++) {
+        const hilal_diff_tile *p = &d->tiles[t];
+        j[0][t] = (int32_t)(p->x0 + 1);
+        j[1][t] = (int32_t)(p->y0 + 1);
+        j[2][t] = (int32_t)p->nx;
+        j[3][t] = (int32_t)p->ny;
+        j[4][t] = (int32_t)p->nstars_sci;
+        j[5][t] = (int32_t)p->nstars_ref;
+        j[6][t] = (int32_t)p->psf_whole_frame;
+        j[7][t] = (int32_t)p->flux_ratio_nstars;
+        j[8][t] = (int32_t)p->reg_nmatch;
+        j[9][t] = (int32_t)p->bad;
+        j[10][t] = (int32_t)t;
+        v[0][t] = p->fwhm_sci_px;
+        v[1][t] = p->fwhm_ref_px;
+        v[2][t] = p->fwhm_d_px;
+        v[3][t] = p->flux_ratio;
+        v[4][t] = p->flux_ratio_tile;
+        v[5][t] = p->reg_rms_x_px;
+        v[6][t] = p->reg_rms_y_px;
+        v[7][t] = p->scorr_std_model;
+        v[8][t] = p->noise_scale;
+        v[9][t] = p->scorr_median;
+        v[10][t] = p->scorr_std;
+    }
+    const hilal_fits_column cols[] = {
+        {"TILE", 'J', NULL, "tile index, row-major from the lower left", NULL, j[10]},
+        {"X0", 'J', "pix", "first column of the core (FITS 1-based)", NULL, j[0]},
+        {"Y0", 'J', "pix", "first row of the core (FITS 1-based)", NULL, j[1]},
+        {"NX", 'J', "pix", "columns in the core", NULL, j[2]},
+        {"NY", 'J', "pix", "rows in the core", NULL, j[3]},
+        {"FWHM_SCI", 'D', "pix", "FWHM of the science PSF used", v[0], NULL},
+        {"FWHM_REF", 'D', "pix", "FWHM of the reference PSF used", v[1], NULL},
+        {"FWHM_D", 'D', "pix", "FWHM of P_D", v[2], NULL},
+        {"NSTARS_SCI", 'J', NULL, "stars behind the science PSF", NULL, j[4]},
+        {"NSTARS_REF", 'J', NULL, "stars behind the reference PSF", NULL, j[5]},
+        {"PSF_WHOLE", 'J', NULL, "1: the whole-frame PSFs were used", NULL, j[6]},
+        {"FLUXRAT", 'D', NULL, "flux ratio F_n used", v[3], NULL},
+        {"FLUXRAT_T", 'D', NULL, "F_n from the tile's own stars (NaN: few)", v[4], NULL},
+        {"FLUXRAT_N", 'J', NULL, "stars behind FLUXRAT_T", NULL, j[7]},
+        {"REGRMS_X", 'D', "pix", "registration RMS in x of the tile's stars", v[5], NULL},
+        {"REGRMS_Y", 'D', "pix", "registration RMS in y of the tile's stars", v[6], NULL},
+        {"REG_N", 'J', NULL, "matched star pairs behind REGRMS", NULL, j[8]},
+        {"SC_STD_M", 'D', NULL, "S_corr std under the white-noise model", v[7], NULL},
+        {"NOISESCL", 'D', NULL, "noise calibration factor (1: none)", v[8], NULL},
+        {"SC_MED", 'D', NULL, "median of the final S_corr in the core", v[9], NULL},
+        {"SC_STD", 'D', NULL, "robust std of the final S_corr in the core", v[10], NULL},
+        {"BAD", 'J', NULL, "1: SC_STD outside the accepted range", NULL, j[9]},
+    };
+    st = hilal_fits_writer_add_table(w, "TILES", cols, (int)(sizeof cols / sizeof cols[0]), n, err);
+    if (st == HILAL_OK)
+        st = hilal_fits_writer_key_int(w, "NTILESX", d->tiles != NULL ? d->ntiles_x : 0,
+                                       "tiles along x", err);
+    if (st == HILAL_OK)
+        st = hilal_fits_writer_key_int(w, "NTILESY", d->tiles != NULL ? d->ntiles_y : 0,
+                                       "tiles along y", err);
+    if (st == HILAL_OK)
+        st = hilal_fits_writer_key_string(w, "CONTENT", "per-tile PSFs, flux ratio, registration "
+                                          "and S_corr statistics", NULL, err);
+cleanup:
+    for (int c = 0; c < NJ; c++)
+        free(j[c]);
+    for (int c = 0; c < ND; c++)
+        free(v[c]);
+    return st;
+}
+
 static hilal_status write_products(const char *path, const hilal_frame *f, const hilal_cli *cli,
                                    hilal_error *err)
 {
@@ -183,6 +275,8 @@ static hilal_status write_products(const char *path, const hilal_frame *f, const
     if (meta != NULL && meta->header != NULL &&
         (st = hilal_fits_writer_copy_cards(w, meta->header, meta->nheader_cards, HILAL_FITS_COPY_WCS,
                                            err)) != HILAL_OK)
+        goto cleanup;
+    if ((st = write_tiles(w, d, err)) != HILAL_OK)
         goto cleanup;
     st = hilal_fits_writer_close(w, err);
     w = NULL;

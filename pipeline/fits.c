@@ -1057,6 +1057,66 @@ hilal_status hilal_fits_writer_add_uint16(hilal_fits_writer *w, const char *extn
     return writer_add_pixels(w, USHORT_IMG, extname, nx, ny, pix, err);
 }
 
+hilal_status hilal_fits_writer_add_table(hilal_fits_writer *w, const char *extname,
+                                         const hilal_fits_column *cols, int ncols, long nrows,
+                                         hilal_error *err)
+{
+    hilal_status st = writer_check(w, 0, err);
+    if (st != HILAL_OK)
+        return st;
+    if (ncols < 1 || ncols > 999 || nrows < 0)
+        return hilal_error_set(err, HILAL_ERR_RANGE, "%s: a table of %d columns and %ld rows",
+                               w->path, ncols, nrows);
+    for (int c = 0; c < ncols; c++)
+        if (cols[c].name == NULL || (cols[c].type == 'D' ? cols[c].d == NULL && nrows > 0
+                                     : cols[c].type == 'J' ? cols[c].j == NULL && nrows > 0 : 1))
+            return hilal_error_set(err, HILAL_ERR_INTERNAL,
+                                   "%s: table column %d has no name, an unknown type or no data",
+                                   w->path, c + 1);
+    /* a table cannot be the primary HDU */
+    if (w->nhdu == 0 && (st = writer_new_hdu(w, BYTE_IMG, 0, 0, 0, NULL, err)) != HILAL_OK)
+        return st;
+    char **ttype = calloc((size_t)ncols, sizeof *ttype), **tform = calloc((size_t)ncols, sizeof *tform);
+    char **tunit = calloc((size_t)ncols, sizeof *tunit);
+    if (ttype == NULL || tform == NULL || tunit == NULL) {
+        free(ttype);
+        free(tform);
+        free(tunit);
+        return hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for a FITS table");
+    }
+    for (int c = 0; c < ncols; c++) {
+        ttype[c] = (char *)cols[c].name;
+        tform[c] = cols[c].type == 'D' ? "1D" : "1J";
+        tunit[c] = (char *)(cols[c].unit != NULL ? cols[c].unit : "");
+    }
+    int status = 0;
+    fits_create_tbl(w->f, BINARY_TBL, (LONGLONG)nrows, ncols, ttype, tform, tunit, extname,
+                    &status);
+    for (int c = 0; c < ncols && status == 0; c++) {
+        if (cols[c].comment != NULL) {
+            char key[16];
+            snprintf(key, sizeof key, "TTYPE%d", c + 1);
+            fits_modify_comment(w->f, key, (char *)cols[c].comment, &status);
+        }
+        if (nrows > 0) {
+            if (cols[c].type == 'D')
+                fits_write_col(w->f, TDOUBLE, c + 1, 1, 1, (LONGLONG)nrows, (void *)cols[c].d,
+                               &status);
+            else
+                fits_write_col(w->f, TINT, c + 1, 1, 1, (LONGLONG)nrows, (void *)cols[c].j,
+                               &status);
+        }
+    }
+    free(ttype);
+    free(tform);
+    free(tunit);
+    if (status != 0)
+        return fits_fail(err, HILAL_ERR_IO, status, "%s: cannot write table HDU %d", w->path,
+                         w->nhdu + 1);
+    w->nhdu++;
+    return HILAL_OK;
+}
+
 const char *hilal_fits_mask_name(unsigned bit)
 {
     switch (bit) {

@@ -28,6 +28,7 @@
 #define HILAL_FITS_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 #include "hilal/image.h"
 #include "hilal/status.h"
@@ -166,6 +167,25 @@ hilal_status hilal_fits_writer_add_uint16(hilal_fits_writer *w, const char *extn
  * bit naming it ("MASKB02 = 'NODATA'"), so the file documents its bits. */
 hilal_status hilal_fits_writer_add_mask(hilal_fits_writer *w, const char *extname, long nx,
                                         long ny, const hilal_mask_t *mask, hilal_error *err);
+
+/* One column of a binary table (hilal_fits_writer_add_table): 'D' a
+ * 64-bit float from d[], 'J' a 32-bit integer from j[]. unit and comment
+ * may be NULL. */
+typedef struct hilal_fits_column {
+    const char *name;
+    char type;
+    const char *unit;
+    const char *comment;
+    const double *d;
+    const int32_t *j;
+} hilal_fits_column;
+
+/* Appends a binary-table extension of nrows rows (nrows may be 0) with
+ * the given columns; it becomes the current HDU for the key functions. A
+ * writer with no HDU yet gets an empty primary HDU first. */
+hilal_status hilal_fits_writer_add_table(hilal_fits_writer *w, const char *extname,
+                                         const hilal_fits_column *cols, int ncols, long nrows,
+                                         hilal_error *err);
 
 /* The name of a single mask bit as written in MASKBnn cards ("BAD", "SAT",
  * "NODATA", "EDGE", "INTERP", "CR", "REFDEFECT", "NEGVAR"); NULL when bit is

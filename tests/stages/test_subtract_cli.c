@@ -2,6 +2,7 @@
  * ratio 0.8) through ingest ... subtract, the FITS file it writes read
  * back: extensions, WCS and provenance cards, fitsverify, S_corr statistics
  * and the fluxes of the injected transients in science ADU; usage errors. */
+#include <fitsio.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -119,6 +120,32 @@ int main(void)
                   "%s: SCORRSTD = %s", names[k], val);
         }
     }
+    /* the TILES table: one row per tile (one for a frame in one piece) */
+    {
+        fitsfile *ff = NULL;
+        int fst = 0, ntx = 0, nty = 0, col = 0, anynul = 0;
+        long nrows = 0;
+        double scstd = NAN, fwhm = NAN;
+        fits_open_file(&ff, path, READONLY, &fst);
+        fits_movnam_hdu(ff, BINARY_TBL, "TILES", 0, &fst);
+        fits_get_num_rows(ff, &nrows, &fst);
+        fits_read_key(ff, TINT, "NTILESX", &ntx, NULL, &fst);
+        fits_read_key(ff, TINT, "NTILESY", &nty, NULL, &fst);
+        fits_get_colnum(ff, CASEINSEN, "SC_STD", &col, &fst);
+        fits_read_col(ff, TDOUBLE, col, 1, 1, 1, NULL, &scstd, &anynul, &fst);
+        fits_get_colnum(ff, CASEINSEN, "FWHM_SCI", &col, &fst);
+        fits_read_col(ff, TDOUBLE, col, 1, 1, 1, NULL, &fwhm, &anynul, &fst);
+        CHECK(fst == 0, "TILES table readable (CFITSIO status %d)", fst);
+        CHECK(nrows >= 1 && nrows == (long)ntx * nty, "TILES: %ld rows for %d x %d tiles", nrows,
+              ntx, nty);
+        CHECK(fabs(scstd - 1) < 0.1 && fwhm > 1 && fwhm < 10,
+              "TILES row 1: S_corr std %.3f, science FWHM %.2f px", scstd, fwhm);
+        if (ff != NULL) {
+            int s2 = 0;
+            fits_close_file(ff, &s2);
+        }
+    }
+
     /* the science WCS itself: same pixel -> sky as the science file */
     hilal_image *sci = NULL;
     snprintf(cmd, sizeof cmd, "%s/sim/sci.fits", dir);
