@@ -210,7 +210,7 @@ int hilal_cli_simulate(int argc, char **argv, hilal_cli *cli)
             return usage_error("unexpected argument '%s'", a);
         if (v == NULL)
             return usage_error("%s needs a value", name);
-        long l;
+        long l = 0;
         if (!strcmp(name, "--out"))
             outdir = v;
         else if (!strcmp(name, "--size"))
