@@ -8,20 +8,25 @@
  *     S (eqs. 28-29) and of D, and P_D (eq. 14) in real space; their extent
  *     fixes the padding and the width of the edge strip.
  *  3. Fill unusable pixels of either image with 0 in both; extend both
- *     images by mirror reflection to an FFT-friendly size.
+ *     images by mirror reflection to an FFT-friendly size (one pass, which
+ *     also makes the difference mask).
  *  4. FFT N, R, P_n, P_r once; in one pass over the frequencies form D-hat
  *     (eq. 13), S-hat (eq. 17), S_N-hat and the sum F_S (eq. 41).
  *  5. Inverse FFTs give D, S and S_N (S_R = S_N - S) for the astrometric
  *     noise (eqs. 30-31).
  *  6. Source noise (eqs. 26-27): the variance in excess of the background
  *     is convolved with k_n^2 and k_r^2 (two more forward FFTs of the maps,
- *     two of the squared kernels, one inverse).
+ *     the squared-kernel spectra summed from their few rows, one inverse).
  *  7. Near the edges, where the mirror makes a pixel enter S more than
  *     once, the variance and F_S are summed directly over the folded
  *     kernels, so S_corr keeps unit variance right up to the edge.
  *  8. S_corr (eq. 25), flux and its error (eqs. 41-43), robust statistics.
+ * All transforms are in place, in four arrays that a workspace keeps from
+ * one frame to the next.
  */
+#include <float.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -37,6 +42,10 @@
 
 #define MAX_THREADS HILAL_PARALLEL_MAX_THREADS
 
+#ifndef M_PI
+#define M_PI 3.14159265358979323846
+#endif
+
 /* Fraction of the energy (sum of squares) of a kernel that may fall outside
  * its radius: the S kernels are truncated there for the variance and edge
  * computations, the D kernels only set the padding. */
@@ -51,6 +60,7 @@
  * align stages write 1e30 there. Such pixels are filled like unusable ones
  * (their values must never reach a transform). */
 #define VAR_MASKED 1e20
+#define VAR_MASKED_F 1e20f
 
 static double now_s(void)
 {
@@ -142,14 +152,19 @@ typedef struct zogy {
 
     /* big grid */
     long mx, my, mxc;                        /* FFT size and half-spectrum width */
+    long rs;                                 /* floats per row of a padded real array */
     long *ixmap, *iymap;                     /* padded index -> image column / row */
+    long xrun;                               /* padded columns [0, xrun) are image columns ox + x */
+    long *orow;                              /* extent row -> the first padded row showing it */
     const hilal_fft_plan *plan;
     /* The extent: the image pixels the padded grid reads, [ex0, ex0 + enx) x
      * [ey0, ey0 + eny) (the window plus the padding, within the image). */
     long ex0, ey0, enx, eny;
     unsigned char *bad;                      /* 1 where the pixel was filled; extent, stride enx */
     const unsigned char *wbad;               /* bad at the window origin (stride enx) */
-    float *rbuf;
+    /* FFT arrays (from the workspace): four arrays transformed in place,
+     * each a padded real array (rows of rs floats) or its half-spectrum */
+    struct ws_set *set;
     hilal_fft_complex *c[4];
 
     /* spectral sums */
@@ -160,8 +175,145 @@ typedef struct zogy {
     /* outputs (borrowed from the hilal_diff), window-sized */
     float *d, *s, *scorr, *flux, *flux_err;
     hilal_mask_t *mask;
-    float *sn, *sb;                          /* S_N and S with a 1-px border (astrometric term) */
+    /* S and S_N on the padded grid, unnormalised (c2r outputs), for the
+     * astrometric term; V(S_N) + V(S_R) likewise for the source noise */
+    const float *sp, *snp, *vp;
 } zogy;
+
+/* ------------------------------------------------------------------------
+ * The workspace: FFT arrays kept between runs
+ * ------------------------------------------------------------------------ */
+
+/* One set of FFT arrays for an mx x my grid and a fill map, lent to one run
+ * at a time. Reusing them spares the kernel from zeroing ~400 MB of fresh
+ * pages per 4k frame, and keeps their huge pages. */
+typedef struct ws_set {
+    long mx, my;
+    int busy;
+    hilal_fft_complex *c[4];
+    unsigned char *bad;
+    size_t bad_cap;
+    struct ws_set *next;
+} ws_set;
+
+struct hilal_zogy_workspace {
+    pthread_mutex_t lock;
+    ws_set *sets;
+};
+
+static void ws_set_free(ws_set *w)
+{
+    if (w == NULL)
+        return;
+    for (int q = 0; q < 4; q++)
+        hilal_fft_free(w->c[q]);
+    free(w->bad);
+    free(w);
+}
+
+static hilal_status ws_set_new(long mx, long my, ws_set **out, hilal_error *err)
+{
+    *out = NULL;
+    ws_set *w = calloc(1, sizeof *w);
+    if (w == NULL)
+        return hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for %ld x %ld FFT arrays", mx,
+                               my);
+    w->mx = mx;
+    w->my = my;
+    for (int q = 0; q < 4; q++)
+        if ((w->c[q] = hilal_fft_alloc_complex(mx, my, err)) == NULL) {
+            ws_set_free(w);
+            return HILAL_ERR_NOMEM;
+        }
+    *out = w;
+    return HILAL_OK;
+}
+
+hilal_status hilal_zogy_workspace_new(hilal_zogy_workspace **out, hilal_error *err)
+{
+    *out = calloc(1, sizeof **out);
+    if (*out == NULL)
+        return hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for the ZOGY workspace");
+    if (pthread_mutex_init(&(*out)->lock, NULL) != 0) {
+        free(*out);
+        *out = NULL;
+        return hilal_error_set(err, HILAL_ERR_INTERNAL, "could not make the ZOGY workspace lock");
+    }
+    return HILAL_OK;
+}
+
+void hilal_zogy_workspace_free(hilal_zogy_workspace *ws)
+{
+    if (ws == NULL)
+        return;
+    while (ws->sets != NULL) {
+        ws_set *next = ws->sets->next;
+        ws_set_free(ws->sets);
+        ws->sets = next;
+    }
+    pthread_mutex_destroy(&ws->lock);
+    free(ws);
+}
+
+/* Lends a set of arrays for an mx x my grid: an idle one of that size from
+ * the workspace, else a new one (kept in the workspace when there is one).
+ * Idle sets of other sizes are freed: a night has one frame size, and a
+ * workspace must not hoard arrays of sizes no longer used. */
+static hilal_status ws_acquire(hilal_zogy_workspace *ws, long mx, long my, ws_set **out,
+                               hilal_error *err)
+{
+    if (ws == NULL)
+        return ws_set_new(mx, my, out, err);
+    ws_set *got = NULL, *drop = NULL;
+    pthread_mutex_lock(&ws->lock);
+    for (ws_set **pp = &ws->sets; *pp != NULL;) {
+        ws_set *w = *pp;
+        if (!w->busy && w->mx == mx && w->my == my && got == NULL) {
+            w->busy = 1;
+            got = w;
+        } else if (!w->busy && (w->mx != mx || w->my != my)) {
+            *pp = w->next;
+            w->next = drop;
+            drop = w;
+            continue;
+        }
+        pp = &w->next;
+    }
+    pthread_mutex_unlock(&ws->lock);
+    while (drop != NULL) {
+        ws_set *next = drop->next;
+        ws_set_free(drop);
+        drop = next;
+    }
+    if (got != NULL) {
+        *out = got;
+        return HILAL_OK;
+    }
+    hilal_status st = ws_set_new(mx, my, out, err);
+    if (st != HILAL_OK)
+        return st;
+    got = *out;
+    got->busy = 1;
+    pthread_mutex_lock(&ws->lock);
+    got->next = ws->sets;
+    ws->sets = got;
+    pthread_mutex_unlock(&ws->lock);
+    return HILAL_OK;
+}
+
+/* Gives the set back (to the workspace, or frees it without one). */
+static void ws_release(hilal_zogy_workspace *ws, ws_set *w)
+{
+    if (w == NULL)
+        return;
+    if (ws == NULL) {
+        ws_set_free(w);
+        return;
+    }
+    pthread_mutex_lock(&ws->lock);
+    w->busy = 0;
+    pthread_mutex_unlock(&ws->lock);
+}
 
 /* Index into the extent-sized fill map of image pixel (X, Y). */
 static size_t ext_index(const zogy *z, long X, long Y)
@@ -389,75 +541,239 @@ cleanup:
 }
 
 /* ------------------------------------------------------------------------
- * Step 3: filling and mirror padding
+ * Step 3: the fill map, the difference mask and mirror padding
  * ------------------------------------------------------------------------ */
 
-enum plane { PLANE_N, PLANE_R, PLANE_EXN, PLANE_EXR };
+/* Which pair of padded planes a preparation pass makes: the images N and R
+ * with filled pixels at 0 (step 3), or their variance in excess of the
+ * background, pixel_var - sigma^2 (step 6). */
+enum prep_kind { PREP_IMAGES, PREP_EXCESS };
 
-typedef struct pad_job {
+typedef struct prep_job {
     zogy *z;
-    enum plane which;
-} pad_job;
+    enum prep_kind kind;
+    float *dst[2];                 /* padded planes of N and R (rows of rs floats) */
+    const hilal_mask_t *msci, *mref;
+    hilal_mask_t *out;             /* difference mask (window), PREP_IMAGES */
+    long nfilled_ext[MAX_THREADS], nfilled[MAX_THREADS], nnegvar[MAX_THREADS];
+    /* PREP_IMAGES scratch: rows (enx values) of zeros and ones standing for
+     * absent planes, and per thread the mask and NEGVAR flags of a row */
+    const float *zeros, *ones;
+    const hilal_mask_t *mzeros;
+    hilal_mask_t *mtmp[MAX_THREADS];
+    uint16_t *ftmp[MAX_THREADS];
+} prep_job;
 
-/* Fills padded rows [lo, hi) of z->rbuf with the image plane `which`:
- * N or R with filled pixels at 0, or the variance in excess of the
- * background, pixel_var - sigma^2, of N or R. Row y of the padded array is
- * image row iymap[y], column x image column ixmap[x] (the image itself
- * around the window, mirrored beyond the image edges). */
-static void pad_rows(void *ctx, long lo, long hi, int tid)
+/* PREP_IMAGES: the fill map and the difference mask of image row Y over
+ * the extent, as pixel_mask() does for one pixel, written without branches
+ * so that the compiler can vectorise it (absent planes read rows of zeros,
+ * or ones for the variance). Counts filled pixels (extent and window) and
+ * NEGVAR pixels (window). */
+static void mask_row(prep_job *job, long Y, int tid)
 {
-    (void)tid;
-    const pad_job *job = ctx;
+    zogy *z = job->z;
+    const long enx = z->enx;
+    const size_t r0 = (size_t)Y * (size_t)z->fnx + (size_t)z->ex0;
+    const float *restrict p0 = z->pix[0] + r0, *restrict p1 = z->pix[1] + r0;
+    const float *restrict k0 = z->sky[0] ? z->sky[0] + r0 : job->zeros;
+    const float *restrict k1 = z->sky[1] ? z->sky[1] + r0 : job->zeros;
+    const float *restrict v0 = z->var[0] ? z->var[0] + r0 : job->ones;
+    const float *restrict v1 = z->var[1] ? z->var[1] + r0 : job->ones;
+    const hilal_mask_t *restrict ms = job->msci ? job->msci + r0 : job->mzeros;
+    const hilal_mask_t *restrict mr = job->mref ? job->mref + r0 : job->mzeros;
+    unsigned char *restrict brow = z->bad + (size_t)(Y - z->ey0) * (size_t)enx;
+    hilal_mask_t *restrict mt = job->mtmp[tid];
+    uint16_t *restrict fl = job->ftmp[tid];
+    for (long e = 0; e < enx; e++) {
+        const float a0 = p0[e], a1 = p1[e], s0 = k0[e], s1 = k1[e], w0 = v0[e], w1 = v1[e];
+        /* not finite (NaN or Inf) in either image: NODATA */
+        const int finite = (fabsf(a0) <= FLT_MAX) & (fabsf(a1) <= FLT_MAX) &
+                           (fabsf(s0) <= FLT_MAX) & (fabsf(s1) <= FLT_MAX);
+        unsigned m = (unsigned)(ms[e] | mr[e]) | (finite ? 0u : (unsigned)HILAL_MASK_NODATA);
+        /* a variance of VAR_MASKED or more marks a masked pixel (VAR_MASKED_F
+         * is the smallest float >= VAR_MASKED: the same test) */
+        const int varmasked = (w0 >= VAR_MASKED_F) | (w1 >= VAR_MASKED_F);
+        const int bad = ((m & HILAL_MASK_UNUSABLE) != 0) | varmasked;
+        /* a usable pixel whose variance is not positive and finite */
+        const int ok = (w0 > 0) & (w0 <= FLT_MAX) & (w1 > 0) & (w1 <= FLT_MAX);
+        const int negvar = !bad & !ok;
+        m |= bad ? (unsigned)HILAL_MASK_INTERP : 0u;
+        m |= negvar ? (unsigned)HILAL_MASK_NEGVAR : 0u;
+        mt[e] = (hilal_mask_t)m;
+        fl[e] = (uint16_t)(bad | (negvar << 1)); /* bit 0: filled, bit 1: NEGVAR */
+    }
+    int nfe = 0;
+    for (long e = 0; e < enx; e++) {
+        brow[e] = (unsigned char)(fl[e] & 1u);
+        nfe += fl[e] & 1u;
+    }
+    job->nfilled_ext[tid] += nfe;
+    /* the window part of the row: the difference mask and its counts */
+    const long y = Y - z->oy, wx0 = z->ox - z->ex0;
+    if (y < 0 || y >= z->ny)
+        return;
+    memcpy(job->out + (size_t)y * (size_t)z->nx, mt + wx0, sizeof *mt * (size_t)z->nx);
+    int nfw = 0, nneg = 0;
+    for (long x = 0; x < z->nx; x++) {
+        nfw += fl[wx0 + x] & 1u;
+        nneg += fl[wx0 + x] >> 1;
+    }
+    job->nfilled[tid] += nfw;
+    job->nnegvar[tid] += nneg;
+}
+
+/* Fills padded row y of both planes. Column x of the padded row is image
+ * column ixmap[x]; [0, xrun) is the contiguous part (the window and the
+ * image beyond it), the rest the mirrored columns. */
+static void pad_row(const prep_job *job, long y)
+{
     const zogy *z = job->z;
-    int w = (job->which == PLANE_N || job->which == PLANE_EXN) ? 0 : 1;
-    int excess = job->which == PLANE_EXN || job->which == PLANE_EXR;
-    double s2 = z->sigma[w] * z->sigma[w];
-    for (long y = lo; y < hi; y++) {
-        const long Y = z->iymap[y];
-        const size_t src = (size_t)Y * (size_t)z->fnx;
-        const unsigned char *brow = z->bad + (size_t)(Y - z->ey0) * (size_t)z->enx - z->ex0;
-        float *dst = z->rbuf + (size_t)y * (size_t)z->mx;
-        for (long x = 0; x < z->mx; x++) {
-            const long X = z->ixmap[x];
-            const size_t i = src + (size_t)X;
-            float v;
-            if (excess)
-                v = (float)(pixel_var(z, w, X, Y) - s2);
-            else if (brow[X])
-                v = 0.0f;
-            else
-                v = z->pix[w][i] - (z->sky[w] ? z->sky[w][i] : 0.0f);
-            dst[x] = v;
+    const long Y = z->iymap[y];
+    const size_t r0 = (size_t)Y * (size_t)z->fnx;
+    const unsigned char *brow = z->bad + (size_t)(Y - z->ey0) * (size_t)z->enx - z->ex0;
+    for (int w = 0; w < 2; w++) {
+        float *dst = job->dst[w] + (size_t)y * (size_t)z->rs;
+        const float *pix = z->pix[w] + r0, *sky = z->sky[w] ? z->sky[w] + r0 : NULL;
+        const float *var = z->var[w] ? z->var[w] + r0 : NULL;
+        const long ox = z->ox, xrun = z->xrun;
+        if (job->kind == PREP_IMAGES) {
+            /* N or R, 0 at filled pixels */
+            for (long x = 0; x < xrun; x++) {
+                const long X = ox + x;
+                const float v = pix[X] - (sky ? sky[X] : 0.0f);
+                dst[x] = brow[X] ? 0.0f : v;
+            }
+            for (long x = xrun; x < z->mx; x++) {
+                const long X = z->ixmap[x];
+                const float v = pix[X] - (sky ? sky[X] : 0.0f);
+                dst[x] = brow[X] ? 0.0f : v;
+            }
+        } else if (var == NULL) {
+            /* without a variance plane only filled pixels differ from the
+             * background: -sigma^2 there (no noise) */
+            const float ns2 = (float)-(z->sigma[w] * z->sigma[w]);
+            for (long x = 0; x < xrun; x++)
+                dst[x] = brow[ox + x] ? ns2 : 0.0f;
+            for (long x = xrun; x < z->mx; x++)
+                dst[x] = brow[z->ixmap[x]] ? ns2 : 0.0f;
+        } else {
+            /* pixel_var - sigma^2: -sigma^2 at filled pixels (no noise),
+             * var - sigma^2 where the variance plane is positive and
+             * finite, 0 elsewhere */
+            const double s2 = z->sigma[w] * z->sigma[w];
+            for (long x = 0; x < xrun; x++) {
+                const double v = var[ox + x];
+                const double ex = (v > 0) & (v <= FLT_MAX) ? v - s2 : 0.0;
+                dst[x] = (float)(brow[ox + x] ? -s2 : ex);
+            }
+            for (long x = xrun; x < z->mx; x++) {
+                const long X = z->ixmap[x];
+                const double v = var[X];
+                const double ex = (v > 0) & (v <= FLT_MAX) ? v - s2 : 0.0;
+                dst[x] = (float)(brow[X] ? -s2 : ex);
+            }
         }
     }
 }
 
-static void pad_plane(zogy *z, enum plane which)
+/* Extent rows [lo, hi): (the fill map and mask, then) the padded row that
+ * first shows each of them. */
+static void prep_rows(void *ctx, long lo, long hi, int tid)
 {
-    pad_job job = {z, which};
-    hilal_parallel_for(z->threads, z->my, pad_rows, &job);
+    prep_job *job = ctx;
+    const zogy *z = job->z;
+    for (long e = lo; e < hi; e++) {
+        if (job->kind == PREP_IMAGES)
+            mask_row(job, z->ey0 + e, tid);
+        pad_row(job, z->orow[e]);
+    }
+}
+
+/* Padded rows [lo, hi) that repeat an image row already padded (the
+ * mirrored rows) are copies of it. */
+static void copy_rows(void *ctx, long lo, long hi, int tid)
+{
+    (void)tid;
+    const prep_job *job = ctx;
+    const zogy *z = job->z;
+    for (long y = lo; y < hi; y++) {
+        const long first = z->orow[z->iymap[y] - z->ey0];
+        if (first == y)
+            continue;
+        for (int w = 0; w < 2; w++)
+            memcpy(job->dst[w] + (size_t)y * (size_t)z->rs, job->dst[w] + (size_t)first * (size_t)z->rs,
+                   sizeof(float) * (size_t)z->mx);
+    }
+}
+
+/* One preparation pass: both padded planes into dst[0], dst[1]. */
+static hilal_status prep_planes(prep_job *job, hilal_error *err)
+{
+    zogy *z = job->z;
+    void *scratch = NULL;
+    if (job->kind == PREP_IMAGES) {
+        const size_t n = (size_t)z->enx;
+        const size_t per = (sizeof(hilal_mask_t) + sizeof(uint16_t)) * n;
+        unsigned char *p = scratch = calloc(1, (2 * sizeof(float) + sizeof(hilal_mask_t)) * n +
+                                                   per * (size_t)z->threads + 64);
+        if (p == NULL)
+            return hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for the fill map");
+        float *ones = (float *)(void *)p;
+        for (size_t i = 0; i < n; i++)
+            ones[i] = 1.0f;
+        job->ones = ones;
+        job->zeros = ones + n;
+        job->mzeros = (const hilal_mask_t *)(void *)(ones + 2 * n);
+        p = (unsigned char *)(ones + 2 * n) + sizeof(hilal_mask_t) * n;
+        for (int t = 0; t < z->threads; t++) {
+            job->mtmp[t] = (hilal_mask_t *)(void *)p;
+            job->ftmp[t] = (uint16_t *)(void *)(p + sizeof(hilal_mask_t) * n);
+            p += per;
+        }
+    }
+    hilal_parallel_for(z->threads, z->eny, prep_rows, job);
+    hilal_parallel_for(z->threads, z->my, copy_rows, job);
+    free(scratch);
+    return HILAL_OK;
+}
+
+/* Zeroes rows [lo, hi) of a padded real array. */
+typedef struct zero_job {
+    const zogy *z;
+    float *dst;
+} zero_job;
+
+static void zero_rows(void *ctx, long lo, long hi, int tid)
+{
+    (void)tid;
+    const zero_job *job = ctx;
+    memset(job->dst + (size_t)lo * (size_t)job->z->rs, 0,
+           sizeof(float) * (size_t)(hi - lo) * (size_t)job->z->rs);
 }
 
 /* Places a (2h+1)^2 kernel (optionally squared) centred at the origin of
- * the zeroed padded array. */
-static void embed_kernel(zogy *z, const double *k, int squared)
+ * the padded real array dst, zeroed first. */
+static void embed_kernel(const zogy *z, float *dst, const double *k, int squared)
 {
-    memset(z->rbuf, 0, sizeof *z->rbuf * (size_t)z->mx * (size_t)z->my);
+    zero_job zj = {z, dst};
+    hilal_parallel_for(z->threads, z->my, zero_rows, &zj);
     int h = z->h, side = 2 * h + 1;
     for (int uy = -h; uy <= h; uy++)
         for (int ux = -h; ux <= h; ux++) {
             double v = k[(uy + h) * side + ux + h];
-            z->rbuf[wrap(uy, z->my) * z->mx + wrap(ux, z->mx)] += (float)(squared ? v * v : v);
+            dst[wrap(uy, z->my) * z->rs + wrap(ux, z->mx)] += (float)(squared ? v * v : v);
         }
 }
 
-static void embed_psf(zogy *z, const psf_d *p)
+/* The same for a PSF stamp, its central pixel at the origin. */
+static void embed_psf(const zogy *z, float *dst, const psf_d *p)
 {
-    memset(z->rbuf, 0, sizeof *z->rbuf * (size_t)z->mx * (size_t)z->my);
+    zero_job zj = {z, dst};
+    hilal_parallel_for(z->threads, z->my, zero_rows, &zj);
     int c = p->size / 2;
     for (int j = 0; j < p->size; j++)
         for (int i = 0; i < p->size; i++)
-            z->rbuf[wrap(j - c, z->my) * z->mx + wrap(i - c, z->mx)] += (float)p->v[j * p->size + i];
+            dst[wrap(j - c, z->my) * z->rs + wrap(i - c, z->mx)] += (float)p->v[j * p->size + i];
 }
 
 /* ------------------------------------------------------------------------
@@ -467,59 +783,104 @@ static void embed_psf(zogy *z, const psf_d *p)
 /* Half-spectrum rows [lo, hi). In:  c[0] = N-hat, c[1] = R-hat,
  * c[2] = P_n-hat, c[3] = P_r-hat. Out: c[2] = D-hat (eq. 13), c[3] = S-hat
  * (eq. 17), c[0] = S_N-hat = k_n-hat N-hat when the astrometric term is on.
- * Accumulates F_S (eq. 41) with the Hermitian weights of the half spectrum. */
+ * Accumulates F_S (eq. 41) with the Hermitian weights of the half spectrum.
+ *
+ * den is a sum of squares of single-precision values, so it is either 0 or
+ * far above 1e-300: 1 / (den + 1e-300) is 1 / den exactly, and 0 times a
+ * finite number where den = 0 (the PSF spectra vanish there, and so does
+ * every term). Each row is done in blocks of SPEC_BLOCK frequencies in
+ * three loops without branches but the square roots, which the compiler
+ * can vectorise. */
+#define SPEC_BLOCK 256
+
+/* The F_S term (eq. 41) of one frequency, as in spectral_rows(). */
+static double fs_term(const zogy *z, const float *pn, const float *pr)
+{
+    const double fn = z->fn, fr = z->fr;
+    const double s2n = z->sigma[0] * z->sigma[0], s2r = z->sigma[1] * z->sigma[1];
+    const double cr = s2n * fr * fr, cn = s2r * fn * fn, cfs = fn * fn * fr * fr;
+    const double pnr = pn[0], pni = pn[1], prr = pr[0], pri = pr[1];
+    const double an = pnr * pnr + pni * pni, ar = prr * prr + pri * pri;
+    const double den = cr * ar + cn * an;
+    return cfs * an * ar * (1.0 / (den + 1e-300));
+}
+
 static void spectral_rows(void *ctx, long lo, long hi, int tid)
 {
     zogy *z = ctx;
     const double fn = z->fn, fr = z->fr;
     const double s2n = z->sigma[0] * z->sigma[0], s2r = z->sigma[1] * z->sigma[1];
+    const double cr = s2n * fr * fr, cn = s2r * fn * fn;
+    const double ckn = fn * fr * fr, ckr = fr * fn * fn, cfs = fn * fn * fr * fr;
     const long mxc = z->mxc;
     const int nyq = (z->mx % 2) == 0; /* column mx/2 is its own mirror */
+    double inv[SPEC_BLOCK], isq[SPEC_BLOCK], term[SPEC_BLOCK];
     double fs = 0;
-    for (long v = lo; v < hi; v++)
-        for (long u = 0; u < mxc; u++) {
-            size_t i = (size_t)v * (size_t)mxc + (size_t)u;
-            double nr = z->c[0][i][0], ni = z->c[0][i][1];
-            double rr = z->c[1][i][0], ri = z->c[1][i][1];
-            double pnr = z->c[2][i][0], pni = z->c[2][i][1];
-            double prr = z->c[3][i][0], pri = z->c[3][i][1];
-            double an = pnr * pnr + pni * pni; /* |P_n-hat|^2 */
-            double ar = prr * prr + pri * pri; /* |P_r-hat|^2 */
-            /* den = sigma_n^2 F_r^2 |P_r-hat|^2 + sigma_r^2 F_n^2 |P_n-hat|^2 */
-            double den = s2n * fr * fr * ar + s2r * fn * fn * an;
-            double dre = 0, dim = 0, sre = 0, sim = 0, snre = 0, snim = 0;
-            if (den > 1e-300) {
-                double sq = sqrt(den);
+    for (long v = lo; v < hi; v++) {
+        const size_t r = (size_t)v * (size_t)mxc;
+        /* Hermitian weights: every column but u = 0 (and the Nyquist column
+         * of an even size) stands for two frequencies, so the row adds
+         * 2 sum - term(0) - term(Nyquist); those two terms are taken before
+         * the loops overwrite their inputs. */
+        const double edge =
+            fs_term(z, z->c[2][r], z->c[3][r]) +
+            (nyq ? fs_term(z, z->c[2][r + (size_t)mxc - 1], z->c[3][r + (size_t)mxc - 1]) : 0.0);
+        double row = 0;
+        for (long u0 = 0; u0 < mxc; u0 += SPEC_BLOCK) {
+            const long nb = mxc - u0 < SPEC_BLOCK ? mxc - u0 : SPEC_BLOCK;
+            float *restrict c0 = z->c[0][r + (size_t)u0], *restrict c1 = z->c[1][r + (size_t)u0];
+            float *restrict c2 = z->c[2][r + (size_t)u0], *restrict c3 = z->c[3][r + (size_t)u0];
+            /* den = sigma_n^2 F_r^2 |P_r-hat|^2 + sigma_r^2 F_n^2 |P_n-hat|^2,
+             * and the terms of eq. 41: F_S = sum F_n^2 F_r^2 |P_n-hat|^2
+             * |P_r-hat|^2 / den */
+            for (long b = 0; b < nb; b++) {
+                const double pnr = c2[2 * b], pni = c2[2 * b + 1];
+                const double prr = c3[2 * b], pri = c3[2 * b + 1];
+                const double an = pnr * pnr + pni * pni, ar = prr * prr + pri * pri;
+                const double iv = 1.0 / (cr * ar + cn * an + 1e-300);
+                inv[b] = iv;
+                term[b] = cfs * an * ar * iv;
+            }
+            for (long b = 0; b < nb; b++)
+                row += term[b];
+            for (long b = 0; b < nb; b++)
+                isq[b] = sqrt(inv[b]);
+            for (long b = 0; b < nb; b++) {
+                const double nr = c0[2 * b], ni = c0[2 * b + 1];
+                const double rr = c1[2 * b], ri = c1[2 * b + 1];
+                const double pnr = c2[2 * b], pni = c2[2 * b + 1];
+                const double prr = c3[2 * b], pri = c3[2 * b + 1];
+                const double an = pnr * pnr + pni * pni, ar = prr * prr + pri * pri;
+                const double iv = inv[b], is = isq[b];
                 /* eq. 13: D-hat = (F_r P_r-hat N-hat - F_n P_n-hat R-hat) / sqrt(den) */
-                dre = (fr * (prr * nr - pri * ni) - fn * (pnr * rr - pni * ri)) / sq;
-                dim = (fr * (prr * ni + pri * nr) - fn * (pnr * ri + pni * rr)) / sq;
+                const double dre = (fr * (prr * nr - pri * ni) - fn * (pnr * rr - pni * ri)) * is;
+                const double dim = (fr * (prr * ni + pri * nr) - fn * (pnr * ri + pni * rr)) * is;
                 /* eqs. 28-29: k_n-hat = F_n F_r^2 conj(P_n-hat) |P_r-hat|^2 / den,
                  *             k_r-hat = F_r F_n^2 conj(P_r-hat) |P_n-hat|^2 / den */
-                double kn = fn * fr * fr * ar / den, kr = fr * fn * fn * an / den;
-                double knr = kn * pnr, kni = -kn * pni, krr = kr * prr, kri = -kr * pri;
+                const double kn = ckn * ar * iv, kr = ckr * an * iv;
+                const double knr = kn * pnr, kni = -kn * pni, krr = kr * prr, kri = -kr * pri;
                 /* eq. 17: S-hat = F_D conj(P_D-hat) D-hat = k_n-hat N-hat - k_r-hat R-hat */
-                snre = knr * nr - kni * ni;
-                snim = knr * ni + kni * nr;
-                sre = snre - (krr * rr - kri * ri);
-                sim = snim - (krr * ri + kri * rr);
-                /* eq. 41: F_S = sum F_n^2 F_r^2 |P_n-hat|^2 |P_r-hat|^2 / den */
-                double wgt = (u == 0 || (nyq && u == mxc - 1)) ? 1.0 : 2.0;
-                fs += wgt * fn * fn * fr * fr * an * ar / den;
-            }
-            z->c[2][i][0] = (float)dre;
-            z->c[2][i][1] = (float)dim;
-            z->c[3][i][0] = (float)sre;
-            z->c[3][i][1] = (float)sim;
-            if (z->use_ast) {
-                z->c[0][i][0] = (float)snre;
-                z->c[0][i][1] = (float)snim;
+                const double snre = knr * nr - kni * ni, snim = knr * ni + kni * nr;
+                const double sre = snre - (krr * rr - kri * ri);
+                const double sim = snim - (krr * ri + kri * rr);
+                c2[2 * b] = (float)dre;
+                c2[2 * b + 1] = (float)dim;
+                c3[2 * b] = (float)sre;
+                c3[2 * b + 1] = (float)sim;
+                /* S_N-hat for the astrometric term (c[0] is not used again
+                 * otherwise) */
+                c0[2 * b] = (float)snre;
+                c0[2 * b + 1] = (float)snim;
             }
         }
+        fs += 2.0 * row - edge;
+    }
     z->fs_part[tid] += fs;
 }
 
 /* Source-noise pass: c[0] = exN-hat * (k_n^2)-hat + exR-hat * (k_r^2)-hat,
- * the spectrum of the sum of eqs. 26 and 27 (excess parts). */
+ * the spectrum of the sum of eqs. 26 and 27 (excess parts), with the
+ * squared-kernel spectra transformed like the maps (in c[2] and c[3]). */
 static void variance_rows(void *ctx, long lo, long hi, int tid)
 {
     (void)tid;
@@ -534,10 +895,129 @@ static void variance_rows(void *ctx, long lo, long hi, int tid)
     }
 }
 
-/* Copies the image part of the inverse transform in z->rbuf, scaled by
- * 1/(mx my) (FFTW's inverse is unnormalised), into dst. */
+/* The squared kernels k_n^2 and k_r^2 have only 2h + 1 non-zero rows, so
+ * their spectra on the padded grid need no transforms: with the kernel
+ * centred at the origin,
+ *   (k^2)-hat(u, v) = sum_{uy=-h..h} exp(-2 pi i v uy / my) A_uy(u),
+ *   A_uy(u) = sum_{ux=-h..h} k(ux, uy)^2 exp(-2 pi i u ux / mx)
+ * (FFTW's sign convention). The row transforms A (2 x (2h+1) x mxc values)
+ * are made once; the sums over uy run inside the source-noise pass. For
+ * small kernels this costs less than the two transforms and the two passes
+ * over the grid it replaces. */
+#define KSQ_DIRECT_MAX_H 12
+
+typedef struct ksq_rows {
+    long nk;       /* 2h + 1 */
+    float *re, *im; /* [kernel][uy + h][u]: 2 x nk x mxc */
+} ksq_rows;
+
+static hilal_status ksq_rows_make(const zogy *z, ksq_rows *K, hilal_error *err)
+{
+    const int h = z->h, side = 2 * h + 1;
+    const long mx = z->mx, mxc = z->mxc;
+    K->nk = side;
+    K->re = malloc(sizeof *K->re * 2 * (size_t)side * (size_t)mxc);
+    K->im = malloc(sizeof *K->im * 2 * (size_t)side * (size_t)mxc);
+    double *cw = malloc(sizeof *cw * (size_t)mx), *sw = malloc(sizeof *sw * (size_t)mx);
+    if (K->re == NULL || K->im == NULL || cw == NULL || sw == NULL) {
+        free(cw);
+        free(sw);
+        return hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for the kernel spectra");
+    }
+    /* exp(-2 pi i k / mx), k = 0 .. mx-1; the products u ux are reduced
+     * modulo mx exactly, so every phase is accurate */
+    for (long k = 0; k < mx; k++) {
+        cw[k] = cos(2.0 * M_PI * (double)k / (double)mx);
+        sw[k] = -sin(2.0 * M_PI * (double)k / (double)mx);
+    }
+    for (int q = 0; q < 2; q++)
+        for (int uy = -h; uy <= h; uy++) {
+            const double *krow = z->k[q] + (uy + h) * side;
+            float *re = K->re + ((size_t)q * (size_t)side + (size_t)(uy + h)) * (size_t)mxc;
+            float *im = K->im + ((size_t)q * (size_t)side + (size_t)(uy + h)) * (size_t)mxc;
+            for (long u = 0; u < mxc; u++) {
+                double ar = 0, ai = 0;
+                for (int ux = -h; ux <= h; ux++) {
+                    const double v = krow[ux + h] * krow[ux + h];
+                    const long k = wrap((long)u * ux, mx);
+                    ar += v * cw[k];
+                    ai += v * sw[k];
+                }
+                re[u] = (float)ar;
+                im[u] = (float)ai;
+            }
+        }
+    free(cw);
+    free(sw);
+    return HILAL_OK;
+}
+
+static void ksq_rows_free(ksq_rows *K)
+{
+    free(K->re);
+    free(K->im);
+    K->re = K->im = NULL;
+}
+
+/* variance_rows() with the squared-kernel spectra summed from the row
+ * transforms, in blocks of columns that stay in the first-level cache. */
+#define KSQ_BLOCK 256
+
+typedef struct ksq_job {
+    zogy *z;
+    const ksq_rows *K;
+} ksq_job;
+
+static void variance_direct_rows(void *ctx, long lo, long hi, int tid)
+{
+    (void)tid;
+    const ksq_job *job = ctx;
+    zogy *z = job->z;
+    const long nk = job->K->nk, mxc = z->mxc, my = z->my, h = z->h;
+    float pr[2 * KSQ_DIRECT_MAX_H + 1], pi[2 * KSQ_DIRECT_MAX_H + 1];
+    float knr[KSQ_BLOCK], kni[KSQ_BLOCK], krr[KSQ_BLOCK], kri[KSQ_BLOCK];
+    for (long v = lo; v < hi; v++) {
+        /* exp(-2 pi i v uy / my) */
+        for (long j = 0; j < nk; j++) {
+            const double a = 2.0 * M_PI * (double)wrap(v * (j - h), my) / (double)my;
+            pr[j] = (float)cos(a);
+            pi[j] = (float)-sin(a);
+        }
+        for (long u0 = 0; u0 < mxc; u0 += KSQ_BLOCK) {
+            const long nb = mxc - u0 < KSQ_BLOCK ? mxc - u0 : KSQ_BLOCK;
+            for (long b = 0; b < nb; b++)
+                knr[b] = kni[b] = krr[b] = kri[b] = 0.0f;
+            for (long j = 0; j < nk; j++) {
+                const float c = pr[j], s = pi[j];
+                const float *restrict anr = job->K->re + (size_t)j * (size_t)mxc + u0;
+                const float *restrict ani = job->K->im + (size_t)j * (size_t)mxc + u0;
+                const float *restrict arr = job->K->re + (size_t)(nk + j) * (size_t)mxc + u0;
+                const float *restrict ari = job->K->im + (size_t)(nk + j) * (size_t)mxc + u0;
+                for (long b = 0; b < nb; b++) {
+                    knr[b] += c * anr[b] - s * ani[b];
+                    kni[b] += c * ani[b] + s * anr[b];
+                    krr[b] += c * arr[b] - s * ari[b];
+                    kri[b] += c * ari[b] + s * arr[b];
+                }
+            }
+            float *restrict c0 = z->c[0][(size_t)v * (size_t)mxc + (size_t)u0];
+            const float *restrict c1 = z->c[1][(size_t)v * (size_t)mxc + (size_t)u0];
+            for (long b = 0; b < nb; b++) {
+                const float ar = c0[2 * b], ai = c0[2 * b + 1];
+                const float br = c1[2 * b], bi = c1[2 * b + 1];
+                c0[2 * b] = ar * knr[b] - ai * kni[b] + br * krr[b] - bi * kri[b];
+                c0[2 * b + 1] = ar * kni[b] + ai * knr[b] + br * kri[b] + bi * krr[b];
+            }
+        }
+    }
+}
+
+/* Copies the window part of an inverse transform (a padded array), scaled
+ * by 1/(mx my) (FFTW's inverse is unnormalised), into dst, with 0 at the
+ * filled pixels (D and S are 0 there). */
 typedef struct crop_job {
     zogy *z;
+    const float *src;
     float *dst;
 } crop_job;
 
@@ -548,44 +1028,18 @@ static void crop_rows(void *ctx, long lo, long hi, int tid)
     const zogy *z = job->z;
     const float scale = (float)(1.0 / ((double)z->mx * (double)z->my));
     for (long y = lo; y < hi; y++) {
-        const float *src = z->rbuf + (size_t)y * (size_t)z->mx;
-        float *dst = job->dst + (size_t)y * (size_t)z->nx;
+        const float *restrict src = job->src + (size_t)y * (size_t)z->rs;
+        const unsigned char *restrict bad = z->wbad + (size_t)y * (size_t)z->enx;
+        float *restrict dst = job->dst + (size_t)y * (size_t)z->nx;
         for (long x = 0; x < z->nx; x++)
-            dst[x] = src[x] * scale;
+            dst[x] = bad[x] ? 0.0f : src[x] * scale;
     }
 }
 
-static void crop(zogy *z, float *dst)
+static void crop(zogy *z, const float *src, float *dst)
 {
-    crop_job job = {z, dst};
+    crop_job job = {z, src, dst};
     hilal_parallel_for(z->threads, z->ny, crop_rows, &job);
-}
-
-/* The same with a border of one pixel: dst is (nx + 2) x (ny + 2), pixel
- * (x, y) of the window at [(y + 1)(nx + 2) + x + 1], x, y = -1 .. n (the
- * padded grid is periodic: index -1 is mx - 1). */
-static void crop_border_rows(void *ctx, long lo, long hi, int tid)
-{
-    (void)tid;
-    const crop_job *job = ctx;
-    const zogy *z = job->z;
-    const float scale = (float)(1.0 / ((double)z->mx * (double)z->my));
-    const long w = z->nx + 2;
-    for (long yb = lo; yb < hi; yb++) {
-        const long y = yb - 1;
-        const float *src = z->rbuf + (size_t)(y < 0 ? z->my - 1 : y) * (size_t)z->mx;
-        float *dst = job->dst + (size_t)yb * (size_t)w;
-        for (long xb = 0; xb < w; xb++) {
-            const long x = xb - 1;
-            dst[xb] = src[x < 0 ? z->mx - 1 : x] * scale;
-        }
-    }
-}
-
-static void crop_border(zogy *z, float *dst)
-{
-    crop_job job = {z, dst};
-    hilal_parallel_for(z->threads, z->ny + 2, crop_border_rows, &job);
 }
 
 /* ------------------------------------------------------------------------
@@ -596,29 +1050,71 @@ static void crop_border(zogy *z, float *dst)
  *   V_ast(S_N) = sigma_x^2 (dS_N/dx)^2 + sigma_y^2 (dS_N/dy)^2, same for S_R,
  * with S_R = S_N - S and central differences (one-sided at the image
  * edges; a window's edges inside the image use the pixels beyond them).
- * z->sn and z->sb hold S_N and S with a border of one pixel (crop_border).
- * Written into z->flux_err (used as scratch until the final pass). */
+ * S and S_N are read from the padded inverse transforms z->sp and z->snp
+ * (scaled like crop(); the padded grid is periodic: the row or column
+ * before the first is the last). Written into z->flux_err (used as scratch
+ * until the final pass).
+ *
+ * One pixel of astrometric_rows(), any column: at an image edge the
+ * difference is one-sided, at a window edge inside the image it reaches
+ * the pixel beyond (the padded grid is periodic: column -1 is mx - 1). */
+static void astrometric_pixel(zogy *z, long x, long y, size_t r, size_t r0, size_t r1,
+                              double dy)
+{
+    const long mx = z->mx;
+    const double sx2 = z->sx * z->sx, sy2 = z->sy * z->sy;
+    const float scale = (float)(1.0 / ((double)z->mx * (double)z->my));
+    const long X = z->ox + x;
+    const long x0 = X > 0 ? x - 1 : x, x1 = X < z->fnx - 1 ? x + 1 : x;
+    const size_t ix0 = r + (size_t)(x0 < 0 ? mx - 1 : x0), ix1 = r + (size_t)x1;
+    const size_t iy0 = r0 + (size_t)x, iy1 = r1 + (size_t)x;
+    const double dx = (double)(x1 - x0);
+    /* the values as crop() gives them (single precision) */
+    const float n_x0 = z->snp[ix0] * scale, n_x1 = z->snp[ix1] * scale;
+    const float n_y0 = z->snp[iy0] * scale, n_y1 = z->snp[iy1] * scale;
+    const float s_x0 = z->sp[ix0] * scale, s_x1 = z->sp[ix1] * scale;
+    const float s_y0 = z->sp[iy0] * scale, s_y1 = z->sp[iy1] * scale;
+    double gnx = dx > 0 ? (n_x1 - n_x0) / dx : 0;
+    double gny = dy > 0 ? (n_y1 - n_y0) / dy : 0;
+    double grx = dx > 0 ? ((n_x1 - s_x1) - (n_x0 - s_x0)) / dx : 0;
+    double gry = dy > 0 ? ((n_y1 - s_y1) - (n_y0 - s_y0)) / dy : 0;
+    z->flux_err[(size_t)y * (size_t)z->nx + (size_t)x] =
+        (float)(sx2 * (gnx * gnx + grx * grx) + sy2 * (gny * gny + gry * gry));
+}
+
+/* Window rows [lo, hi) of the astrometric term. */
 static void astrometric_rows(void *ctx, long lo, long hi, int tid)
 {
     (void)tid;
     zogy *z = ctx;
-    const long nx = z->nx, w = nx + 2;
+    const long nx = z->nx, rs = z->rs;
     const double sx2 = z->sx * z->sx, sy2 = z->sy * z->sy;
+    const float scale = (float)(1.0 / ((double)z->mx * (double)z->my));
     for (long y = lo; y < hi; y++) {
         const long Y = z->oy + y;
         const long y0 = Y > 0 ? y - 1 : y, y1 = Y < z->fny - 1 ? y + 1 : y;
-        for (long x = 0; x < nx; x++) {
-            const long X = z->ox + x;
-            const long x0 = X > 0 ? x - 1 : x, x1 = X < z->fnx - 1 ? x + 1 : x;
-            size_t i = (size_t)y * (size_t)nx + (size_t)x;
-            size_t ix0 = (size_t)(y + 1) * w + x0 + 1, ix1 = (size_t)(y + 1) * w + x1 + 1;
-            size_t iy0 = (size_t)(y0 + 1) * w + x + 1, iy1 = (size_t)(y1 + 1) * w + x + 1;
-            double dx = (double)(x1 - x0), dy = (double)(y1 - y0);
-            double gnx = dx > 0 ? (z->sn[ix1] - z->sn[ix0]) / dx : 0;
-            double gny = dy > 0 ? (z->sn[iy1] - z->sn[iy0]) / dy : 0;
-            double grx = dx > 0 ? ((z->sn[ix1] - z->sb[ix1]) - (z->sn[ix0] - z->sb[ix0])) / dx : 0;
-            double gry = dy > 0 ? ((z->sn[iy1] - z->sb[iy1]) - (z->sn[iy0] - z->sb[iy0])) / dy : 0;
-            z->flux_err[i] = (float)(sx2 * (gnx * gnx + grx * grx) + sy2 * (gny * gny + gry * gry));
+        const double dy = (double)(y1 - y0);
+        const size_t r = (size_t)y * (size_t)rs;
+        const size_t r0 = (size_t)(y0 < 0 ? z->my - 1 : y0) * (size_t)rs;
+        const size_t r1 = (size_t)y1 * (size_t)rs;
+        /* the first and last column may lie on the image edge */
+        astrometric_pixel(z, 0, y, r, r0, r1, dy);
+        if (nx > 1)
+            astrometric_pixel(z, nx - 1, y, r, r0, r1, dy);
+        /* columns 1 .. nx-2: central differences over 2 px (the same sums
+         * as astrometric_pixel(), without its branches) */
+        const float *restrict sn = z->snp, *restrict sp = z->sp;
+        float *restrict fe = z->flux_err + (size_t)y * (size_t)nx;
+        for (long x = 1; x < nx - 1; x++) {
+            const float n_x0 = sn[r + x - 1] * scale, n_x1 = sn[r + x + 1] * scale;
+            const float n_y0 = sn[r0 + x] * scale, n_y1 = sn[r1 + x] * scale;
+            const float s_x0 = sp[r + x - 1] * scale, s_x1 = sp[r + x + 1] * scale;
+            const float s_y0 = sp[r0 + x] * scale, s_y1 = sp[r1 + x] * scale;
+            const double gnx = (n_x1 - n_x0) / 2.0;
+            const double grx = ((n_x1 - s_x1) - (n_x0 - s_x0)) / 2.0;
+            const double gny = dy > 0 ? (n_y1 - n_y0) / dy : 0;
+            const double gry = dy > 0 ? ((n_y1 - s_y1) - (n_y0 - s_y0)) / dy : 0;
+            fe[x] = (float)(sx2 * (gnx * gnx + grx * grx) + sy2 * (gny * gny + gry * gry));
         }
     }
 }
@@ -628,8 +1124,45 @@ static void astrometric_rows(void *ctx, long lo, long hi, int tid)
 typedef struct edge_job {
     zogy *z;
     double *wn[MAX_THREADS], *wr[MAX_THREADS];
-    float *vsrc; /* source-noise variance from the FFT (scorr used as scratch), or NULL */
+    const struct edge_tabs *tabs;
 } edge_job;
+
+/* Folds k_n and k_r for the image pixel (x0, y0) into the wd x wd windows
+ * wn, wr (zero on entry), wd = 2H + 1, H = 2h + 1, centred on the pixel;
+ * *amin..*amax and *bmin..*bmax bound the window columns and rows reached.
+ * Image pixel a = mirror(X0 - u) receives k(u). */
+static void fold_kernels(const zogy *z, double *wn, double *wr, long x0, long y0, long *amin,
+                         long *amax, long *bmin, long *bmax)
+{
+    const int h = z->h, side = 2 * h + 1;
+    const long H = 2 * h + 1, wd = 2 * H + 1;
+    long ax[2 * 512 + 1];
+    *amin = wd;
+    *amax = -1;
+    *bmin = wd;
+    *bmax = -1;
+    for (int ux = -h; ux <= h; ux++) {
+        long a = reflect(x0 - ux, z->fnx) - x0 + H;
+        ax[ux + h] = a;
+        if (a < *amin)
+            *amin = a;
+        if (a > *amax)
+            *amax = a;
+    }
+    for (int uy = -h; uy <= h; uy++) {
+        long b = reflect(y0 - uy, z->fny) - y0 + H;
+        if (b < *bmin)
+            *bmin = b;
+        if (b > *bmax)
+            *bmax = b;
+        const double *kn = z->k[0] + (uy + h) * side, *kr = z->k[1] + (uy + h) * side;
+        double *rown = wn + b * wd, *rowr = wr + b * wd;
+        for (int ux = -h; ux <= h; ux++) {
+            rown[ax[ux + h]] += kn[ux + h];
+            rowr[ax[ux + h]] += kr[ux + h];
+        }
+    }
+}
 
 /* For an image pixel (X0, Y0) within h of an image edge, S was computed on
  * the mirrored image, so an image pixel may enter it through several
@@ -638,36 +1171,14 @@ typedef struct edge_job {
  * variance is sum_a W_n(a)^2 V_N(a) + W_r(a)^2 V_R(a) (eqs. 26-27 with the
  * folded kernels) and a point source centred at X0 gives S = alpha F_S,loc
  * with F_S,loc = F_n sum_a W_n(a) P_n(a - X0) (eq. 41 in real space).
- * Returns V (background and source noise) and F_S,loc. */
+ * Returns V (background and source noise) and F_S,loc. The general case;
+ * edge_var() below gives the same sums faster on frames of usual size. */
 static void edge_pixel(const zogy *z, double *wn, double *wr, long x0, long y0, double *var,
                        double *fs_loc)
 {
-    const int h = z->h, side = 2 * h + 1;
-    const long H = 2 * h + 1, wd = 2 * H + 1;
-    long amin = wd, amax = -1, bmin = wd, bmax = -1;
-    long ax[2 * 512 + 1];
-    for (int ux = -h; ux <= h; ux++) {
-        long a = reflect(x0 - ux, z->fnx) - x0 + H;
-        ax[ux + h] = a;
-        if (a < amin)
-            amin = a;
-        if (a > amax)
-            amax = a;
-    }
-    /* Fold the kernels: image pixel a = mirror(X0 - u) receives k(u). */
-    for (int uy = -h; uy <= h; uy++) {
-        long b = reflect(y0 - uy, z->fny) - y0 + H;
-        if (b < bmin)
-            bmin = b;
-        if (b > bmax)
-            bmax = b;
-        const double *kn = z->k[0] + (uy + h) * side, *kr = z->k[1] + (uy + h) * side;
-        double *rown = wn + b * wd, *rowr = wr + b * wd;
-        for (int ux = -h; ux <= h; ux++) {
-            rown[ax[ux + h]] += kn[ux + h];
-            rowr[ax[ux + h]] += kr[ux + h];
-        }
-    }
+    const long H = 2 * z->h + 1, wd = 2 * H + 1;
+    long amin, amax, bmin, bmax;
+    fold_kernels(z, wn, wr, x0, y0, &amin, &amax, &bmin, &bmax);
     /* Sum over the window, resetting it for the next pixel. */
     double vn = 0, vr = 0, fs = 0;
     const psf_d *pn = &z->psf[0];
@@ -692,11 +1203,223 @@ static void edge_pixel(const zogy *z, double *wn, double *wr, long x0, long y0, 
     *fs_loc = z->fn * fs;
 }
 
+/* The edge strip without per-pixel folding. Where the image is at least
+ * 4h + 4 px wide and high, the folding of a pixel within h of an edge
+ * depends only on its class along each axis (interior, or its distance to
+ * the near or far edge), so the squared folded kernels and F_S,loc are made
+ * once per class pair; and the pixel variances of the 2h rows (columns)
+ * nearest each edge are tabulated once. The sums then run over dense
+ * arrays, in the order edge_pixel() uses, with the same values. */
+typedef struct edge_fold {
+    long a0, b0, na, nb; /* offsets [a0, a0 + na) x [b0, b0 + nb) from the pixel */
+    double *wn2, *wr2;   /* W_n^2 and W_r^2 there, nb x na */
+    double fs_loc;       /* F_S,loc */
+} edge_fold;
+
+typedef struct edge_tabs {
+    int h;
+    long nc;            /* classes per axis: 2h + 1 (0 = interior) */
+    edge_fold *fold;    /* nc x nc, [cy * nc + cx] */
+    /* pixel_var of both images: [side 0: rows 0..2h-1, 1: rows fny-2h..fny-1]
+     * over the extent columns (2h x enx), and the same for columns over the
+     * extent rows (eny x 2h) */
+    double *rowv[2][2], *colv[2][2];
+} edge_tabs;
+
+/* The class of coordinate X along an axis of n pixels: 0 interior, 1 + d
+ * at distance d < h from the near edge, 1 + h + d from the far edge. */
+static long edge_class(long X, long n, int h)
+{
+    if (X < h)
+        return 1 + X;
+    if (X >= n - h)
+        return 1 + h + (n - 1 - X);
+    return 0;
+}
+
+/* A coordinate of class c along an axis of n pixels. */
+static long class_coord(long c, long n, int h)
+{
+    if (c == 0)
+        return n / 2;
+    if (c <= h)
+        return c - 1;
+    return n - 1 - (c - 1 - h);
+}
+
+static void edge_tabs_free(edge_tabs *t)
+{
+    if (t->fold != NULL)
+        for (long i = 0; i < t->nc * t->nc; i++) {
+            free(t->fold[i].wn2);
+            free(t->fold[i].wr2);
+        }
+    free(t->fold);
+    for (int s = 0; s < 2; s++)
+        for (int w = 0; w < 2; w++) {
+            free(t->rowv[s][w]);
+            free(t->colv[s][w]);
+        }
+    memset(t, 0, sizeof *t);
+}
+
+/* Builds the tables for the window of z; t->fold stays NULL (the general
+ * path) when the image is too small or the window is away from the edges.
+ * HILAL_ERR_NOMEM. */
+static hilal_status edge_tabs_make(const zogy *z, edge_tabs *t, hilal_error *err)
+{
+    memset(t, 0, sizeof *t);
+    const int h = z->h;
+    const long H = 2 * h + 1, wd = 2 * H + 1, th = 2 * h;
+    const int near[2][2] = {{z->ox < h, z->ox + z->nx > z->fnx - h},
+                            {z->oy < h, z->oy + z->ny > z->fny - h}}; /* [axis][side] */
+    if (z->fnx < 4 * h + 4 || z->fny < 4 * h + 4 ||
+        !(near[0][0] || near[0][1] || near[1][0] || near[1][1]))
+        return HILAL_OK;
+    double *wn = NULL, *wr = NULL;
+    t->h = h;
+    t->nc = 2 * h + 1;
+    t->fold = calloc((size_t)(t->nc * t->nc), sizeof *t->fold);
+    wn = calloc((size_t)(wd * wd), sizeof *wn);
+    wr = calloc((size_t)(wd * wd), sizeof *wr);
+    if (t->fold == NULL || wn == NULL || wr == NULL)
+        goto nomem;
+    const psf_d *pn = &z->psf[0];
+    const int pc = pn->size / 2;
+    for (long cy = 0; cy < t->nc; cy++)
+        for (long cx = 0; cx < t->nc; cx++) {
+            if (cx == 0 && cy == 0)
+                continue;
+            edge_fold *f = &t->fold[cy * t->nc + cx];
+            const long x0 = class_coord(cx, z->fnx, h), y0 = class_coord(cy, z->fny, h);
+            long amin, amax, bmin, bmax;
+            fold_kernels(z, wn, wr, x0, y0, &amin, &amax, &bmin, &bmax);
+            f->a0 = amin - H;
+            f->b0 = bmin - H;
+            f->na = amax - amin + 1;
+            f->nb = bmax - bmin + 1;
+            f->wn2 = malloc(sizeof *f->wn2 * (size_t)(f->na * f->nb));
+            f->wr2 = malloc(sizeof *f->wr2 * (size_t)(f->na * f->nb));
+            if (f->wn2 == NULL || f->wr2 == NULL)
+                goto nomem;
+            double fs = 0;
+            for (long b = bmin; b <= bmax; b++)
+                for (long a = amin; a <= amax; a++) {
+                    const double cn = wn[b * wd + a], cr = wr[b * wd + a];
+                    const size_t k = (size_t)((b - bmin) * f->na + (a - amin));
+                    f->wn2[k] = cn * cn;
+                    f->wr2[k] = cr * cr;
+                    const long dx = a - H, dy = b - H;
+                    if ((cn != 0 || cr != 0) && labs(dx) <= pc && labs(dy) <= pc)
+                        fs += cn * pn->v[(dy + pc) * pn->size + dx + pc];
+                    wn[b * wd + a] = 0;
+                    wr[b * wd + a] = 0;
+                }
+            f->fs_loc = z->fn * fs;
+        }
+    /* pixel variances near the edges the window reaches (rows and columns
+     * outside the extent are never read and stay 0) */
+    for (int s = 0; s < 2; s++)
+        for (int w = 0; w < 2; w++) {
+            if (near[1][s]) {
+                const long r0 = s == 0 ? 0 : z->fny - th;
+                double *v = t->rowv[s][w] = calloc((size_t)(th * z->enx), sizeof *v);
+                if (v == NULL)
+                    goto nomem;
+                for (long r = 0; r < th; r++)
+                    if (r0 + r >= z->ey0 && r0 + r < z->ey0 + z->eny)
+                        for (long e = 0; e < z->enx; e++)
+                            v[r * z->enx + e] = pixel_var(z, w, z->ex0 + e, r0 + r);
+            }
+            if (near[0][s]) {
+                const long c0 = s == 0 ? 0 : z->fnx - th;
+                double *v = t->colv[s][w] = calloc((size_t)(th * z->eny), sizeof *v);
+                if (v == NULL)
+                    goto nomem;
+                for (long e = 0; e < z->eny; e++)
+                    for (long c = 0; c < th; c++)
+                        if (c0 + c >= z->ex0 && c0 + c < z->ex0 + z->enx)
+                            v[e * th + c] = pixel_var(z, w, c0 + c, z->ey0 + e);
+            }
+        }
+    free(wn);
+    free(wr);
+    return HILAL_OK;
+nomem:
+    free(wn);
+    free(wr);
+    edge_tabs_free(t);
+    return hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for the edge strip");
+}
+
+/* V and F_S,loc of the edge pixel (X0, Y0) of classes (cx, cy) from the
+ * tables: the sums of edge_pixel(). */
+static void edge_var(const zogy *z, const edge_tabs *t, long cx, long cy, long X0, long Y0,
+                     double *var, double *fs_loc)
+{
+    const edge_fold *f = &t->fold[cy * t->nc + cx];
+    const long th = 2 * (long)t->h;
+    const double *tn, *tr;
+    long rstride, c0;
+    if (cy != 0) { /* near the top or bottom: the row tables hold every column */
+        const int s = Y0 < t->h ? 0 : 1;
+        const long r0 = s == 0 ? 0 : z->fny - th;
+        rstride = z->enx;
+        c0 = z->ex0;
+        tn = t->rowv[s][0] + (Y0 + f->b0 - r0) * rstride;
+        tr = t->rowv[s][1] + (Y0 + f->b0 - r0) * rstride;
+    } else { /* near the left or right edge only */
+        const int s = X0 < t->h ? 0 : 1;
+        rstride = th;
+        c0 = s == 0 ? 0 : z->fnx - th;
+        tn = t->colv[s][0] + (Y0 + f->b0 - z->ey0) * rstride;
+        tr = t->colv[s][1] + (Y0 + f->b0 - z->ey0) * rstride;
+    }
+    const long xs = X0 + f->a0 - c0;
+    double vn = 0, vr = 0;
+    for (long b = 0; b < f->nb; b++) {
+        const double *wn2 = f->wn2 + b * f->na, *wr2 = f->wr2 + b * f->na;
+        const double *rn = tn + b * rstride + xs, *rr = tr + b * rstride + xs;
+        for (long a = 0; a < f->na; a++) {
+            vn += wn2[a] * rn[a];
+            vr += wr2[a] * rr[a];
+        }
+    }
+    *var = vn + vr;
+    *fs_loc = f->fs_loc;
+}
+
+/* V(S) and F_S,loc of an edge pixel, by the tables when there are some. */
+static void edge_value(const edge_job *job, int tid, long X, long Y, double *v, double *fsl)
+{
+    const zogy *z = job->z;
+    if (job->tabs != NULL && job->tabs->fold != NULL)
+        edge_var(z, job->tabs, edge_class(X, z->fnx, z->h), edge_class(Y, z->fny, z->h), X, Y, v,
+                 fsl);
+    else
+        edge_pixel(z, job->wn[tid], job->wr[tid], X, Y, v, fsl);
+    /* a pathological folded kernel: keep the interior normalisation */
+    if (!(*fsl > 0.1 * z->f_s))
+        *fsl = z->f_s;
+}
+
 /* First pass over window rows [lo, hi): V(S) = F_S (background) + V(S_N) +
  * V(S_R) (source, from the FFT or, in the edge strip of the image, folded
  * sums) + V_ast. Leaves V(S) in flux_err, the flux conversion F_n / F_S
  * (F_S,loc in the edge strip, eq. 42) in flux, and S_corr = S / sqrt(V(S))
- * (eq. 25) in scorr; D, S and S_corr are zeroed at filled pixels. */
+ * (eq. 25) in scorr, 0 at filled pixels (where crop() zeroed D and S). */
+static void combine_pixel(zogy *z, size_t i, unsigned char bad, double v, double fsl,
+                          double floor_v)
+{
+    if (z->use_ast)
+        v += (double)z->flux_err[i];
+    if (!(v > floor_v))
+        v = floor_v;
+    z->flux_err[i] = (float)v;
+    z->flux[i] = (float)(z->fn / fsl);
+    z->scorr[i] = bad ? 0.0f : (float)(z->s[i] / sqrt(v));
+}
+
 static void combine_rows(void *ctx, long lo, long hi, int tid)
 {
     edge_job *job = ctx;
@@ -704,35 +1427,55 @@ static void combine_rows(void *ctx, long lo, long hi, int tid)
     const long nx = z->nx;
     const long h = z->h;
     const double fs = z->f_s, floor_v = VAR_FLOOR_REL * z->f_s;
+    const float scale = (float)(1.0 / ((double)z->mx * (double)z->my));
+    const float g = (float)(z->fn / fs);
+    /* window columns [xa, xb) are away from the image's left and right edges */
+    long xa = h - z->ox, xb = z->fnx - h - z->ox;
+    xa = xa < 0 ? 0 : xa > nx ? nx : xa;
+    xb = xb < xa ? xa : xb > nx ? nx : xb;
     for (long y = lo; y < hi; y++) {
         const long Y = z->oy + y;
-        int yedge = Y < h || Y >= z->fny - h;
-        for (long x = 0; x < nx; x++) {
-            const long X = z->ox + x;
-            size_t i = (size_t)y * (size_t)nx + (size_t)x;
-            double v, fsl = fs;
-            if (yedge || X < h || X >= z->fnx - h) {
-                edge_pixel(z, job->wn[tid], job->wr[tid], X, Y, &v, &fsl);
-                /* a pathological folded kernel: keep the interior normalisation */
-                if (!(fsl > 0.1 * fs))
-                    fsl = fs;
-            } else {
-                v = fs + (job->vsrc ? (double)job->vsrc[i] : 0.0);
+        const size_t row = (size_t)y * (size_t)nx;
+        const unsigned char *brow = z->wbad + (size_t)y * (size_t)z->enx;
+        /* the source-noise variance of the row (padded inverse transform) */
+        const float *vrow = z->vp ? z->vp + (size_t)y * (size_t)z->rs : NULL;
+        double v, fsl;
+        if (Y < h || Y >= z->fny - h) {
+            for (long x = 0; x < nx; x++) {
+                edge_value(job, tid, z->ox + x, Y, &v, &fsl);
+                combine_pixel(z, row + (size_t)x, brow[x], v, fsl, floor_v);
             }
-            if (z->use_ast)
-                v += (double)z->flux_err[i];
-            if (!(v > floor_v))
-                v = floor_v;
-            z->flux_err[i] = (float)v;
-            z->flux[i] = (float)(z->fn / fsl);
-            if (z->wbad[(size_t)y * (size_t)z->enx + (size_t)x]) {
-                z->d[i] = 0;
-                z->s[i] = 0;
-                z->scorr[i] = 0;
-            } else {
-                z->scorr[i] = (float)(z->s[i] / sqrt(v));
-            }
+            continue;
         }
+        for (long x = 0; x < xa; x++) {
+            edge_value(job, tid, z->ox + x, Y, &v, &fsl);
+            combine_pixel(z, row + (size_t)x, brow[x], v, fsl, floor_v);
+        }
+        for (long x = xb; x < nx; x++) {
+            edge_value(job, tid, z->ox + x, Y, &v, &fsl);
+            combine_pixel(z, row + (size_t)x, brow[x], v, fsl, floor_v);
+        }
+        /* the interior, as combine_pixel() with fsl = F_S */
+        const float *restrict s = z->s + row;
+        float *restrict sc = z->scorr + row;
+        float *restrict fl = z->flux + row, *restrict fe = z->flux_err + row;
+        if (z->use_ast)
+            for (long x = xa; x < xb; x++) {
+                double vv = fs + (vrow ? (double)(vrow[x] * scale) : 0.0);
+                vv += (double)fe[x];
+                vv = vv > floor_v ? vv : floor_v;
+                fe[x] = (float)vv;
+                fl[x] = g;
+                sc[x] = brow[x] ? 0.0f : (float)(s[x] / sqrt(vv));
+            }
+        else
+            for (long x = xa; x < xb; x++) {
+                double vv = fs + (vrow ? (double)(vrow[x] * scale) : 0.0);
+                vv = vv > floor_v ? vv : floor_v;
+                fe[x] = (float)vv;
+                fl[x] = g;
+                sc[x] = brow[x] ? 0.0f : (float)(s[x] / sqrt(vv));
+            }
     }
 }
 
@@ -752,22 +1495,21 @@ static void final_rows(void *ctx, long lo, long hi, int tid)
     zogy *z = job->z;
     const long nx = z->nx;
     const double add = (job->kappa - 1.0) * z->f_s, floor_v = VAR_FLOOR_REL * z->f_s;
-    for (long y = lo; y < hi; y++)
+    for (long y = lo; y < hi; y++) {
+        const size_t row = (size_t)y * (size_t)nx;
+        const unsigned char *brow = z->wbad + (size_t)y * (size_t)z->enx;
+        float *restrict s = z->s + row, *restrict sc = z->scorr + row;
+        float *restrict fl = z->flux + row, *restrict fe = z->flux_err + row;
         for (long x = 0; x < nx; x++) {
-            size_t i = (size_t)y * (size_t)nx + (size_t)x;
-            double v = (double)z->flux_err[i] + add;
-            if (!(v > floor_v))
-                v = floor_v;
-            double sd = sqrt(v), g = z->flux[i];
-            z->flux_err[i] = (float)(g * sd);
-            if (z->wbad[(size_t)y * (size_t)z->enx + (size_t)x]) {
-                z->scorr[i] = 0;
-                z->flux[i] = 0;
-            } else {
-                z->scorr[i] = (float)(z->s[i] / sd);
-                z->flux[i] = (float)(g * z->s[i]);
-            }
+            double v = (double)fe[x] + add;
+            v = v > floor_v ? v : floor_v;
+            const double sd = sqrt(v), g = fl[x];
+            const int b = brow[x] != 0;
+            fe[x] = (float)(g * sd);
+            sc[x] = b ? 0.0f : (float)(s[x] / sd);
+            fl[x] = b ? 0.0f : (float)(g * s[x]);
         }
+    }
 }
 
 /* Pixels near sources, for the S_corr statistics, on an nx x ny region of
@@ -777,7 +1519,8 @@ static void final_rows(void *ctx, long lo, long hi, int tid)
  * row); then keep[] = unfilled and not within `radius` rows of a marked
  * pixel (a sliding window over rows kept as one running count per column,
  * so memory is walked row by row). Together: farther than `radius`
- * (Chebyshev) from any such pixel. tmp and keep are nx x ny, compact. */
+ * (Chebyshev) from any such pixel. tmp and keep are nx x ny, compact;
+ * each thread has a row of source flags and a row of column counts. */
 typedef struct near_job {
     const float *v;
     long vstride;
@@ -786,134 +1529,247 @@ typedef struct near_job {
     long nx, ny;
     long radius;
     unsigned char *tmp, *keep;
+    unsigned char *src[MAX_THREADS]; /* per thread: one row of source flags */
+    int32_t *cnt[MAX_THREADS];       /* per thread: the column counts */
+    size_t nkeep[MAX_THREADS];
 } near_job;
-
-static int near_bad(const near_job *job, long x, long y)
-{
-    return job->bad != NULL && job->bad[(size_t)y * (size_t)job->bstride + (size_t)x];
-}
-
-static int near_source(const near_job *job, long x, long y)
-{
-    return !near_bad(job, x, y) && fabsf(job->v[(size_t)y * (size_t)job->vstride + (size_t)x]) > 5.0f;
-}
 
 static void near_rows(void *ctx, long lo, long hi, int tid)
 {
-    (void)tid;
-    const near_job *job = ctx;
+    near_job *job = ctx;
     const long nx = job->nx, r = job->radius;
+    unsigned char *src = job->src[tid];
     for (long y = lo; y < hi; y++) {
+        /* the unfilled pixels with |S_corr| > 5 */
+        const float *v = job->v + (size_t)y * (size_t)job->vstride;
+        if (job->bad != NULL) {
+            const unsigned char *b = job->bad + (size_t)y * (size_t)job->bstride;
+            for (long x = 0; x < nx; x++)
+                src[x] = (unsigned char)((fabsf(v[x]) > 5.0f) & (b[x] == 0));
+        } else {
+            for (long x = 0; x < nx; x++)
+                src[x] = (unsigned char)(fabsf(v[x]) > 5.0f);
+        }
+        /* within r of one along the row: a sliding count over [x - r, x + r] */
         unsigned char *t = job->tmp + (size_t)y * (size_t)nx;
         long c = 0;
         for (long x = 0; x < r && x < nx; x++)
-            c += near_source(job, x, y);
+            c += src[x];
         for (long x = 0; x < nx; x++) {
             if (x + r < nx)
-                c += near_source(job, x + r, y);
+                c += src[x + r];
             if (x - r - 1 >= 0)
-                c -= near_source(job, x - r - 1, y);
+                c -= src[x - r - 1];
             t[x] = c > 0;
         }
     }
 }
 
-/* Columns [lo, hi) of the vertical pass. */
+/* Columns [lo, hi) of the vertical pass; counts the pixels kept. */
 static void near_cols(void *ctx, long lo, long hi, int tid)
 {
-    (void)tid;
-    const near_job *job = ctx;
+    near_job *job = ctx;
     const long nx = job->nx, ny = job->ny, r = job->radius, w = hi - lo;
-    long *cnt = calloc((size_t)w, sizeof *cnt);
-    if (cnt == NULL) { /* keep every unfilled pixel of these columns */
-        for (long y = 0; y < ny; y++)
-            for (long x = lo; x < hi; x++)
-                job->keep[(size_t)y * nx + x] = !near_bad(job, x, y);
-        return;
-    }
-    for (long y = 0; y < r && y < ny; y++)
+    int32_t *restrict cnt = job->cnt[tid];
+    size_t nkeep = 0;
+    memset(cnt, 0, sizeof *cnt * (size_t)w);
+    for (long y = 0; y < r && y < ny; y++) {
+        const unsigned char *add = job->tmp + (size_t)y * (size_t)nx + lo;
         for (long x = 0; x < w; x++)
-            cnt[x] += job->tmp[(size_t)y * nx + lo + x];
+            cnt[x] += add[x];
+    }
     for (long y = 0; y < ny; y++) {
         if (y + r < ny) {
-            const unsigned char *add = job->tmp + (size_t)(y + r) * nx + lo;
+            const unsigned char *add = job->tmp + (size_t)(y + r) * (size_t)nx + lo;
             for (long x = 0; x < w; x++)
                 cnt[x] += add[x];
         }
         if (y - r - 1 >= 0) {
-            const unsigned char *sub = job->tmp + (size_t)(y - r - 1) * nx + lo;
+            const unsigned char *sub = job->tmp + (size_t)(y - r - 1) * (size_t)nx + lo;
             for (long x = 0; x < w; x++)
                 cnt[x] -= sub[x];
         }
-        const size_t row = (size_t)y * nx + lo;
+        unsigned char *k = job->keep + (size_t)y * (size_t)nx + lo;
+        if (job->bad != NULL) {
+            const unsigned char *b = job->bad + (size_t)y * (size_t)job->bstride + lo;
+            for (long x = 0; x < w; x++)
+                k[x] = (unsigned char)((cnt[x] == 0) & (b[x] == 0));
+        } else {
+            for (long x = 0; x < w; x++)
+                k[x] = (unsigned char)(cnt[x] == 0);
+        }
+        unsigned int sum = 0;
         for (long x = 0; x < w; x++)
-            job->keep[row + x] = cnt[x] == 0 && !near_bad(job, lo + x, y);
+            sum += k[x];
+        nkeep += sum;
     }
-    free(cnt);
+    job->nkeep[tid] = nkeep;
+}
+
+/* Order-preserving map of a float to an unsigned integer (IEEE 754: flip
+ * the sign bit of positives, every bit of negatives); -0 is taken as +0. */
+static uint32_t float_key(float f)
+{
+    uint32_t u;
+    f += 0.0f;
+    memcpy(&u, &f, sizeof u);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+static float key_float(uint32_t k)
+{
+    uint32_t u = (k & 0x80000000u) ? (k & 0x7fffffffu) : ~k;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* The k-th smallest (0-based) of n finite values, exactly, in two passes
+ * (a radix selection on the top and bottom 16 bits of the keys); hist is
+ * 65536 counts of scratch. The same value hilal_select_kth_float() gives,
+ * without reordering v. */
+static float select_kth_radix(const float *v, size_t n, size_t k, uint32_t *hist)
+{
+    memset(hist, 0, sizeof *hist * 65536);
+    for (size_t i = 0; i < n; i++)
+        hist[float_key(v[i]) >> 16]++;
+    uint32_t hi = 0;
+    size_t below = 0;
+    while (below + hist[hi] <= k)
+        below += hist[hi++];
+    k -= below;
+    memset(hist, 0, sizeof *hist * 65536);
+    for (size_t i = 0; i < n; i++) {
+        const uint32_t key = float_key(v[i]);
+        if ((key >> 16) == hi)
+            hist[key & 0xffffu]++;
+    }
+    uint32_t lo = 0;
+    below = 0;
+    while (below + hist[lo] <= k)
+        below += hist[lo++];
+    return key_float((hi << 16) | lo);
+}
+
+/* Median and 1.4826 MAD of the m finite values of vals (overwritten). */
+static void median_mad(float *vals, size_t m, uint32_t *hist, double *med, double *sigma)
+{
+    *med = NAN;
+    *sigma = NAN;
+    if (m == 0)
+        return;
+    float md = select_kth_radix(vals, m, m / 2, hist);
+    for (size_t i = 0; i < m; i++)
+        vals[i] = fabsf(vals[i] - md);
+    float mad = select_kth_radix(vals, m, m / 2, hist);
+    *med = md;
+    *sigma = 1.4826 * mad;
+}
+
+/* Bytes of scratch region_statistics() needs for an nx x ny region: the
+ * histogram of the selection, per-thread rows, the sampled values and the
+ * two maps. */
+static size_t stats_scratch_bytes(long nx, long ny, int threads)
+{
+    size_t n = (size_t)nx * (size_t)ny, stride = n / 2000000 + 1;
+    return 2 * n + (size_t)threads * (size_t)nx * (1 + sizeof(int32_t)) +
+           sizeof(float) * (n / stride + 1) + sizeof(uint32_t) * 65536 + 64;
 }
 
 /* Median and 1.4826 MAD of S_corr over the unfilled pixels of the region
  * of near_job farther than `radius` px from any unfilled pixel with
  * |S_corr| > 5 (sources, whose wings would bias both). Falls back to all
  * unfilled pixels when fewer than min(1000, a quarter of the region) are
- * left. *nused = values used (may be NULL). */
+ * left. At most ~2 million pixels are sampled, on a regular stride.
+ * *nused = values used (may be NULL). scratch (NULL: allocated here) holds
+ * stats_scratch_bytes() bytes. */
 static hilal_status region_statistics(near_job *job, int threads, double *med, double *sigma,
-                                      long *nused, hilal_error *err)
+                                      long *nused, void *scratch, hilal_error *err)
 {
-    size_t n = (size_t)job->nx * (size_t)job->ny;
+    const size_t n = (size_t)job->nx * (size_t)job->ny;
     hilal_status st = HILAL_OK;
-    float *vals = NULL;
+    unsigned char *own = NULL;
     *med = NAN;
     *sigma = NAN;
     if (nused != NULL)
         *nused = 0;
-    job->tmp = malloc(n);
-    job->keep = malloc(n);
-    if (job->tmp == NULL || job->keep == NULL) {
-        st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for S_corr statistics");
-        goto cleanup;
+    if (threads > MAX_THREADS)
+        threads = MAX_THREADS;
+    if (threads < 1)
+        threads = 1;
+    if (scratch == NULL) {
+        own = malloc(stats_scratch_bytes(job->nx, job->ny, threads));
+        if (own == NULL)
+            return hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for S_corr statistics");
+        scratch = own;
     }
+    /* carve the scratch: counts and the histogram first (aligned) */
+    const size_t stride = n / 2000000 + 1;
+    unsigned char *p = scratch;
+    uint32_t *hist = (uint32_t *)(void *)p;
+    p += sizeof *hist * 65536;
+    for (int t = 0; t < threads; t++) {
+        job->cnt[t] = (int32_t *)(void *)p;
+        p += sizeof(int32_t) * (size_t)job->nx;
+    }
+    float *vals = (float *)(void *)p;
+    p += sizeof *vals * (n / stride + 1);
+    job->tmp = p;
+    p += n;
+    job->keep = p;
+    p += n;
+    for (int t = 0; t < threads; t++) {
+        job->src[t] = p;
+        p += (size_t)job->nx;
+    }
+    memset(job->nkeep, 0, sizeof job->nkeep);
     hilal_parallel_for(threads, job->ny, near_rows, job);
     hilal_parallel_for(threads, job->nx, near_cols, job);
     size_t nkeep = 0;
-    for (size_t i = 0; i < n; i++)
-        nkeep += job->keep[i];
+    for (int t = 0; t < MAX_THREADS; t++)
+        nkeep += job->nkeep[t];
     size_t need = n / 4 < 1000 ? n / 4 : 1000;
     if (nkeep < need)
         for (long y = 0; y < job->ny; y++)
             for (long x = 0; x < job->nx; x++)
-                job->keep[(size_t)y * job->nx + x] = !near_bad(job, x, y);
+                job->keep[(size_t)y * job->nx + x] =
+                    job->bad == NULL || !job->bad[(size_t)y * (size_t)job->bstride + (size_t)x];
     /* gather the kept values, at most ~2 million on a regular stride */
-    size_t stride = n / 2000000 + 1, m = 0;
-    vals = malloc(sizeof *vals * (n / stride + 1));
-    if (vals == NULL) {
-        st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for S_corr statistics");
-        goto cleanup;
-    }
+    size_t m = 0;
     for (size_t i = 0; i < n; i += stride) {
         if (!job->keep[i])
             continue;
         long y = (long)(i / (size_t)job->nx), x = (long)(i % (size_t)job->nx);
         vals[m++] = job->v[(size_t)y * (size_t)job->vstride + (size_t)x];
     }
-    if (robust_stats(vals, NULL, m, med, sigma) < 0)
-        st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for S_corr statistics");
     if (nused != NULL)
         *nused = (long)m;
-cleanup:
-    free(vals);
-    free(job->tmp);
-    free(job->keep);
+    /* the finite ones, thinned again like robust_stats() would */
+    size_t s2 = m / 2000000 + 1, mf = 0;
+    for (size_t i = 0; i < m; i += s2)
+        if (isfinite(vals[i]))
+            vals[mf++] = vals[i];
+    median_mad(vals, mf, hist, med, sigma);
+    free(own);
     job->tmp = job->keep = NULL;
     return st;
 }
 
-/* The statistics of S_corr over the window of a run. */
-static hilal_status scorr_statistics(const zogy *z, long radius, double *med, double *sigma,
-                                     hilal_error *err)
+/* The statistics of S_corr over the window of a run, in the scratch given
+ * (the FFT arrays, free by then). */
+static hilal_status scorr_statistics(const zogy *z, long radius, void *scratch, double *med,
+                                     double *sigma, hilal_error *err)
 {
-    near_job job = {z->scorr, z->nx, z->wbad, z->enx, z->nx, z->ny, radius, NULL, NULL};
-    return region_statistics(&job, z->threads, med, sigma, NULL, err);
+    near_job job;
+    memset(&job, 0, sizeof job);
+    job.v = z->scorr;
+    job.vstride = z->nx;
+    job.bad = z->wbad;
+    job.bstride = z->enx;
+    job.nx = z->nx;
+    job.ny = z->ny;
+    job.radius = radius;
+    return region_statistics(&job, z->threads, med, sigma, NULL, scratch, err);
 }
 
 /* ------------------------------------------------------------------------
@@ -936,6 +1792,7 @@ void hilal_zogy_input_init(hilal_zogy_input *in)
     in->win_x0 = in->win_y0 = in->win_nx = in->win_ny = 0;
     in->min_fft_nx = in->min_fft_ny = 0;
     in->allow_all_filled = 0;
+    in->workspace = NULL;
 }
 
 /* The difference-mask value of image pixel (X, Y): the union of both masks;
@@ -970,42 +1827,6 @@ static hilal_mask_t pixel_mask(const zogy *z, const hilal_mask_t *msci, const hi
             m |= HILAL_MASK_NEGVAR;
     }
     return m;
-}
-
-/* The fill map over the extent and the difference mask over the window,
- * extent rows [lo, hi). Counts filled pixels (extent and window) and NEGVAR
- * pixels (window). */
-typedef struct mask_job {
-    zogy *z;
-    const hilal_mask_t *msci, *mref;
-    hilal_mask_t *out;
-    long nfilled_ext[MAX_THREADS], nfilled[MAX_THREADS], nnegvar[MAX_THREADS];
-} mask_job;
-
-static void mask_rows(void *ctx, long lo, long hi, int tid)
-{
-    mask_job *job = ctx;
-    zogy *z = job->z;
-    long nfe = 0, nfilled = 0, nnegvar = 0;
-    for (long ey = lo; ey < hi; ey++) {
-        const long Y = z->ey0 + ey, y = Y - z->oy;
-        const int yin = y >= 0 && y < z->ny;
-        for (long ex = 0; ex < z->enx; ex++) {
-            const long X = z->ex0 + ex, x = X - z->ox;
-            int bad, negvar;
-            hilal_mask_t m = pixel_mask(z, job->msci, job->mref, X, Y, &bad, &negvar);
-            z->bad[(size_t)ey * (size_t)z->enx + (size_t)ex] = (unsigned char)bad;
-            nfe += bad;
-            if (yin && x >= 0 && x < z->nx) {
-                job->out[(size_t)y * (size_t)z->nx + (size_t)x] = m;
-                nfilled += bad;
-                nnegvar += negvar;
-            }
-        }
-    }
-    job->nfilled_ext[tid] = nfe;
-    job->nfilled[tid] = nfilled;
-    job->nnegvar[tid] = nnegvar;
 }
 
 /* Copies a PSF into doubles normalised to sum 1. */
@@ -1117,11 +1938,14 @@ hilal_status hilal_zogy_run(const hilal_zogy_input *in, hilal_diff *out, hilal_z
     zogy *z = &zs;
     psf_d pd = {0, NULL};
     edge_job ej;
+    edge_tabs etabs;
+    ksq_rows ksq = {0, NULL, NULL};
     double t0 = now_s();
     double tstep[8] = {0}; /* wall time at the end of each step, for the debug log */
 
     memset(z, 0, sizeof *z);
     memset(&ej, 0, sizeof ej);
+    memset(&etabs, 0, sizeof etabs);
     memset(out, 0, sizeof *out);
     if (info != NULL)
         memset(info, 0, sizeof *info);
@@ -1223,6 +2047,7 @@ hilal_status hilal_zogy_run(const hilal_zogy_input *in, hilal_diff *out, hilal_z
     if (in->min_fft_ny > z->my)
         z->my = hilal_fft_good_size(in->min_fft_ny);
     z->mxc = z->mx / 2 + 1;
+    z->rs = hilal_fft_inplace_stride(z->mx);
     z->ixmap = malloc(sizeof *z->ixmap * (size_t)z->mx);
     z->iymap = malloc(sizeof *z->iymap * (size_t)z->my);
     if (z->ixmap == NULL || z->iymap == NULL) {
@@ -1256,31 +2081,68 @@ hilal_status hilal_zogy_run(const hilal_zogy_input *in, hilal_diff *out, hilal_z
             z->eny = hi - lo + 1;
         }
     }
+    /* The padded columns that are image columns ox + x in order: the window
+     * and the image beyond its far edge (read without the map). */
+    z->xrun = 0;
+    while (z->xrun < z->mx && z->ixmap[z->xrun] == z->ox + z->xrun)
+        z->xrun++;
+    /* Each image row of the extent is made once, in the first padded row
+     * showing it; the padded rows repeating it (mirrored) are copies. */
+    z->orow = malloc(sizeof *z->orow * (size_t)z->eny);
+    if (z->orow == NULL) {
+        st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for the padding maps");
+        goto cleanup;
+    }
+    for (long e = 0; e < z->eny; e++)
+        z->orow[e] = -1;
+    for (long y = 0; y < z->my; y++)
+        if (z->orow[z->iymap[y] - z->ey0] < 0)
+            z->orow[z->iymap[y] - z->ey0] = y;
 
-    /* The difference mask (union of both masks) and the pixels to fill:
-     * unusable in either image or not finite in either. */
+    /* The FFT arrays and the fill map, from the workspace. */
     if ((st = alloc_diff(out, z->nx, z->ny,
                          z->psf[0].size > z->psf[1].size ? z->psf[0].size : z->psf[1].size,
                          err)) != HILAL_OK)
         goto cleanup;
-    z->bad = malloc((size_t)z->enx * (size_t)z->eny);
-    if (z->bad == NULL) {
-        st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for the fill map");
+    if ((st = ws_acquire(in->workspace, z->mx, z->my, &z->set, err)) != HILAL_OK)
         goto cleanup;
+    for (int q = 0; q < 4; q++)
+        z->c[q] = z->set->c[q];
+    {
+        size_t need = (size_t)z->enx * (size_t)z->eny;
+        if (z->set->bad_cap < need) {
+            free(z->set->bad);
+            z->set->bad_cap = 0;
+            if ((z->set->bad = malloc(need)) == NULL) {
+                st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for the fill map");
+                goto cleanup;
+            }
+            z->set->bad_cap = need;
+        }
+        z->bad = z->set->bad;
     }
     z->wbad = z->bad + ext_index(z, z->ox, z->oy);
-    mask_job mj;
-    memset(&mj, 0, sizeof mj);
-    mj.z = z;
-    mj.msci = sci->mask;
-    mj.mref = ref->mask;
-    mj.out = out->mask;
-    hilal_parallel_for(z->threads, z->eny, mask_rows, &mj);
+
+    /* One pass over the images: the difference mask (union of both masks),
+     * the pixels to fill (unusable in either image, not finite in either, or
+     * with a masked variance), and N and R padded, 0 at filled pixels, into
+     * c[0] and c[1] (as real arrays; every transform below is in place). */
+    prep_job pj;
+    memset(&pj, 0, sizeof pj);
+    pj.z = z;
+    pj.kind = PREP_IMAGES;
+    pj.dst[0] = (float *)z->c[0];
+    pj.dst[1] = (float *)z->c[1];
+    pj.msci = sci->mask;
+    pj.mref = ref->mask;
+    pj.out = out->mask;
+    if ((st = prep_planes(&pj, err)) != HILAL_OK)
+        goto cleanup;
     long nfilled = 0, nfilled_ext = 0, nnegvar = 0;
     for (int t = 0; t < MAX_THREADS; t++) {
-        nfilled += mj.nfilled[t];
-        nfilled_ext += mj.nfilled_ext[t];
-        nnegvar += mj.nnegvar[t];
+        nfilled += pj.nfilled[t];
+        nfilled_ext += pj.nfilled_ext[t];
+        nnegvar += pj.nnegvar[t];
     }
     if ((size_t)nfilled == npix && !in->allow_all_filled) {
         st = hilal_error_set(err, HILAL_ERR_DATA,
@@ -1291,28 +2153,14 @@ hilal_status hilal_zogy_run(const hilal_zogy_input *in, hilal_diff *out, hilal_z
 
     tstep[1] = now_s();
     /* ---- Step 4: FFTs of N, R, P_n, P_r and the spectral pass ---- */
-    if ((st = hilal_fft_plan_get(z->mx, z->my, z->threads, in->rigor, &z->plan, err)) != HILAL_OK)
+    if ((st = hilal_fft_plan_get_inplace(z->mx, z->my, z->threads, in->rigor, &z->plan, err)) !=
+        HILAL_OK)
         goto cleanup;
-    z->rbuf = hilal_fft_alloc_real(z->mx, z->my, err);
+    embed_psf(z, (float *)z->c[2], &z->psf[0]);
+    embed_psf(z, (float *)z->c[3], &z->psf[1]);
     for (int q = 0; q < 4; q++)
-        z->c[q] = hilal_fft_alloc_complex(z->mx, z->my, err);
-    if (z->rbuf == NULL || z->c[0] == NULL || z->c[1] == NULL || z->c[2] == NULL || z->c[3] == NULL) {
-        st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for %ld x %ld FFT arrays", z->mx,
-                             z->my);
-        goto cleanup;
-    }
-    pad_plane(z, PLANE_N);
-    if ((st = hilal_fft_r2c(z->plan, z->rbuf, z->c[0], err)) != HILAL_OK)
-        goto cleanup;
-    pad_plane(z, PLANE_R);
-    if ((st = hilal_fft_r2c(z->plan, z->rbuf, z->c[1], err)) != HILAL_OK)
-        goto cleanup;
-    embed_psf(z, &z->psf[0]);
-    if ((st = hilal_fft_r2c(z->plan, z->rbuf, z->c[2], err)) != HILAL_OK)
-        goto cleanup;
-    embed_psf(z, &z->psf[1]);
-    if ((st = hilal_fft_r2c(z->plan, z->rbuf, z->c[3], err)) != HILAL_OK)
-        goto cleanup;
+        if ((st = hilal_fft_r2c_inplace(z->plan, z->c[q], err)) != HILAL_OK)
+            goto cleanup;
     hilal_parallel_for(z->threads, z->my, spectral_rows, z);
     double fs_sum = 0;
     for (int t = 0; t < MAX_THREADS; t++)
@@ -1327,7 +2175,9 @@ hilal_status hilal_zogy_run(const hilal_zogy_input *in, hilal_diff *out, hilal_z
     }
 
     tstep[2] = now_s();
-    /* ---- Step 5: D, S and S_N in image space ---- */
+    /* ---- Step 5: D, S and S_N in image space ----
+     * D from c[2], S from c[3] and S_N from c[0], each in place; S and S_N
+     * stay there for the astrometric pass. */
     out->f_d = z->f_d;
     z->d = out->d;
     z->s = out->s;
@@ -1335,28 +2185,19 @@ hilal_status hilal_zogy_run(const hilal_zogy_input *in, hilal_diff *out, hilal_z
     z->flux = out->flux;
     z->flux_err = out->flux_err;
     z->mask = out->mask;
-    if ((st = hilal_fft_c2r(z->plan, z->c[2], z->rbuf, err)) != HILAL_OK)
+    if ((st = hilal_fft_c2r_inplace(z->plan, z->c[2], err)) != HILAL_OK)
         goto cleanup;
-    crop(z, z->d);
-    if ((st = hilal_fft_c2r(z->plan, z->c[3], z->rbuf, err)) != HILAL_OK)
+    crop(z, (float *)z->c[2], z->d);
+    if ((st = hilal_fft_c2r_inplace(z->plan, z->c[3], err)) != HILAL_OK)
         goto cleanup;
-    crop(z, z->s);
+    crop(z, (float *)z->c[3], z->s);
     if (z->use_ast) {
-        const size_t nb = (size_t)(z->nx + 2) * (size_t)(z->ny + 2);
-        z->sn = malloc(sizeof *z->sn * nb);
-        z->sb = malloc(sizeof *z->sb * nb);
-        if (z->sn == NULL || z->sb == NULL) {
-            st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for S_N");
+        if ((st = hilal_fft_c2r_inplace(z->plan, z->c[0], err)) != HILAL_OK)
             goto cleanup;
-        }
-        crop_border(z, z->sb);
-        if ((st = hilal_fft_c2r(z->plan, z->c[0], z->rbuf, err)) != HILAL_OK)
-            goto cleanup;
-        crop_border(z, z->sn);
+        z->sp = (const float *)z->c[3];
+        z->snp = (const float *)z->c[0];
         hilal_parallel_for(z->threads, z->ny, astrometric_rows, z);
-        free(z->sn);
-        free(z->sb);
-        z->sn = z->sb = NULL;
+        z->sp = z->snp = NULL;
     }
 
     tstep[3] = now_s();
@@ -1365,38 +2206,39 @@ hilal_status hilal_zogy_run(const hilal_zogy_input *in, hilal_diff *out, hilal_z
      * sigma^2 sum k^2 of each is the constant F_S (added in step 8); here
      * only the excess V - sigma^2 is convolved. It is non-zero where there
      * are sources, filled pixels (-sigma^2: no noise there) or a background
-     * that differs from its global RMS. */
+     * that differs from its global RMS. The result stays in c[0] (a padded
+     * real array) for step 8. */
     int need_src = z->use_src && (z->var[0] != NULL || z->var[1] != NULL || nfilled_ext > 0);
     if (need_src) {
-        pad_plane(z, PLANE_EXN);
-        if ((st = hilal_fft_r2c(z->plan, z->rbuf, z->c[0], err)) != HILAL_OK)
+        pj.kind = PREP_EXCESS;
+        pj.dst[0] = (float *)z->c[0];
+        pj.dst[1] = (float *)z->c[1];
+        if ((st = prep_planes(&pj, err)) != HILAL_OK)
             goto cleanup;
-        pad_plane(z, PLANE_EXR);
-        if ((st = hilal_fft_r2c(z->plan, z->rbuf, z->c[1], err)) != HILAL_OK)
+        const int direct = z->h <= KSQ_DIRECT_MAX_H;
+        if (!direct) {
+            embed_kernel(z, (float *)z->c[2], z->k[0], 1);
+            embed_kernel(z, (float *)z->c[3], z->k[1], 1);
+        }
+        for (int q = 0; q < (direct ? 2 : 4); q++)
+            if ((st = hilal_fft_r2c_inplace(z->plan, z->c[q], err)) != HILAL_OK)
+                goto cleanup;
+        if (direct) {
+            if ((st = ksq_rows_make(z, &ksq, err)) != HILAL_OK)
+                goto cleanup;
+            ksq_job kj = {z, &ksq};
+            hilal_parallel_for(z->threads, z->my, variance_direct_rows, &kj);
+        } else {
+            hilal_parallel_for(z->threads, z->my, variance_rows, z);
+        }
+        if ((st = hilal_fft_c2r_inplace(z->plan, z->c[0], err)) != HILAL_OK)
             goto cleanup;
-        embed_kernel(z, z->k[0], 1);
-        if ((st = hilal_fft_r2c(z->plan, z->rbuf, z->c[2], err)) != HILAL_OK)
-            goto cleanup;
-        embed_kernel(z, z->k[1], 1);
-        if ((st = hilal_fft_r2c(z->plan, z->rbuf, z->c[3], err)) != HILAL_OK)
-            goto cleanup;
-        hilal_parallel_for(z->threads, z->my, variance_rows, z);
-        if ((st = hilal_fft_c2r(z->plan, z->c[0], z->rbuf, err)) != HILAL_OK)
-            goto cleanup;
-        crop(z, z->scorr); /* scorr holds the source variance until step 8 */
-    }
-    /* The FFT arrays are no longer needed: free them before the last pass. */
-    hilal_fft_free(z->rbuf);
-    z->rbuf = NULL;
-    for (int q = 0; q < 4; q++) {
-        hilal_fft_free(z->c[q]);
-        z->c[q] = NULL;
+        z->vp = (const float *)z->c[0];
     }
 
     tstep[4] = now_s();
     /* ---- Steps 7-8: edge strip, S_corr, flux and its error ---- */
     ej.z = z;
-    ej.vsrc = need_src ? z->scorr : NULL;
     {
         long wd = 2 * (2 * (long)z->h + 1) + 1;
         for (int t = 0; t < z->threads; t++) {
@@ -1408,7 +2250,11 @@ hilal_status hilal_zogy_run(const hilal_zogy_input *in, hilal_diff *out, hilal_z
             }
         }
     }
+    if ((st = edge_tabs_make(z, &etabs, err)) != HILAL_OK)
+        goto cleanup;
+    ej.tabs = &etabs;
     hilal_parallel_for(z->threads, z->ny, combine_rows, &ej);
+    z->vp = NULL;
     tstep[5] = now_s();
 
     /* P_D, and the robust S_corr statistics on unfilled pixels away from
@@ -1418,6 +2264,12 @@ hilal_status hilal_zogy_run(const hilal_zogy_input *in, hilal_diff *out, hilal_z
     out->psf_d.fwhm_px = stamp_fwhm(pd.v, pd.size);
     out->psf_d.nstars = 0;
     double model_med = NAN, model_std = NAN, kappa = 1.0;
+    /* the statistics work in the FFT arrays, free by now, when they suffice */
+    void *stats_scratch =
+        stats_scratch_bytes(z->nx, z->ny, z->threads) <=
+                sizeof(hilal_fft_complex) * hilal_fft_ncomplex(z->mx, z->my)
+            ? (void *)z->c[1]
+            : NULL;
     long radius;
     {
         double fw = isfinite(out->psf_d.fwhm_px) ? out->psf_d.fwhm_px : 3.0;
@@ -1426,7 +2278,7 @@ hilal_status hilal_zogy_run(const hilal_zogy_input *in, hilal_diff *out, hilal_z
             radius = 3;
     }
     if ((size_t)nfilled < npix) {
-        st = scorr_statistics(z, radius, &model_med, &model_std, err);
+        st = scorr_statistics(z, radius, stats_scratch, &model_med, &model_std, err);
         if (st != HILAL_OK)
             goto cleanup;
     }
@@ -1460,7 +2312,7 @@ hilal_status hilal_zogy_run(const hilal_zogy_input *in, hilal_diff *out, hilal_z
         hilal_parallel_for(z->threads, z->ny, final_rows, &fj);
     }
     if (calibrated && (size_t)nfilled < npix && in->win_nx == 0 && in->win_ny == 0) {
-        st = scorr_statistics(z, radius, &out->scorr_mean, &out->scorr_std, err);
+        st = scorr_statistics(z, radius, stats_scratch, &out->scorr_mean, &out->scorr_std, err);
         if (st != HILAL_OK)
             goto cleanup;
     } else if (calibrated && (size_t)nfilled < npix) {
@@ -1475,7 +2327,7 @@ hilal_status hilal_zogy_run(const hilal_zogy_input *in, hilal_diff *out, hilal_z
     tstep[6] = now_s();
     hilal_log(HILAL_LOG_DEBUG,
               "ZOGY %ld x %ld at (%ld, %ld) (FFT %ld x %ld, kernel radius %d px, %d threads): "
-              "inputs %.3f s, kernels %.3f s, "
+              "inputs %.3f s, kernels and padding %.3f s, "
               "forward FFTs and spectra %.3f s, D and S %.3f s, source noise %.3f s, S_corr and "
               "flux %.3f s, statistics %.3f s",
               z->nx, z->ny, z->ox, z->oy, z->mx, z->my, z->h, z->threads, tstep[0] - t0, tstep[1] - tstep[0],
@@ -1511,12 +2363,11 @@ cleanup:
     free(pd.v);
     free(z->ixmap);
     free(z->iymap);
-    free(z->bad);
-    free(z->sn);
-    free(z->sb);
-    hilal_fft_free(z->rbuf);
-    for (int q = 0; q < 4; q++)
-        hilal_fft_free(z->c[q]);
+    free(z->orow);
+    /* the FFT arrays and the fill map go back to the workspace */
+    ws_release(in->workspace, z->set);
+    edge_tabs_free(&etabs);
+    ksq_rows_free(&ksq);
     for (int t = 0; t < MAX_THREADS; t++) {
         free(ej.wn[t]);
         free(ej.wr[t]);
@@ -1706,16 +2557,17 @@ hilal_status hilal_diff_scorr_stats(const hilal_diff *diff, long x0, long y0, lo
             bad[(size_t)y * (size_t)nx + (size_t)x] =
                 (m & (HILAL_MASK_UNUSABLE | HILAL_MASK_INTERP)) != 0;
         }
-    near_job job = {diff->scorr + (size_t)y0 * (size_t)diff->nx + (size_t)x0,
-                    diff->nx,
-                    bad,
-                    nx,
-                    nx,
-                    ny,
-                    radius_px > 0 ? radius_px : 1,
-                    NULL,
-                    NULL};
-    hilal_status st = region_statistics(&job, hilal_fft_threads(threads), median, std, nused, err);
+    near_job job;
+    memset(&job, 0, sizeof job);
+    job.v = diff->scorr + (size_t)y0 * (size_t)diff->nx + (size_t)x0;
+    job.vstride = diff->nx;
+    job.bad = bad;
+    job.bstride = nx;
+    job.nx = nx;
+    job.ny = ny;
+    job.radius = radius_px > 0 ? radius_px : 1;
+    hilal_status st =
+        region_statistics(&job, hilal_fft_threads(threads), median, std, nused, NULL, err);
     free(bad);
     return st;
 }
@@ -1725,12 +2577,15 @@ hilal_status hilal_diff_scorr_stats(const hilal_diff *diff, long x0, long y0, lo
  * ------------------------------------------------------------------------ */
 
 static const hilal_param subtract_params[] = {
-    {"fft_rigor", HILAL_PARAM_STRING, "estimate", 0, 0, "",
-     "FFTW planning: estimate (instant), measure (seconds once per size, then ~2x faster FFTs) "
-     "or patient"},
-    {"fft_wisdom", HILAL_PARAM_STRING, "", 0, 0, "",
-     "file FFTW plans are loaded from at start and saved to at the end (\"\" = none); makes "
-     "measure plans instant after the first run"},
+    {"fft_rigor", HILAL_PARAM_STRING, "auto", 0, 0, "",
+     "FFTW planning: estimate (instant), measure (seconds once per size and machine, then "
+     "~2x faster FFTs), patient, or auto (measure for FFTs of 2048^2 or more, else estimate)"},
+    {"fft_wisdom", HILAL_PARAM_STRING, "auto", 0, 0, "",
+     "file FFTW plans are loaded from at start and saved to as soon as one is measured: auto "
+     "($XDG_CACHE_HOME or ~/.cache, hilal/fftwf-wisdom-<host>), a path, or \"\" for none"},
+    {"fft_plan_limit", HILAL_PARAM_DOUBLE, "60", 0, 3600, "s",
+     "upper bound on FFTW's time to measure one plan (0 = none); the best plan found by then "
+     "is used"},
     {"pad_margin", HILAL_PARAM_INT, "8", 0, 512, "px",
      "mirror padding beyond the larger of the kernel radius and the PSF half-size"},
     {"source_noise", HILAL_PARAM_BOOL, "true", 0, 0, "",
@@ -1769,6 +2624,7 @@ static const hilal_param subtract_params[] = {
 };
 
 typedef struct subtract_state {
+    hilal_zogy_workspace *ws; /* FFT arrays shared by the frames */
     hilal_fft_rigor rigor;
     int threads;
     int pad_margin_px;
@@ -1830,21 +2686,38 @@ static hilal_status subtract_init(const hilal_config *cfg, void **state, hilal_e
     }
     psf_params_from_config(cfg, &s->psf);
     const char *wisdom = hilal_config_get_string(cfg, "subtract.fft_wisdom");
-    if (wisdom != NULL && wisdom[0] != '\0') {
+    if (wisdom != NULL && strcmp(wisdom, "auto") == 0) {
+        if (!hilal_fft_wisdom_default_path(s->wisdom, sizeof s->wisdom)) {
+            s->wisdom[0] = '\0';
+            hilal_log(HILAL_LOG_DEBUG, "subtract: neither XDG_CACHE_HOME nor HOME is set; FFTW "
+                                       "plans are not remembered between runs");
+        }
+    } else if (wisdom != NULL && wisdom[0] != '\0') {
         if (strlen(wisdom) >= sizeof s->wisdom) {
             free(s);
             return hilal_error_set(err, HILAL_ERR_CONFIG, "subtract.fft_wisdom: path too long");
         }
         strcpy(s->wisdom, wisdom);
+    }
+    if ((st = hilal_zogy_workspace_new(&s->ws, err)) != HILAL_OK) {
+        free(s);
+        return st;
+    }
+    /* Measured plans are made on the first frame of each size (the debug
+     * log says how long it took) and saved at once; a wisdom file FFTW
+     * cannot read (damaged, or written by another FFTW precision or
+     * version) costs a new measurement, never the run. */
+    hilal_fft_set_plan_time_limit(hilal_config_get_double(cfg, "subtract.fft_plan_limit"));
+    if (s->wisdom[0] != '\0' && s->rigor != HILAL_FFT_ESTIMATE) {
         int loaded = 0;
-        st = hilal_fft_wisdom_import(s->wisdom, &loaded, err);
-        if (st != HILAL_OK) {
-            hilal_error_context(err, "subtract.fft_wisdom");
-            free(s);
-            return st;
-        }
-        hilal_log(HILAL_LOG_DEBUG, "subtract: FFTW wisdom %s from %s",
-                  loaded ? "loaded" : "not found, will be saved", s->wisdom);
+        hilal_error e = {0};
+        if (hilal_fft_wisdom_import(s->wisdom, &loaded, &e) != HILAL_OK)
+            hilal_log(HILAL_LOG_WARN, "subtract: %s; plans will be measured again and the file "
+                                      "replaced", e.msg);
+        else
+            hilal_log(HILAL_LOG_DEBUG, "subtract: FFTW wisdom %s %s", loaded ? "loaded from" :
+                      "not found; measured plans will be saved to", s->wisdom);
+        hilal_fft_wisdom_autosave(s->wisdom);
     }
     *state = s;
     return HILAL_OK;
@@ -1869,6 +2742,7 @@ static hilal_status subtract_run(const void *state, hilal_frame *frame, hilal_er
     in.reg_rms_y_px = frame->reg_rms_y_px;
     in.noise_calibration = 1;
     if (s != NULL) {
+        in.workspace = s->ws;
         in.threads = s->threads;
         in.rigor = s->rigor;
         in.pad_margin_px = s->pad_margin_px;
@@ -1934,11 +2808,10 @@ static void subtract_fini(void *state)
     subtract_state *s = state;
     if (s == NULL)
         return;
-    if (s->wisdom[0] != '\0' && s->rigor != HILAL_FFT_ESTIMATE) {
-        hilal_error e = {0};
-        if (hilal_fft_wisdom_export(s->wisdom, &e) != HILAL_OK)
-            hilal_log(HILAL_LOG_WARN, "subtract: %s", e.msg);
-    }
+    /* measured plans were saved when they were made */
+    if (s->wisdom[0] != '\0' && s->rigor != HILAL_FFT_ESTIMATE)
+        hilal_fft_wisdom_autosave(NULL);
+    hilal_zogy_workspace_free(s->ws);
     free(s);
 }
 

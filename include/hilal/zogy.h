@@ -40,6 +40,20 @@
 extern "C" {
 #endif
 
+/* FFT arrays kept between runs (four half-spectra of an M x M FFT grid,
+ * transformed in place, about 4 x 4 M^2 bytes, and the fill map: ~300 MB
+ * for a 4096 x 4096 frame): a run borrows a set of the size it needs and
+ * gives it back, so that later frames neither allocate nor fault in fresh
+ * pages. Thread-safe: concurrent runs get separate sets. Idle sets of a
+ * size no longer asked for are freed. */
+typedef struct hilal_zogy_workspace hilal_zogy_workspace;
+
+/* *out = an empty workspace; HILAL_ERR_NOMEM. */
+hilal_status hilal_zogy_workspace_new(hilal_zogy_workspace **out, hilal_error *err);
+
+/* Frees the workspace and its arrays; no run may be using it. Accepts NULL. */
+void hilal_zogy_workspace_free(hilal_zogy_workspace *ws);
+
 typedef struct hilal_zogy_input {
     /* Science image N (borrowed). Used: pix, mask (may be NULL: none), sky
      * (NULL: pix is already background-subtracted), var (total variance,
@@ -96,6 +110,9 @@ typedef struct hilal_zogy_input {
     /* 1: a window in which every pixel is filled is not an error (all
      * products 0 there). Default 0: HILAL_ERR_DATA. */
     int allow_all_filled;
+    /* Where the FFT arrays come from (borrowed; NULL, the default: allocated
+     * and freed by the run). */
+    hilal_zogy_workspace *workspace;
 } hilal_zogy_input;
 
 /* Fills *in with the defaults above and NULL images/PSFs. */

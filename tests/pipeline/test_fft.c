@@ -1,5 +1,7 @@
 /* The FFTW wrapper: sizes, plan cache, transforms against direct DFTs,
- * concurrent execution of one cached plan, error paths, wisdom files. */
+ * in-place transforms, concurrent execution of one cached plan, error
+ * paths, planning rigor, wisdom files (merging, autosave, damaged files,
+ * the default path). */
 #include <math.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -108,6 +110,55 @@ static void test_transform(void)
     hilal_fft_free(NULL);
 }
 
+/* In place: the same spectrum as out of place, in the same buffer, and the
+ * round trip; plans of the other kind are refused. */
+static void test_inplace(void)
+{
+    hilal_error err = {0};
+    const long nx = 18, ny = 10, rs = hilal_fft_inplace_stride(nx);
+    CHECK(rs == 20, "in-place row stride %ld", rs);
+    const hilal_fft_plan *op = NULL, *ip = NULL;
+    CHECK_OK(hilal_fft_plan_get(nx, ny, 1, HILAL_FFT_ESTIMATE, &op, &err), &err);
+    CHECK_OK(hilal_fft_plan_get_inplace(nx, ny, 1, HILAL_FFT_ESTIMATE, &ip, &err), &err);
+    CHECK(op != NULL && ip != NULL && op != ip, "in-place plans are cached apart");
+    float *a = hilal_fft_alloc_real(nx, ny, &err);
+    hilal_fft_complex *c = hilal_fft_alloc_complex(nx, ny, &err);
+    hilal_fft_complex *b = hilal_fft_alloc_complex(nx, ny, &err);
+    if (a == NULL || c == NULL || b == NULL)
+        goto done;
+    float *br = (float *)b;
+    for (long y = 0; y < ny; y++)
+        for (long x = 0; x < nx; x++) {
+            a[y * nx + x] = (float)sin(0.7 * (double)x + 0.3 * (double)(y * y)) + 0.1f * (float)x;
+            br[y * rs + x] = a[y * nx + x];
+        }
+    hilal_status st = hilal_fft_r2c(op, a, c, &err);
+    CHECK_OK(st, &err);
+    st = hilal_fft_r2c_inplace(ip, b, &err);
+    CHECK_OK(st, &err);
+    double d = 0;
+    for (size_t k = 0; k < hilal_fft_ncomplex(nx, ny); k++)
+        d = fmax(d, hypot(b[k][0] - c[k][0], b[k][1] - c[k][1]));
+    CHECK(d < 1e-4, "in-place spectrum = out-of-place spectrum (max difference %.2e)", d);
+    st = hilal_fft_c2r_inplace(ip, b, &err);
+    CHECK_OK(st, &err);
+    double rt = 0;
+    for (long y = 0; y < ny; y++)
+        for (long x = 0; x < nx; x++)
+            rt = fmax(rt, fabs(br[y * rs + x] / (double)(nx * ny) - a[y * nx + x]));
+    CHECK(rt < 1e-5, "in-place round trip (max error %.2e)", rt);
+    hilal_error e1 = {0}, e2 = {0}, e3 = {0};
+    CHECK(hilal_fft_r2c(ip, a, c, &e1) == HILAL_ERR_INTERNAL, "out-of-place call with an in-place plan refused");
+    CHECK(hilal_fft_r2c_inplace(op, b, &e2) == HILAL_ERR_INTERNAL &&
+              strstr(e2.msg, "out-of-place plan") != NULL,
+          "in-place call with an out-of-place plan refused: %s", e2.msg);
+    CHECK(hilal_fft_c2r_inplace(ip, NULL, &e3) == HILAL_ERR_INTERNAL, "NULL buffer refused");
+done:
+    hilal_fft_free(a);
+    hilal_fft_free(b);
+    hilal_fft_free(c);
+}
+
 /* Several threads execute the same cached plan on their own buffers at the
  * same time (FFTW's new-array execute is thread-safe) and get the answer a
  * single thread gets. */
@@ -182,7 +233,23 @@ static void test_rigor_and_wisdom(void)
     CHECK(strcmp(hilal_fft_rigor_name(HILAL_FFT_PATIENT), "patient") == 0, "name");
     hilal_error e2 = {0};
     CHECK(hilal_fft_rigor_parse("fast", &r, &e2) == HILAL_ERR_CONFIG, "unknown rigor refused");
-    CHECK(strstr(e2.msg, "estimate, measure, patient") != NULL, "message lists values: %s", e2.msg);
+    CHECK(strstr(e2.msg, "estimate, measure, patient, auto") != NULL, "message lists values: %s",
+          e2.msg);
+    CHECK_OK(hilal_fft_rigor_parse("AUTO", &r, &err), &err);
+    CHECK(r == HILAL_FFT_AUTO && strcmp(hilal_fft_rigor_name(r), "auto") == 0, "auto parsed");
+    /* auto: measured plans from 2048 x 2048 up, instant ones below */
+    CHECK(hilal_fft_rigor_resolve(HILAL_FFT_AUTO, 2048, 2048) == HILAL_FFT_MEASURE &&
+              hilal_fft_rigor_resolve(HILAL_FFT_AUTO, 4320, 4320) == HILAL_FFT_MEASURE &&
+              hilal_fft_rigor_resolve(HILAL_FFT_AUTO, 2048, 2047) == HILAL_FFT_ESTIMATE &&
+              hilal_fft_rigor_resolve(HILAL_FFT_AUTO, 540, 540) == HILAL_FFT_ESTIMATE,
+          "auto resolves by size");
+    CHECK(hilal_fft_rigor_resolve(HILAL_FFT_ESTIMATE, 8192, 8192) == HILAL_FFT_ESTIMATE &&
+              hilal_fft_rigor_resolve(HILAL_FFT_PATIENT, 8, 8) == HILAL_FFT_PATIENT,
+          "explicit rigors kept");
+    const hilal_fft_plan *pa = NULL, *pe = NULL;
+    CHECK_OK(hilal_fft_plan_get(20, 12, 1, HILAL_FFT_AUTO, &pa, &err), &err);
+    CHECK_OK(hilal_fft_plan_get(20, 12, 1, HILAL_FFT_ESTIMATE, &pe, &err), &err);
+    CHECK(pa != NULL && pa == pe, "a small auto plan is the estimate plan");
 
     char dir[1024], path[1200];
     hilal_test_tmpdir("wisdom", dir, sizeof dir);
@@ -210,18 +277,112 @@ static void test_rigor_and_wisdom(void)
     hilal_error e4 = {0};
     CHECK(hilal_fft_wisdom_export("/nonexistent-dir/x.wisdom", &e4) == HILAL_ERR_IO,
           "unwritable wisdom path refused");
+    /* a failed import leaves the wisdom held so far as it was */
+    char good[1200], again[1200];
+    snprintf(good, sizeof good, "%s/good.wisdom", dir);
+    snprintf(again, sizeof again, "%s/again.wisdom", dir);
+    const hilal_fft_plan *mp = NULL;
+    CHECK_OK(hilal_fft_plan_get(48, 40, 1, HILAL_FFT_MEASURE, &mp, &err), &err);
+    CHECK_OK(hilal_fft_wisdom_export(good, &err), &err);
+    hilal_error e5 = {0};
+    CHECK(hilal_fft_wisdom_import(path, &loaded, &e5) == HILAL_ERR_IO, "damaged file refused again");
+    CHECK_OK(hilal_fft_wisdom_export(again, &err), &err);
+    struct stat s1, s2;
+    CHECK(stat(good, &s1) == 0 && stat(again, &s2) == 0 && s1.st_size == s2.st_size &&
+              s1.st_size > 0,
+          "wisdom unchanged by the damaged file (%ld and %ld bytes)", (long)s1.st_size,
+          (long)s2.st_size);
+    /* export merges with the file: a new process (cleanup) measuring another
+     * size and saving to good.wisdom keeps the first size's wisdom too */
+    hilal_fft_cleanup();
+    char only[1200];
+    snprintf(only, sizeof only, "%s/only.wisdom", dir);
+    CHECK_OK(hilal_fft_plan_get(36, 30, 1, HILAL_FFT_MEASURE, &mp, &err), &err);
+    CHECK_OK(hilal_fft_wisdom_export(only, &err), &err);
+    CHECK_OK(hilal_fft_wisdom_export(good, &err), &err);
+    struct stat s3, s4;
+    CHECK(stat(only, &s3) == 0 && stat(good, &s4) == 0 && s4.st_size > s3.st_size &&
+              s4.st_size > s1.st_size,
+          "merged wisdom (%ld bytes) holds more than either (%ld, %ld)", (long)s4.st_size,
+          (long)s3.st_size, (long)s1.st_size);
+
+    /* autosave: a measured plan writes the wisdom at once, creating the
+     * directories; estimate plans do not */
+    char auto_path[1200];
+    snprintf(auto_path, sizeof auto_path, "%s/a/b/fftwf-wisdom", dir);
+    hilal_fft_wisdom_autosave(auto_path);
+    CHECK_OK(hilal_fft_plan_get(30, 22, 1, HILAL_FFT_ESTIMATE, &mp, &err), &err);
+    CHECK(stat(auto_path, &s1) != 0, "no wisdom saved for an estimate plan");
+    hilal_fft_set_plan_time_limit(5.0);
+    CHECK_OK(hilal_fft_plan_get(32, 24, 2, HILAL_FFT_MEASURE, &mp, &err), &err);
+    CHECK(stat(auto_path, &s1) == 0 && s1.st_size > 0, "wisdom saved to %s after a measured plan",
+          auto_path);
+    hilal_fft_set_plan_time_limit(0);
+    hilal_fft_wisdom_autosave(NULL);
+    CHECK_OK(hilal_fft_plan_get(34, 24, 2, HILAL_FFT_MEASURE, &mp, &err), &err);
+    CHECK(stat(auto_path, &s2) == 0 && s2.st_size == s1.st_size, "autosave off again");
+    /* the measured plan works */
+    float *ra = hilal_fft_alloc_real(32, 24, &err), *rb = hilal_fft_alloc_real(32, 24, &err);
+    hilal_fft_complex *rc = hilal_fft_alloc_complex(32, 24, &err);
+    if (ra != NULL && rb != NULL && rc != NULL) {
+        const hilal_fft_plan *p32 = NULL;
+        CHECK_OK(hilal_fft_plan_get(32, 24, 2, HILAL_FFT_MEASURE, &p32, &err), &err);
+        for (long i = 0; i < 32 * 24; i++)
+            ra[i] = (float)cos(0.05 * (double)i) + 0.01f * (float)(i % 13);
+        hilal_status st = hilal_fft_r2c(p32, ra, rc, &err);
+        if (st == HILAL_OK)
+            st = hilal_fft_c2r(p32, rc, rb, &err);
+        CHECK_OK(st, &err);
+        double rt = 0;
+        for (long i = 0; i < 32 * 24; i++)
+            rt = fmax(rt, fabs(rb[i] / (32.0 * 24.0) - ra[i]));
+        CHECK(rt < 1e-5, "time-limited measured plan round trip %.2e", rt);
+    }
+    hilal_fft_free(ra);
+    hilal_fft_free(rb);
+    hilal_fft_free(rc);
 
     double sec = -1;
     CHECK_OK(hilal_fft_time_r2c(128, 1, HILAL_FFT_ESTIMATE, 3, &sec, &err), &err);
     CHECK(sec > 0 && sec < 1, "timing of a 128^2 r2c: %.2e s", sec);
 }
 
+/* The default wisdom file: XDG_CACHE_HOME (absolute only), else HOME/.cache,
+ * then hilal/fftwf-wisdom-<host>. */
+static void test_default_path(void)
+{
+    char *xdg = getenv("XDG_CACHE_HOME") ? strdup(getenv("XDG_CACHE_HOME")) : NULL;
+    char *home = getenv("HOME") ? strdup(getenv("HOME")) : NULL;
+    char buf[1024];
+    setenv("XDG_CACHE_HOME", "/cache/x", 1);
+    CHECK(hilal_fft_wisdom_default_path(buf, sizeof buf) &&
+              strncmp(buf, "/cache/x/hilal/fftwf-wisdom-", 28) == 0 && strlen(buf) > 28,
+          "XDG path: %s", buf);
+    setenv("XDG_CACHE_HOME", "relative", 1);
+    setenv("HOME", "/home/obs", 1);
+    CHECK(hilal_fft_wisdom_default_path(buf, sizeof buf) &&
+              strncmp(buf, "/home/obs/.cache/hilal/fftwf-wisdom-", 36) == 0,
+          "HOME path (relative XDG ignored): %s", buf);
+    CHECK(!hilal_fft_wisdom_default_path(buf, 20), "too small a buffer");
+    unsetenv("XDG_CACHE_HOME");
+    unsetenv("HOME");
+    CHECK(!hilal_fft_wisdom_default_path(buf, sizeof buf), "no directory without XDG/HOME");
+    if (xdg != NULL)
+        setenv("XDG_CACHE_HOME", xdg, 1);
+    if (home != NULL)
+        setenv("HOME", home, 1);
+    free(xdg);
+    free(home);
+}
+
 int main(void)
 {
     test_good_size();
     test_transform();
+    test_inplace();
     test_concurrent();
     test_rigor_and_wisdom();
+    test_default_path();
     hilal_fft_cleanup();
     /* usable again after a cleanup */
     hilal_error err = {0};

@@ -1,14 +1,19 @@
 /* ZOGY subtraction on simulated pairs with known PSFs, sky, variance and
  * flux ratio: S_corr statistics on source-free pixels, recovery of injected
  * transients in the flux image (science ADU, F_n != 1), edges, masks and
- * NaNs, bad variance, astrometric noise, error paths and the stage
- * descriptor. The simulation is self-contained (no other stage is used). */
+ * NaNs, bad variance, astrometric noise, the workspace (reused and shared
+ * between threads: identical products), error paths and the stage
+ * descriptor (FFTW wisdom saved, a damaged wisdom file only warned about).
+ * The simulation is self-contained (no other stage is used). */
 #include <math.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
+#include "hilal/log.h"
 #include "hilal/zogy.h"
 #include "synth_rng.h"
 #include "testutil.h"
@@ -825,6 +830,102 @@ static void test_odd_size(void)
 }
 
 /* ------------------------------------------------------------------------
+ * The workspace: FFT arrays reused between runs and shared by threads
+ * ------------------------------------------------------------------------ */
+
+static int same_products(const hilal_diff *a, const hilal_diff *b)
+{
+    if (a->nx != b->nx || a->ny != b->ny || a->scorr == NULL || b->scorr == NULL)
+        return 0;
+    size_t n = (size_t)a->nx * (size_t)a->ny;
+    return memcmp(a->d, b->d, sizeof *a->d * n) == 0 && memcmp(a->s, b->s, sizeof *a->s * n) == 0 &&
+           memcmp(a->scorr, b->scorr, sizeof *a->scorr * n) == 0 &&
+           memcmp(a->flux, b->flux, sizeof *a->flux * n) == 0 &&
+           memcmp(a->flux_err, b->flux_err, sizeof *a->flux_err * n) == 0 &&
+           memcmp(a->mask, b->mask, sizeof *a->mask * n) == 0 && a->scorr_std == b->scorr_std &&
+           a->scorr_mean == b->scorr_mean;
+}
+
+typedef struct ws_job {
+    const hilal_zogy_input *in;
+    hilal_diff d;
+    hilal_status st;
+} ws_job;
+
+static void *ws_thread(void *arg)
+{
+    ws_job *j = arg;
+    hilal_error err = {0};
+    j->st = hilal_zogy_run(j->in, &j->d, NULL, &err);
+    return NULL;
+}
+
+static void test_workspace(void)
+{
+    sim_cfg cfg;
+    base_cfg(&cfg, 77);
+    cfg.n = 256;
+    cfg.nstars = 80;
+    cfg.ntrans = 20;
+    sim s;
+    sim_make(&s, &cfg);
+    hilal_image *sci2 = crop_image(s.sci, 10, 20, 200, 150), *ref2 = crop_image(s.ref, 10, 20, 200, 150);
+    hilal_zogy_input in, in2;
+    hilal_zogy_input_init(&in);
+    in.sci = s.sci;
+    in.ref = s.ref;
+    in.sci_psf = &s.psf_n;
+    in.ref_psf = &s.psf_r;
+    in.flux_ratio = cfg.fn;
+    in.reg_rms_x_px = 0.05; /* the astrometric term too */
+    in.threads = 2;
+    in2 = in;
+    in2.sci = sci2;
+    in2.ref = ref2;
+    hilal_error err = {0};
+    hilal_diff ref_run = {0}, ref_small = {0}, d = {0};
+    hilal_zogy_workspace *ws = NULL;
+    CHECK_OK(hilal_zogy_workspace_new(&ws, &err), &err);
+    hilal_status st = hilal_zogy_run(&in, &ref_run, NULL, &err);
+    CHECK_OK(st, &err);
+    st = hilal_zogy_run(&in2, &ref_small, NULL, &err);
+    CHECK_OK(st, &err);
+    /* with a workspace, again and again, switching sizes: the arrays are
+     * reused (or replaced) and the products do not change */
+    in.workspace = in2.workspace = ws;
+    for (int rep = 0; rep < 3 && ws != NULL; rep++) {
+        const hilal_zogy_input *use = rep == 1 ? &in2 : &in;
+        st = hilal_zogy_run(use, &d, NULL, &err);
+        CHECK_OK(st, &err);
+        CHECK(st == HILAL_OK && same_products(&d, rep == 1 ? &ref_small : &ref_run),
+              "run %d through the workspace gives the same products", rep);
+        hilal_diff_clear(&d);
+    }
+    /* three runs at once on one workspace: each gets its own arrays */
+    ws_job jobs[3];
+    pthread_t th[3];
+    for (int k = 0; k < 3; k++) {
+        memset(&jobs[k], 0, sizeof jobs[k]);
+        jobs[k].in = k == 2 ? &in2 : &in;
+        jobs[k].st = HILAL_ERR_INTERNAL;
+        pthread_create(&th[k], NULL, ws_thread, &jobs[k]);
+    }
+    for (int k = 0; k < 3; k++) {
+        pthread_join(th[k], NULL);
+        CHECK(jobs[k].st == HILAL_OK && same_products(&jobs[k].d, k == 2 ? &ref_small : &ref_run),
+              "concurrent run %d on the shared workspace: same products", k);
+        hilal_diff_clear(&jobs[k].d);
+    }
+    hilal_zogy_workspace_free(ws);
+    hilal_zogy_workspace_free(NULL);
+    hilal_diff_clear(&ref_run);
+    hilal_diff_clear(&ref_small);
+    hilal_image_free(sci2);
+    hilal_image_free(ref2);
+    sim_free(&s);
+}
+
+/* ------------------------------------------------------------------------
  * Error paths
  * ------------------------------------------------------------------------ */
 
@@ -900,6 +1001,14 @@ static void test_errors(void)
  * The stage descriptor, driven like the runner does
  * ------------------------------------------------------------------------ */
 
+/* Keeps the first warning logged (a log handler). */
+static void keep_warning(hilal_log_level level, const char *msg, void *user)
+{
+    char *buf = user;
+    if (level == HILAL_LOG_WARN && buf[0] == '\0')
+        snprintf(buf, 512, "%s", msg);
+}
+
 static void test_stage(void)
 {
     extern const hilal_stage hilal_stage_subtract;
@@ -923,7 +1032,14 @@ static void test_stage(void)
     CHECK(stage->init(cfg, &state, &e2) == HILAL_ERR_CONFIG && state == NULL,
           "bad fft_rigor refused at init");
     CHECK(strstr(e2.msg, "subtract.fft_rigor") != NULL, "message names the key: %s", e2.msg);
+    /* measured plans, saved to a wisdom file of the test's own (never the
+     * user's cache) as soon as they are made */
+    char dir[1024], wisdom[1200];
+    hilal_test_tmpdir("subtract-wisdom", dir, sizeof dir);
+    snprintf(wisdom, sizeof wisdom, "%s/sub/fftwf-wisdom", dir);
+    remove(wisdom);
     hilal_config_set(cfg, "subtract.fft_rigor", "measure", "--set", &err);
+    hilal_config_set(cfg, "subtract.fft_wisdom", wisdom, "--set", &err);
     hilal_config_set(cfg, "pipeline.threads", "2", "--set", &err);
     hilal_status st = stage->init(cfg, &state, &err);
     CHECK_OK(st, &err);
@@ -956,11 +1072,35 @@ static void test_stage(void)
               "stage: transient flux %.1f +- %.1f for %.1f", frame.diff.flux[i], frame.diff.flux_err[i],
               s.tflux[0]);
     }
-    /* a second frame reuses the cached plans */
+    struct stat sb;
+    CHECK(stat(wisdom, &sb) == 0 && sb.st_size > 0, "measured plans saved to %s", wisdom);
+    /* a second frame reuses the cached plans and the workspace's arrays,
+     * and gives the same products */
+    hilal_diff first = frame.diff;
+    memset(&frame.diff, 0, sizeof frame.diff);
     st = stage->run(state, &frame, &err);
     CHECK_OK(st, &err);
+    CHECK(st == HILAL_OK && same_products(&first, &frame.diff), "second frame: same products");
+    hilal_diff_clear(&first);
     stage->fini(state);
     stage->fini(NULL);
+
+    /* a damaged wisdom file costs a warning, never the run */
+    FILE *f = fopen(wisdom, "w");
+    if (f != NULL) {
+        fputs("(fftw-3.3 garbage\n", f);
+        fclose(f);
+    }
+    char warned[512] = "";
+    hilal_log_set_handler(keep_warning, warned, HILAL_LOG_WARN);
+    state = NULL;
+    hilal_error e3 = {0};
+    st = stage->init(cfg, &state, &e3);
+    hilal_log_set_handler(NULL, NULL, HILAL_LOG_ERROR);
+    CHECK(st == HILAL_OK && state != NULL, "damaged wisdom: init succeeds (%s)", e3.msg);
+    CHECK(strstr(warned, wisdom) != NULL && strstr(warned, "measured again") != NULL,
+          "damaged wisdom: warning names the file: %s", warned);
+    stage->fini(state);
     hilal_frame_clear(&frame);
     sim_free(&s);
     hilal_config_free(cfg);
@@ -974,6 +1114,7 @@ int main(void)
     test_masks();
     test_astrometric();
     test_odd_size();
+    test_workspace();
     test_errors();
     test_stage();
     hilal_fft_cleanup();
