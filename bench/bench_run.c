@@ -2,7 +2,7 @@
  * simulated pairs of several sizes, and the time of one single-precision
  * FFTW real-to-complex transform of a 4096 x 4096 array on the same machine.
  *
- * Usage: bench_run [--sizes 1024,2048,4096] [--threads N] [--dir DIR] [--repeats R] [--keep]
+ * Usage: bench_run [--sizes 1024,2048,4096] [--threads N] [--dir DIR] [--repeats R] [--keep] [--archive-dir DIR]
  *
  * Each size runs in its own child process so that its peak resident memory
  * (getrusage ru_maxrss) is the pipeline's alone: one child simulates the pair
@@ -13,7 +13,11 @@
  * subtraction's FFT arrays; "warm" is the fastest of the later runs, which
  * is what every frame after the first of a night costs, and each stage's
  * warm time is its fastest later run (with R = 1 there is no warm figure).
- * On a machine shared with other work, take several runs. */
+ * The archive goes to DIR/<size>/bench.h5 unless --archive-dir names another
+ * directory: on a slow disk, the ~80 kB of stamps per candidate make the
+ * later runs wait for the kernel to write back the earlier ones. On a
+ * machine shared with other work, take several runs. */
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -22,11 +26,15 @@
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
-#include <unistd.h>
 
 #include "hilal/fft.h"
 #include "hilal/hilal.h"
 #include "hilal/simulate.h"
+
+/* one 4096^2 r2c FFT, measured before the sizes run (children inherit it) */
+static double fft4096_s = NAN;
+/* where the archive goes (NULL: next to the inputs) */
+static const char *archive_dir = NULL;
 
 static double now_s(void)
 {
@@ -58,7 +66,10 @@ static int run_pipeline(long n, const char *dir, int threads, int repeats)
         hilal_config_free(cfg);
         return 1;
     }
-    snprintf(archive, sizeof archive, "%s/bench.h5", dir);
+    if (archive_dir != NULL)
+        snprintf(archive, sizeof archive, "%.1000s/bench%ld.h5", archive_dir, n);
+    else
+        snprintf(archive, sizeof archive, "%s/bench.h5", dir);
     snprintf(threads_text, sizeof threads_text, "%d", threads);
     remove(archive);
     hilal_runner *runner = NULL;
@@ -119,6 +130,9 @@ static int run_pipeline(long n, const char *dir, int threads, int repeats)
         printf(" %s %.3f", stages[i]->name, first[i]);
     printf("\n");
     if (repeats > 1) {
+        if (isfinite(fft4096_s) && fft4096_s > 0)
+            printf("  warm run / one 4096 x 4096 r2c FFT (%.4f s): %.1f\n", fft4096_s,
+                   best_total / fft4096_s);
         printf("  per stage (warm, fastest of runs 2-%d):", repeats);
         for (size_t i = 0; i < nst; i++)
             printf(" %s %.3f", stages[i]->name, best[i]);
@@ -175,9 +189,11 @@ int main(int argc, char **argv)
             repeats = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--keep"))
             keep = 1;
+        else if (!strcmp(argv[i], "--archive-dir") && i + 1 < argc)
+            archive_dir = argv[++i];
         else {
             fprintf(stderr, "usage: bench_run [--sizes 1024,2048,4096] [--threads N] [--dir DIR] "
-                            "[--repeats R] [--keep]\n");
+                            "[--repeats R] [--keep] [--archive-dir DIR]\n");
             return 2;
         }
     }
@@ -186,8 +202,45 @@ int main(int argc, char **argv)
     mkdir(root, 0755);
     int nthreads = hilal_fft_threads(threads);
     printf("bench_run: %d threads, %d runs per size, %s\n", nthreads, repeats, hilal_library_versions());
-    double last_warm = 0;
-    long last_n = 0;
+    /* The yardstick: one 4096^2 r2c FFT on this machine with the same threads,
+     * its plan remembered in the default wisdom file like the pipeline's. It
+     * runs in a child of its own too: FFTW's threads must not exist in the
+     * process that forks the pipeline's children. */
+    int fd[2];
+    if (pipe(fd) != 0)
+        return 1;
+    fflush(stdout);
+    pid_t pid = fork();
+    if (pid < 0)
+        return 1;
+    if (pid == 0) {
+        close(fd[0]);
+        hilal_error err = {0};
+        double fft_s = NAN;
+        char wisdom[1024];
+        if (hilal_fft_wisdom_default_path(wisdom, sizeof wisdom)) {
+            (void)hilal_fft_wisdom_import(wisdom, NULL, &err);
+            memset(&err, 0, sizeof err);
+            hilal_fft_wisdom_autosave(wisdom);
+        }
+        if (hilal_fft_time_r2c(4096, nthreads, HILAL_FFT_MEASURE, 5, &fft_s, &err) != HILAL_OK)
+            fprintf(stderr, "bench_run: %s\n", err.msg);
+        ssize_t wr = write(fd[1], &fft_s, sizeof fft_s);
+        hilal_fft_cleanup();
+        _exit(wr == (ssize_t)sizeof fft_s && isfinite(fft_s) ? 0 : 1);
+    }
+    close(fd[1]);
+    double fft_s = NAN;
+    ssize_t got = read(fd[0], &fft_s, sizeof fft_s);
+    close(fd[0]);
+    int status = 0;
+    waitpid(pid, &status, 0);
+    if (got != (ssize_t)sizeof fft_s || !WIFEXITED(status) || WEXITSTATUS(status) != 0)
+        return 1;
+    printf("one 4096 x 4096 float r2c FFT (FFTW_MEASURE, %d threads): %.4f s\n", nthreads, fft_s);
+    printf("RESULT fft4096_s=%.4f\n", fft_s);
+    fflush(stdout);
+    fft4096_s = fft_s;
     for (char *tok = strtok(sizes, ","); tok != NULL; tok = strtok(NULL, ",")) {
         long n = atol(tok);
         char dir[1100], sci[1200], ref[1200];
@@ -199,26 +252,7 @@ int main(int argc, char **argv)
         if ((!have && in_child(simulate_child, n, dir, threads, repeats) != 0) ||
             in_child(run_pipeline, n, dir, nthreads, repeats) != 0)
             return 1;
-        last_n = n;
-        (void)last_warm;
     }
-    /* The yardstick: one 4096^2 r2c FFT on this machine with the same threads,
-     * its plan remembered in the default wisdom file like the pipeline's. */
-    hilal_error err = {0};
-    double fft_s = 0;
-    char wisdom[1024];
-    if (hilal_fft_wisdom_default_path(wisdom, sizeof wisdom)) {
-        (void)hilal_fft_wisdom_import(wisdom, NULL, &err);
-        memset(&err, 0, sizeof err);
-        hilal_fft_wisdom_autosave(wisdom);
-    }
-    if (hilal_fft_time_r2c(4096, nthreads, HILAL_FFT_MEASURE, 5, &fft_s, &err) != HILAL_OK) {
-        fprintf(stderr, "bench_run: %s\n", err.msg);
-        return 1;
-    }
-    printf("one 4096 x 4096 float r2c FFT (FFTW_MEASURE, %d threads): %.4f s\n", nthreads, fft_s);
-    printf("RESULT fft4096_s=%.4f\n", fft_s);
-    printf("(divide a size's warm time by the FFT time for the ratio; largest size here: %ld)\n", last_n);
     hilal_fft_cleanup();
     return 0;
 }
