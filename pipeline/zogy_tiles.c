@@ -374,6 +374,21 @@ static int star_box(const hilal_image *img, long ix, long iy, int W, double s2sk
     return 1;
 }
 
+/* Whether a star may model the PSF across the field (usable, S/N >=
+ * min_snr); its 0-based position and nearest pixel. */
+static int field_star(const hilal_star *s, double min_snr, double *xc, double *yc, long *ix,
+                      long *iy)
+{
+    if (!s->usable || !(s->flux_adu > 0) || !(s->flux_err_adu > 0) ||
+        s->flux_adu / s->flux_err_adu < min_snr)
+        return 0;
+    *xc = s->x - 1.0;
+    *yc = s->y - 1.0;
+    *ix = lround(*xc);
+    *iy = lround(*yc);
+    return 1;
+}
+
 /* s(x, y) of a field (part -1: all stars, 0/1: the even/odd ones),
  * within the search range; 1 without a dilation model. */
 static double field_scale(const psf_field *f, double x, double y, int part)
@@ -425,12 +440,10 @@ static hilal_status field_scale_fit(const hilal_image *img, const hilal_starlist
     int n = 0;
     for (size_t k = 0; k < stars->n && n < FIELD_SCALE_STARS; k++) {
         const hilal_star *s = &stars->stars[k];
-        if (!s->usable || !(s->flux_adu > 0) || !(s->flux_err_adu > 0) ||
-            s->flux_adu / s->flux_err_adu < min_snr)
-            continue;
-        const double xc = s->x - 1.0, yc = s->y - 1.0;
-        const long ix = lround(xc), iy = lround(yc);
-        if (!star_box(img, ix, iy, ow, s2sky, NULL, box, var))
+        double xc, yc;
+        long ix, iy;
+        if (!field_star(s, min_snr, &xc, &yc, &ix, &iy) ||
+            !star_box(img, ix, iy, ow, s2sky, NULL, box, var))
             continue;
         double v = scale_fit(base->data, S, box, var, ow, xc - (double)ix, yc - (double)iy, rfit,
                              tmp, mod);
@@ -531,12 +544,10 @@ static hilal_status psf_field_fit(const hilal_image *img, const hilal_starlist *
     /* 1. the residuals; the star list is sorted by decreasing flux */
     for (size_t k = 0; k < stars->n && n < max_stars; k++) {
         const hilal_star *s = &stars->stars[k];
-        if (!s->usable || !(s->flux_adu > 0) || !(s->flux_err_adu > 0) ||
-            s->flux_adu / s->flux_err_adu < min_snr)
-            continue;
-        const double xc = s->x - 1.0, yc = s->y - 1.0;
-        const long ix = lround(xc), iy = lround(yc);
-        if (!star_box(img, ix, iy, W, s2sky, box, dbox, dvar))
+        double xc, yc;
+        long ix, iy;
+        if (!field_star(s, min_snr, &xc, &yc, &ix, &iy) ||
+            !star_box(img, ix, iy, W, s2sky, box, dbox, dvar))
             continue;
         double flux, flux_err;
         hilal_error e = {0};

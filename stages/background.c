@@ -46,6 +46,7 @@
 #include "hilal/log.h"
 #include "hilal/stage.h"
 #include "sepw.h"
+#include "vecops.h"
 
 #define VAR_MASKED 1e30f
 
@@ -104,16 +105,6 @@ static hilal_status background_init(const hilal_config *cfg, void **state, hilal
  * Source mask on the 2x2-binned image
  * ------------------------------------------------------------------------ */
 
-/* v when keep is 1, +0 when it is 0 (a select on the bits: the compiler
- * vectorises it, where it does not a conditional expression). */
-static inline float zero_unless(float v, int keep)
-{
-    uint32_t bits;
-    memcpy(&bits, &v, sizeof bits);
-    bits &= 0u - (uint32_t)keep;
-    memcpy(&v, &bits, sizeof v);
-    return v;
-}
 
 /* Flags the non-finite pixels of one image row NODATA, so that from then
  * on a pixel is unusable exactly when its mask has a HILAL_MASK_UNUSABLE

@@ -56,6 +56,7 @@
 #include "hilal/stage.h"
 #include "hilal/stats.h"
 #include "sepw.h"
+#include "vecops.h"
 
 static const hilal_param stars_params[] = {
     {"thresh_sigma", HILAL_PARAM_DOUBLE, "5", 0.5, 1e4, "sigma",
@@ -288,16 +289,6 @@ static int windowed_centroid(const float *d, const uint8_t *mask, long nx, long 
     return isfinite(x) && isfinite(y);
 }
 
-/* v when keep is 1, +0 when it is 0 (a select on the bits: the compiler
- * vectorises it, where it does not a conditional expression). */
-static inline float zero_unless(float v, int keep)
-{
-    uint32_t bits;
-    memcpy(&bits, &v, sizeof bits);
-    bits &= 0u - (uint32_t)keep;
-    memcpy(&v, &bits, sizeof v);
-    return v;
-}
 
 /* The detection planes of n pixels (see stars_image): mask MASK_SAT for
  * saturated pixels (finite, with no unusable bit but SAT), MASK_BAD for

@@ -1,6 +1,7 @@
 #include "testutil.h"
 
 #include <stdarg.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -95,4 +96,23 @@ int hilal_test_run(const char *cmd, char **out)
     if (rc == -1)
         return -1;
     return WIFEXITED(rc) ? WEXITSTATUS(rc) : 128 + (WIFSIGNALED(rc) ? WTERMSIG(rc) : 0);
+}
+
+double hilal_test_pearson(const float *a, const float *b, const unsigned char *keep, size_t n)
+{
+    double sa = 0, sb = 0, saa = 0, sbb = 0, sab = 0, m = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (!keep[i])
+            continue;
+        sa += a[i];
+        sb += b[i];
+        saa += (double)a[i] * a[i];
+        sbb += (double)b[i] * b[i];
+        sab += (double)a[i] * b[i];
+        m++;
+    }
+    if (m < 2)
+        return NAN;
+    double ca = saa - sa * sa / m, cb = sbb - sb * sb / m, cab = sab - sa * sb / m;
+    return cab / sqrt(ca * cb);
 }

@@ -41,4 +41,8 @@ int hilal_test_run(const char *cmd, char **out);
 /* Path of the hilal executable ($HILAL_EXE). */
 const char *hilal_test_exe(void);
 
+/* Pearson correlation of a and b over the n pixels with keep[i] != 0 (NaN
+ * with fewer than 2). */
+double hilal_test_pearson(const float *a, const float *b, const unsigned char *keep, size_t n);
+
 #endif

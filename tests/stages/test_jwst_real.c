@@ -272,25 +272,6 @@ static size_t find_extrema(const hilal_diff *d, long edge, double thresh, extrem
     return n;
 }
 
-static double pearson(const float *a, const float *b, const unsigned char *keep, size_t n)
-{
-    double sa = 0, sb = 0, saa = 0, sbb = 0, sab = 0, m = 0;
-    for (size_t i = 0; i < n; i++) {
-        if (!keep[i])
-            continue;
-        sa += a[i];
-        sb += b[i];
-        saa += (double)a[i] * a[i];
-        sbb += (double)b[i] * b[i];
-        sab += (double)a[i] * b[i];
-        m++;
-    }
-    if (m < 2)
-        return NAN;
-    double ca = saa - sa * sa / m, cb = sbb - sb * sb / m, cab = sab - sa * sb / m;
-    return cab / sqrt(ca * cb);
-}
-
 static void test_pair(void)
 {
     hilal_error err = {0};
@@ -367,7 +348,7 @@ static void test_pair(void)
                   x < d->nx - 8 && y < d->ny - 8;
         quiet[i] = keep[i] && fabs(d->d[i]) < 5 && fabs(sfft->pix[i]) < 5;
     }
-    double r_all = pearson(d->d, sfft->pix, keep, n), r_quiet = pearson(d->d, sfft->pix, quiet, n);
+    double r_all = hilal_test_pearson(d->d, sfft->pix, keep, n), r_quiet = hilal_test_pearson(d->d, sfft->pix, quiet, n);
     printf("JWST cut-out: correlation of D with sfft's SNR map %.3f (all), %.3f (both < 5)\n",
            r_all, r_quiet);
     CHECK(r_all > 0.38, "corr(D, SNR) %.3f over unmasked pixels (0.447 measured)", r_all);

@@ -21,25 +21,6 @@
 #include "run_until.h"
 #include "testutil.h"
 
-static double pearson(const float *a, const float *b, const unsigned char *keep, size_t n)
-{
-    double sa = 0, sb = 0, saa = 0, sbb = 0, sab = 0, m = 0;
-    for (size_t i = 0; i < n; i++) {
-        if (!keep[i])
-            continue;
-        sa += a[i];
-        sb += b[i];
-        saa += (double)a[i] * a[i];
-        sbb += (double)b[i] * b[i];
-        sab += (double)a[i] * b[i];
-        m++;
-    }
-    if (m < 2)
-        return NAN;
-    double ca = saa - sa * sa / m, cb = sbb - sb * sb / m, cab = sab - sa * sb / m;
-    return cab / sqrt(ca * cb);
-}
-
 static void test_lt(void)
 {
     hilal_error err = {0};
@@ -174,7 +155,7 @@ static void test_decam(void)
         goto cleanup;
     for (size_t i = 0; i < n; i++)
         keep[i] = !(d->mask[i] & (HILAL_MASK_UNUSABLE | HILAL_MASK_INTERP)) && isfinite(sfft->pix[i]);
-    double r = pearson(d->d, sfft->pix, keep, n);
+    double r = hilal_test_pearson(d->d, sfft->pix, keep, n);
     printf("DECam: correlation of D with the SFFT decorrelated difference %.3f\n", r);
     CHECK(r > 0.6, "D follows the SFFT difference (correlation %.3f)", r);
     /* the SFFT difference's strongest residual, a dipole at (61, 182) / (57,
