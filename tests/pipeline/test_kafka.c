@@ -129,7 +129,7 @@ int main(void)
     CHECK(spool_count(spool) == 0, "spool empty after run 3");
     hilal_kafka_free(k);
 
-    /* A consumer reads the topic from the start: each alert exactly once. */
+    /* A consumer reads the topic from the start. */
     rd_kafka_conf_t *cconf = rd_kafka_conf_new();
     rd_kafka_conf_set(cconf, "bootstrap.servers", brokers, errstr, sizeof errstr);
     rd_kafka_conf_set(cconf, "group.id", "hilal-test", errstr, sizeof errstr);
@@ -171,13 +171,22 @@ int main(void)
         rd_kafka_consumer_close(c);
         rd_kafka_destroy(c);
     }
-    int once = 1;
+    /* Run 1's alerts, acknowledged by the idempotent producer, are stored
+     * exactly once. Run 2's timed out: a message already in flight to a
+     * broker that did store it is re-sent from the spool by the next
+     * producer under the same key (at least once; consumers drop repeated
+     * alert ids), so each must be there, and only they may be repeated. */
+    int once = 1, atleast = 1, repeats = 0;
     for (int i = 1; i <= N1; i++)
         once &= seen1[i] == 1;
-    for (int i = 1; i <= N2; i++)
-        once &= seen2[i] == 1;
-    CHECK(once && other == 0 && total == N1 + N2, "consumer saw each of the %d alerts exactly once "
-          "(%d messages, %d unknown)", N1 + N2, total, other);
+    for (int i = 1; i <= N2; i++) {
+        atleast &= seen2[i] >= 1;
+        repeats += seen2[i] > 1 ? seen2[i] - 1 : 0;
+    }
+    CHECK(once && atleast && other == 0 && total == N1 + N2 + repeats,
+          "consumer saw run 1's %d alerts exactly once and run 2's %d at least once (%d messages, "
+          "%d repeats of timed-out alerts, %d unknown)",
+          N1, N2, total, repeats, other);
     CHECK(wrong_payload == 0, "every payload intact (%d wrong)", wrong_payload);
 
     /* A bad property is refused with the key named. */
