@@ -100,9 +100,9 @@ typedef struct psf_field {
     double extent_px;   /* half the larger side of the image */
     /* the dilation s(x, y) of P_0 (see psf_dilate): a polynomial of degree
      * sdeg (-1: none, s = 1) in the offsets from the image centre (cx, cy)
-     * in units of extent_px, fitted to all nscale stars (scoef[0]) and to
+     * in units of extent_px, fitted to all the stars (scoef[0]) and to
      * the even and the odd ones of them (scoef[1], scoef[2]) */
-    int sdeg, nscale;
+    int sdeg;
     double cx, cy;
     double scoef[3][FIELD_MAX_TERMS];
 } psf_field;
@@ -428,7 +428,6 @@ static hilal_status field_scale_fit(const hilal_image *img, const hilal_starlist
     double *sv = malloc(sizeof *sv * FIELD_SCALE_STARS), *sw = malloc(sizeof *sw * FIELD_SCALE_STARS);
     unsigned char *use = malloc(FIELD_SCALE_STARS);
     f->sdeg = -1;
-    f->nscale = 0;
     if (box == NULL || var == NULL || mod == NULL || tmp == NULL || sx == NULL || sy == NULL ||
         sv == NULL || sw == NULL || use == NULL) {
         st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for the PSF width model");
@@ -456,7 +455,6 @@ static hilal_status field_scale_fit(const hilal_image *img, const hilal_starlist
         sw[n] = snr < 100 ? snr * snr : 1e4;
         n++;
     }
-    f->nscale = n;
     int deg = degree;
     while (deg > 0 && n < 10 * field_nterms(deg))
         deg--;
@@ -515,22 +513,6 @@ static hilal_status psf_field_fit(const hilal_image *img, const hilal_starlist *
     int n = 0;
     if (stars == NULL || stars->n == 0 || base->data == NULL || S < 3 || max_stars < 1)
         return HILAL_OK;
-    box = malloc(sizeof *box * (size_t)W * (size_t)W);
-    shifted = malloc(sizeof *shifted * (size_t)W * (size_t)W);
-    dbox = malloc(sizeof *dbox * (size_t)W * (size_t)W);
-    dvar = malloc(sizeof *dvar * (size_t)W * (size_t)W);
-    pmod = malloc(sizeof *pmod * (size_t)W * (size_t)W);
-    out->res = malloc(sizeof *out->res * s2 * (size_t)max_stars);
-    out->wt = malloc(sizeof *out->wt * s2 * (size_t)max_stars);
-    out->sx = malloc(sizeof *out->sx * (size_t)max_stars);
-    out->sy = malloc(sizeof *out->sy * (size_t)max_stars);
-    out->bias = calloc(s2, sizeof *out->bias);
-    if (box == NULL || shifted == NULL || dbox == NULL || dvar == NULL || pmod == NULL ||
-        out->res == NULL || out->wt == NULL || out->sx == NULL || out->sy == NULL ||
-        out->bias == NULL) {
-        st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for the PSF field");
-        goto cleanup;
-    }
     out->size = S;
     out->fwhm_px = isfinite(base->fwhm_px) && base->fwhm_px > 0 ? base->fwhm_px : S / 8.0;
     out->extent_px = 0.5 * (double)(img->nx > img->ny ? img->nx : img->ny);
@@ -538,6 +520,26 @@ static hilal_status psf_field_fit(const hilal_image *img, const hilal_starlist *
     out->cy = 0.5 * (double)(img->ny - 1);
     if ((st = field_scale_fit(img, stars, base, min_snr, degree, out, err)) != HILAL_OK)
         goto cleanup;
+    /* the residual stamps only for the per-pixel model */
+    const int pixel_model = out->sdeg < 0;
+    box = malloc(sizeof *box * (size_t)W * (size_t)W);
+    shifted = malloc(sizeof *shifted * (size_t)W * (size_t)W);
+    dbox = malloc(sizeof *dbox * (size_t)W * (size_t)W);
+    dvar = malloc(sizeof *dvar * (size_t)W * (size_t)W);
+    pmod = malloc(sizeof *pmod * (size_t)W * (size_t)W);
+    out->sx = malloc(sizeof *out->sx * (size_t)max_stars);
+    out->sy = malloc(sizeof *out->sy * (size_t)max_stars);
+    if (pixel_model) {
+        out->res = malloc(sizeof *out->res * s2 * (size_t)max_stars);
+        out->wt = malloc(sizeof *out->wt * s2 * (size_t)max_stars);
+        out->bias = calloc(s2, sizeof *out->bias);
+    }
+    if (box == NULL || shifted == NULL || dbox == NULL || dvar == NULL || pmod == NULL ||
+        out->sx == NULL || out->sy == NULL ||
+        (pixel_model && (out->res == NULL || out->wt == NULL || out->bias == NULL))) {
+        st = hilal_error_set(err, HILAL_ERR_NOMEM, "out of memory for the PSF field");
+        goto cleanup;
+    }
     const double s2sky = isfinite(img->sky_rms_adu) && img->sky_rms_adu > 0
                              ? img->sky_rms_adu * img->sky_rms_adu
                              : NAN;
@@ -554,7 +556,7 @@ static hilal_status psf_field_fit(const hilal_image *img, const hilal_starlist *
         if (hilal_psf_fit_flux(img, base, s->x, s->y, &flux, &flux_err, &e) != HILAL_OK ||
             !(flux > 0) || !(flux / flux_err >= 0.5 * min_snr))
             continue;
-        if (out->sdeg >= 0) {
+        if (!pixel_model) {
             /* the dilation is the model: only the star's position counts
              * (stars near a tile, psf_field_eval's nused) */
             out->sx[n] = xc;
@@ -593,7 +595,7 @@ static hilal_status psf_field_fit(const hilal_image *img, const hilal_starlist *
     }
     /* 2. the bias: per pixel, the weighted mean residual of P_0's stars,
      * again without the values beyond 4 sigma of the first mean */
-    if (out->sdeg < 0) {
+    if (pixel_model) {
         int nb = base->nstars > 0 && base->nstars < n ? base->nstars : n;
         for (size_t p = 0; p < s2; p++) {
             double m = 0;

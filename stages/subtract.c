@@ -2606,10 +2606,11 @@ static const hilal_param subtract_params[] = {
      "use tiles only when the star FWHM varies across the field by more than this fraction "
      "(0 = whenever the frame holds more than one tile)"},
     {"tile_psf_degree", HILAL_PARAM_INT, "2", 0, 2, "",
-     "degree of the polynomial regression of the PSF across the field at each tile"},
+     "degree of the polynomial of position that gives the PSF's dilation across the field (or "
+     "of the per-pixel regression used when too few stars constrain a dilation)"},
     {"tile_psf_scale", HILAL_PARAM_DOUBLE, "0", 0, 1000, "tiles",
-     "distance weighting of the stars in that regression: Gaussian of this many tile spacings "
-     "(0 = one polynomial for the whole field)"},
+     "distance weighting of the stars in the per-pixel regression: Gaussian of this many tile "
+     "spacings (0 = one polynomial for the whole field)"},
     {"tile_psf_max_stars", HILAL_PARAM_INT, "500", 20, 100000, "",
      "brightest usable stars of each image that model the PSF across the field"},
     {"tile_min_stars", HILAL_PARAM_INT, "5", 1, 100000, "",
