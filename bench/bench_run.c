@@ -253,6 +253,5 @@ int main(int argc, char **argv)
             in_child(run_pipeline, n, dir, nthreads, repeats) != 0)
             return 1;
     }
-    hilal_fft_cleanup();
     return 0;
 }

@@ -39,7 +39,8 @@ for seed in $seeds; do
   done
 done
 for mode in aligned varying; do
-  printf '%-8s seeds %s: S/N >= 8 found %d/%d (%.1f%%), false detections %d (%d with rb >= 0.5)\n' \
-    "$mode" "$seeds" "${f8[$mode]}" "${n8[$mode]}" \
-    "$(echo "100 * ${f8[$mode]} / ${n8[$mode]}" | bc -l)" "${nfalse[$mode]}" "${nfalse_rb[$mode]}"
+  awk -v m="$mode" -v s="$seeds" -v f="${f8[$mode]}" -v n="${n8[$mode]}" \
+    -v a="${nfalse[$mode]}" -v b="${nfalse_rb[$mode]}" 'BEGIN {
+      printf "%-8s seeds %s: S/N >= 8 found %d/%d (%.1f%%), false detections %d (%d with rb >= 0.5)\n",
+        m, s, f, n, (n > 0 ? 100 * f / n : 0), a, b }'
 done
